@@ -1,0 +1,270 @@
+"""Engine configuration: frozen dataclasses, every start-up rule checked in `EngineConfig`.
+
+Nothing mutates a config after start-up. Values that follow from others (world size, number
+of KV shards, the virtual block size) are properties, never stored twice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+class ConfigError(ValueError):
+    """An invalid setting or flag combination, found at start-up."""
+
+
+def _rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
+    """Rope settings from either transformers v5 (`rope_parameters`) or v4 (`rope_scaling`)."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    params.setdefault("rope_type", "default")
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    return params
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model's shape, read from the checkpoint's config.json."""
+
+    path: str
+    architecture: str
+    hf_config: dict[str, Any] = field(repr=False, compare=False, hash=False)
+    dtype: torch.dtype
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+
+    @staticmethod
+    def from_pretrained(path: str | Path, dtype: str | torch.dtype = "auto",
+                        max_model_len: int | None = None) -> ModelConfig:
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"model path {str(path)!r} has no config.json: not a Hugging Face "
+                              "checkpoint directory (or the built-in demo model name 'tiny')")
+        hf = json.loads(config_file.read_text())
+        architectures = hf.get("architectures") or []
+        arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ConfigError(f"model architecture {architectures} is not supported; "
+                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        derived_max = int(hf.get("max_position_embeddings", 2048))
+        if max_model_len is None:
+            max_model_len = derived_max
+        return ModelConfig(
+            path=str(path),
+            architecture=arch,
+            hf_config=hf,
+            dtype=_resolve_dtype(dtype, hf),
+            max_model_len=int(max_model_len),
+            eos_token_ids=_eos_token_ids(path, hf),
+        )
+
+    # Shape, read through properties so the raw dict stays the single source.
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config["vocab_size"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.hf_config["hidden_size"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.hf_config["num_hidden_layers"])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.hf_config["num_attention_heads"])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.hf_config.get("num_key_value_heads") or self.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.hf_config.get("head_dim") or self.hidden_size // self.num_heads)
+
+    @property
+    def rope(self) -> dict[str, Any]:
+        return _rope_parameters(self.hf_config)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of all layers for one token on a single unsharded copy."""
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+
+def _resolve_dtype(dtype: str | torch.dtype, hf: dict[str, Any]) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        name = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+        return _DTYPES.get(str(name).replace("torch.", ""), torch.float32)
+    if dtype not in _DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def _eos_token_ids(path: Path, hf: dict[str, Any]) -> tuple[int, ...]:
+    """EOS ids from generation_config.json, falling back to config.json."""
+    eos = None
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file():
+        eos = json.loads(gen_file.read_text()).get("eos_token_id")
+    if eos is None:
+        eos = hf.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Layout of ranks. See DESIGN.md, "Rank layout".
+
+    `kv_exchange` picks how PCP ranks share K/V during prefill: "allgather" or "ring".
+    """
+
+    tensor_parallel_size: int = 1
+    prefill_context_parallel_size: int = 1
+    decode_context_parallel_size: int = 1
+    cp_kv_cache_interleave_size: int = 1
+    kv_exchange: str = "allgather"
+    # Prefill chunks shorter than this run replicated on every PCP rank instead of split.
+    pcp_min_split_tokens: int = 0
+
+    @property
+    def tp(self) -> int:
+        return self.tensor_parallel_size
+
+    @property
+    def pcp(self) -> int:
+        return self.prefill_context_parallel_size
+
+    @property
+    def dcp(self) -> int:
+        return self.decode_context_parallel_size
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pcp
+
+    @property
+    def num_kv_shards(self) -> int:
+        """C: KV shards of one request."""
+        return self.pcp * self.dcp
+
+    @property
+    def interleave(self) -> int:
+        return self.cp_kv_cache_interleave_size
+
+    @property
+    def min_split_tokens(self) -> int:
+        """Fewest new tokens of a request for its prefill to be split across PCP ranks."""
+        return max(self.pcp_min_split_tokens, 2 * self.pcp)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache. `num_blocks` is per rank; every rank has the same count and ids."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory_gib: float | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_waiting_requests: int = 4096
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    parallel: ParallelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_engine_config(self)
+
+    @property
+    def virtual_block_size(self) -> int:
+        """Tokens covered by one block-table entry: B * C."""
+        return self.cache.block_size * self.parallel.num_kv_shards
+
+
+def check_engine_config(cfg: EngineConfig) -> None:
+    """Every start-up rule of DESIGN.md, each failure naming the flag and the rule."""
+    par, cache, sched, model = cfg.parallel, cfg.cache, cfg.scheduler, cfg.model
+    for name, value in (
+        ("tensor_parallel_size", par.tp),
+        ("prefill_context_parallel_size", par.pcp),
+        ("decode_context_parallel_size", par.dcp),
+        ("cp_kv_cache_interleave_size", par.interleave),
+        ("block_size", cache.block_size),
+        ("max_num_seqs", sched.max_num_seqs),
+        ("max_num_batched_tokens", sched.max_num_batched_tokens),
+        ("max_model_len", model.max_model_len),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}={value!r} must be a positive integer")
+    if par.kv_exchange not in ("allgather", "ring"):
+        raise ConfigError(f"kv_exchange={par.kv_exchange!r} must be 'allgather' or 'ring'")
+    if cache.block_size % par.interleave:
+        raise ConfigError(f"cp_kv_cache_interleave_size={par.interleave} must divide "
+                          f"block_size={cache.block_size}")
+    if model.num_heads % par.tp:
+        raise ConfigError(f"tensor_parallel_size={par.tp} must divide num_attention_heads="
+                          f"{model.num_heads}")
+    kv = model.num_kv_heads
+    if par.tp >= kv:
+        if par.tp % kv:
+            raise ConfigError(f"num_key_value_heads={kv} must divide tensor_parallel_size="
+                              f"{par.tp} when tensor_parallel_size > num_key_value_heads")
+        replicas = par.tp // kv
+        if replicas % par.dcp:
+            raise ConfigError(
+                f"decode_context_parallel_size={par.dcp} must divide tensor_parallel_size // "
+                f"num_key_value_heads = {par.tp} // {kv} = {replicas} for this GQA model")
+    else:
+        if kv % par.tp:
+            raise ConfigError(f"tensor_parallel_size={par.tp} must divide num_key_value_heads={kv}")
+        if par.dcp != 1:
+            raise ConfigError(
+                f"decode_context_parallel_size={par.dcp} must be 1 when tensor_parallel_size="
+                f"{par.tp} < num_key_value_heads={kv}: no rank holds a copy of another's KV heads")
+    if cache.num_blocks is not None and cache.num_blocks < 1:
+        raise ConfigError(f"num_blocks={cache.num_blocks} must be >= 1")
+    if cache.kv_cache_memory_gib is not None and cache.kv_cache_memory_gib <= 0:
+        raise ConfigError(f"kv_cache_memory={cache.kv_cache_memory_gib} GiB must be > 0")
+    if not 0 < cache.gpu_memory_utilization <= 1:
+        raise ConfigError(f"gpu_memory_utilization={cache.gpu_memory_utilization} must be in (0, 1]")
+    if cfg.device not in ("cpu", "cuda"):
+        raise ConfigError(f"device={cfg.device!r} must be 'cpu', 'cuda' or 'auto'")
