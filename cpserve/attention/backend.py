@@ -1,0 +1,98 @@
+"""The attention backend interface, and the PyTorch reference that runs anywhere.
+
+Every backend offers the same three operations; the engine calls nothing else. A GPU kernel
+backend must match the reference on random inputs (tests compare them).
+
+Shapes: q [N, H, D]; a KV cache is [num_blocks, B, H_kv, D] on each rank; H is a multiple of
+H_kv (grouped-query attention); every attention returns out [N, H, D] in q's dtype and
+lse [N, H] in fp32, with lse = -inf (and out = 0) for a query that sees no key.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store k[i], v[i] in flat slot `slot_mapping[i]`; skip entries that are -1."""
+
+    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, query_seq: torch.Tensor,
+                        query_kv_len: torch.Tensor, scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query i attends to the first `query_kv_len[i]` slots of sequence
+        `query_seq[i]`, whose blocks are `block_tables[query_seq[i]]` (the local slots of
+        one shard, in position order; causality is expressed by the lengths)."""
+
+    def dense_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        q_pos: torch.Tensor, k_pos: torch.Tensor, q_seq: torch.Tensor,
+                        k_seq: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query i attends to key j iff q_seq[i] == k_seq[j] and k_pos[j] <= q_pos[i]."""
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention in fp32. q [n, H, D], k/v [m, H_kv, D], visible [n, m] bool."""
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("nhd,mhd->hnm", q.float(), k) * scale
+    scores = scores.masked_fill(~visible.unsqueeze(0), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [H, n]; -inf where nothing is visible
+    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.exp(scores - safe_lse.unsqueeze(-1))  # exp(-inf) = 0 for hidden keys
+    out = torch.einsum("hnm,mhd->nhd", probs, v)
+    return out.to(q.dtype), lse.transpose(0, 1).contiguous()
+
+
+class TorchReferenceBackend:
+    """Plain PyTorch, one sequence at a time: the specification the kernels are held to."""
+
+    name = "torch"
+
+    def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep]
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[keep].to(k_cache.dtype))
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+
+    def paged_attention(self, q, k_cache, v_cache, block_tables, query_seq, query_kv_len, scale):
+        out = torch.zeros_like(q)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        block_size = k_cache.shape[1]
+        for seq in torch.unique(query_seq).tolist():
+            rows = torch.nonzero(query_seq == seq).squeeze(1)
+            lengths = query_kv_len[rows]
+            max_len = int(lengths.max())
+            if max_len == 0:
+                continue
+            blocks = block_tables[seq, : -(-max_len // block_size)]
+            k = k_cache[blocks].flatten(0, 1)[:max_len]
+            v = v_cache[blocks].flatten(0, 1)[:max_len]
+            visible = torch.arange(max_len, device=q.device).unsqueeze(0) < lengths.unsqueeze(1)
+            out[rows], lse[rows] = _attend(q[rows], k, v, visible, scale)
+        return out, lse
+
+    def dense_attention(self, q, k, v, q_pos, k_pos, q_seq, k_seq, scale):
+        out = torch.zeros_like(q)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        for seq in torch.unique(q_seq).tolist():
+            rows = torch.nonzero(q_seq == seq).squeeze(1)
+            cols = torch.nonzero(k_seq == seq).squeeze(1)
+            if cols.numel() == 0:
+                continue
+            visible = k_pos[cols].unsqueeze(0) <= q_pos[rows].unsqueeze(1)
+            out[rows], lse[rows] = _attend(q[rows], k[cols], v[cols], visible, scale)
+        return out, lse
+
+
+def get_backend(name: str = "auto", device: str = "cpu") -> AttentionBackend:
+    if name in ("torch", "auto"):
+        return TorchReferenceBackend()
+    raise ValueError(f"unknown attention backend {name!r}")

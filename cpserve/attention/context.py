@@ -1,0 +1,50 @@
+"""The attention call of one layer in one step, for every parallel layout.
+
+Model code calls `ctx.attention(layer, q, k, v, scale)` and knows nothing of shards, PCP or
+DCP: the context routes replicated tokens through the sharded-KV primitive and split tokens
+through the PCP exchange, and writes this rank's shard of the new KV into the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cpserve.attention.backend import AttentionBackend
+from cpserve.attention.metadata import StepAttentionMetadata
+from cpserve.attention.pcp import pcp_split_attention
+from cpserve.attention.sharded import sharded_kv_attention
+from cpserve.distributed.groups import ParallelGroups
+
+
+@dataclass
+class AttentionContext:
+    metadata: StepAttentionMetadata
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache)
+    groups: ParallelGroups
+    backend: AttentionBackend
+    kv_exchange: str = "allgather"
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+        """q [T, H, D], k/v [T, H_kv, D] for the local tokens; returns [T, H, D]."""
+        meta, backend = self.metadata, self.backend
+        k_cache, v_cache = self.kv_caches[layer]
+        if not meta.has_split:  # the common case: decodes and unsplit chunks only
+            return self._replicated(q, k, v, k_cache, v_cache, scale)
+        out = torch.empty_like(q)
+        if meta.has_replicated:
+            rows = meta.rep_index
+            out[rows] = self._replicated(q[rows], k[rows], v[rows], k_cache, v_cache, scale)
+        rows = meta.split_index
+        out[rows] = pcp_split_attention(q[rows], k[rows], v[rows], k_cache, v_cache, meta,
+                                        scale, self.groups, backend, self.kv_exchange)
+        return out
+
+    def _replicated(self, q, k, v, k_cache, v_cache, scale) -> torch.Tensor:
+        meta = self.metadata
+        self.backend.write_kv(k, v, k_cache, v_cache, meta.rep_slots)
+        out, _ = sharded_kv_attention(q, k_cache, v_cache, meta.block_tables, meta.rep_seq,
+                                      meta.rep_kv_len, scale, self.groups, self.backend)
+        return out

@@ -1,0 +1,34 @@
+"""EngineConfig as a plain dict of JSON types, so it can cross a process boundary unpickled."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+
+from cpserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+
+
+def config_to_dict(config: EngineConfig) -> dict:
+    return {
+        "model": {"path": config.model.path, "dtype": str(config.model.dtype).removeprefix("torch."),
+                  "max_model_len": config.model.max_model_len},
+        "parallel": asdict(config.parallel),
+        "cache": asdict(config.cache),
+        "scheduler": asdict(config.scheduler),
+        "device": config.device,
+        "seed": config.seed,
+    }
+
+
+def config_from_dict(data: dict) -> EngineConfig:
+    model = data["model"]
+    return EngineConfig(
+        model=ModelConfig.from_pretrained(model["path"], getattr(torch, model["dtype"]),
+                                          model["max_model_len"]),
+        parallel=ParallelConfig(**data["parallel"]),
+        cache=CacheConfig(**data["cache"]),
+        scheduler=SchedulerConfig(**data["scheduler"]),
+        device=data["device"],
+        seed=data["seed"],
+    )

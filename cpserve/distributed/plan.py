@@ -1,0 +1,61 @@
+"""The step plan: what the driver sends every rank each step, as msgpack (never pickle).
+
+It carries diffs: a request's whole block table only on its first step after (re)admission,
+afterwards just the blocks appended. Workers keep the tables and drop those of freed requests.
+Sampling parameters stay on the driver: only rank 0 samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgpack
+import torch
+import torch.distributed as dist
+
+from cpserve.distributed.groups import Group
+
+
+@dataclass
+class PlannedRequest:
+    request_id: str
+    token_ids: list[int]  # the new tokens this step computes
+    start: int  # position of token_ids[0]
+    block_ids: list[int]  # the whole table if is_new, else the blocks appended this step
+    is_new: bool
+    num_logits: int  # logits are needed for the last num_logits new tokens
+
+
+@dataclass
+class StepPlan:
+    requests: list[PlannedRequest] = field(default_factory=list)
+    freed_request_ids: list[str] = field(default_factory=list)
+    shutdown: bool = False
+
+    def encode(self) -> bytes:
+        return msgpack.packb({
+            "requests": [[r.request_id, r.token_ids, r.start, r.block_ids, r.is_new, r.num_logits]
+                         for r in self.requests],
+            "freed": self.freed_request_ids,
+            "shutdown": self.shutdown,
+        }, use_bin_type=True)
+
+    @staticmethod
+    def decode(data: bytes) -> StepPlan:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        return StepPlan(requests=[PlannedRequest(*fields) for fields in raw["requests"]],
+                        freed_request_ids=list(raw["freed"]), shutdown=bool(raw["shutdown"]))
+
+
+def broadcast_plan(plan: StepPlan | None, group: Group, src: int = 0) -> StepPlan:
+    """Send `plan` from `src` to every rank of the (CPU, gloo) group; returns it everywhere."""
+    if plan is not None:
+        payload = torch.frombuffer(bytearray(plan.encode()), dtype=torch.uint8)
+        size = torch.tensor([payload.numel()], dtype=torch.long)
+    else:
+        size = torch.zeros(1, dtype=torch.long)
+    dist.broadcast(size, src=src, group=group)
+    if plan is None:
+        payload = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.broadcast(payload, src=src, group=group)
+    return plan if plan is not None else StepPlan.decode(payload.numpy().tobytes())

@@ -1,0 +1,140 @@
+"""Continuous batching without prefill or decode phases.
+
+Each step hands tokens to requests under two budgets: `max_num_batched_tokens` tokens and
+`max_num_seqs` running requests. Running requests come first, in arrival order, each asking
+for all its uncomputed tokens (one for a decode, the rest of a prompt for a prefill) capped by
+what is left of the budget, so a long prompt is prefilled in chunks beside the decodes of
+others. When KV blocks run out, the most recently admitted running request is preempted: its
+blocks are freed and its tokens recomputed later. Waiting requests are admitted in order while
+budget and blocks last, after taking any cached prefix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from cpserve.config import SchedulerConfig
+from cpserve.engine.request import Request, RequestStatus
+from cpserve.kv.manager import KVCacheManager
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    new_block_ids: list[int]
+    is_new: bool  # first step since admission (or re-admission): workers get the whole table
+    start_pos: int = field(init=False)  # position of the first token computed this step
+    # This step computes the request's last known token, so its logits give a new token.
+    completes: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.start_pos = self.request.num_computed_tokens
+        self.completes = self.start_pos + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    # Requests whose KV the workers can forget: finished, aborted or preempted since last step.
+    freed_request_ids: list[str] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled and not self.freed_request_ids
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._freed: list[str] = []
+        self.num_preemptions_total = 0
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(freed_request_ids=self._freed)
+        self._freed = []
+        budget = self.config.max_num_batched_tokens
+        now = time.time()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            new_blocks = self.kv.allocate(request, num_new)
+            while new_blocks is None:
+                victim = self.running.pop()
+                self._preempt(victim, out)
+                if victim is request:
+                    break
+                new_blocks = self.kv.allocate(request, num_new)
+            if new_blocks is None:
+                break
+            out.scheduled.append(ScheduledRequest(request, num_new, new_blocks, is_new=False))
+            budget -= num_new
+            i += 1
+
+        while (self.waiting and budget > 0 and not out.num_preempted
+               and len(self.running) < self.config.max_num_seqs):
+            request = self.waiting[0]
+            cached = self.kv.find_cached_prefix(request) if request.num_computed_tokens == 0 else []
+            num_cached = len(cached) * self.kv.layout.virtual_block_size
+            num_new = min(request.num_tokens - num_cached, budget)
+            new_blocks = self.kv.allocate(request, num_new, cached)
+            if new_blocks is None:
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+                request.num_cached_tokens = num_cached
+            request.num_computed_tokens = num_cached
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new, new_blocks, is_new=True))
+            budget -= num_new
+        return out
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self.kv.free(request)
+        request.preempt()
+        self.waiting.appendleft(request)
+        out.freed_request_ids.append(request.request_id)
+        out.num_preempted += 1
+        self.num_preemptions_total += 1
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Count the computed tokens and register newly full blocks for prefix caching.
+
+        Sampled tokens are appended by the engine before `finish` is decided.
+        """
+        for item in out.scheduled:
+            item.request.num_computed_tokens += item.num_new_tokens
+            self.kv.cache_full_blocks(item.request)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request (stop, length or abort) and free its KV blocks at once."""
+        if request.is_finished:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        request.finished_time = time.time()
+        self.kv.free(request)
+        self._freed.append(request.request_id)

@@ -1,0 +1,116 @@
+"""Building blocks with tensor-parallel sharding.
+
+Each parameter records which slice of the checkpoint's full tensor this rank holds
+(`param.shard = (dim, start, length)`, or None for the whole tensor), so the loader reads only
+that slice from safetensors.
+
+    ColumnParallelLinear   y[:, cols of rank]  = x @ W[cols of rank].T       (no communication)
+    RowParallelLinear      y = all_reduce_tp( x[:, rows of rank] @ W[:, rows of rank].T )
+    VocabParallelEmbedding e = all_reduce_tp( rows of the vocab this rank holds, 0 elsewhere )
+    ParallelLMHead         logits = all_gather_tp( h @ W[vocab of rank].T )
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cpserve.distributed.groups import Group, all_gather, all_reduce
+
+
+def sharded_parameter(shape: tuple[int, ...], dtype: torch.dtype, shard=None) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+    param.shard = shard
+    return param
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = sharded_parameter((size,), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In fp32, cast back before the weight: the same rounding as transformers.
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features `[start, start + out_local)` of a linear layer.
+
+    `start` defaults to this rank's even share; attention passes its own (for example the
+    KV heads a rank shares with others when tp > num_kv_heads).
+    """
+
+    def __init__(self, in_features: int, out_local: int, start: int, dtype: torch.dtype,
+                 bias: bool = False) -> None:
+        super().__init__()
+        self.weight = sharded_parameter((out_local, in_features), dtype, (0, start, out_local))
+        self.bias = sharded_parameter((out_local,), dtype, (0, start, out_local)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Input features `[rank * in_local, (rank + 1) * in_local)`; partial sums all-reduced."""
+
+    def __init__(self, in_local: int, out_features: int, tp_rank: int, tp_group: Group,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.tp_group = tp_group
+        self.weight = sharded_parameter((out_features, in_local), dtype,
+                                        (1, tp_rank * in_local, in_local))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(F.linear(x, self.weight), self.tp_group)
+
+
+def vocab_range(vocab_size: int, tp: int, tp_rank: int) -> tuple[int, int]:
+    """The vocabulary rows a rank holds: equal shares, the last one shorter if uneven."""
+    per_rank = -(-vocab_size // tp)
+    start = min(tp_rank * per_rank, vocab_size)
+    return start, min(start + per_rank, vocab_size)
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden: int, tp: int, tp_rank: int, tp_group: Group,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.tp_group = tp_group
+        self.start, self.end = vocab_range(vocab_size, tp, tp_rank)
+        rows = self.end - self.start
+        self.weight = sharded_parameter((rows, hidden), dtype, (0, self.start, rows))
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is None:
+            return F.embedding(token_ids, self.weight)
+        mine = (token_ids >= self.start) & (token_ids < self.end)
+        local_ids = torch.where(mine, token_ids - self.start, torch.zeros_like(token_ids))
+        out = F.embedding(local_ids, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
+        return all_reduce(out, self.tp_group)
+
+
+class ParallelLMHead(nn.Module):
+    """Vocab-parallel output layer; may share its weight with the embedding (tied)."""
+
+    def __init__(self, vocab_size: int, hidden: int, tp: int, tp_rank: int, tp_group: Group,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.tp_group = tp_group
+        self.vocab_size = vocab_size
+        self.start, self.end = vocab_range(vocab_size, tp, tp_rank)
+        per_rank = -(-vocab_size // tp)
+        rows = self.end - self.start
+        self.weight = sharded_parameter((rows, hidden), dtype, (0, self.start, rows))
+        self.pad = per_rank - rows  # so every rank contributes the same width to the gather
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight)
+        if self.tp_group is None:
+            return logits
+        if self.pad:
+            logits = F.pad(logits, (0, self.pad))
+        return all_gather(logits, self.tp_group, dim=-1)[..., : self.vocab_size]

@@ -1,0 +1,61 @@
+"""Load Hugging Face safetensors checkpoints, each rank reading only its own slices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from cpserve.config import ConfigError, ModelConfig
+from cpserve.distributed.groups import ParallelGroups
+
+
+def checkpoint_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> file holding it, for single-file and sharded (indexed) checkpoints."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise ConfigError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def load_weights(model: nn.Module, config: ModelConfig) -> None:
+    """Fill every parameter of `model` from the checkpoint; all must be found."""
+    files = checkpoint_files(Path(config.path))
+    by_file: dict[Path, list[tuple[str, nn.Parameter]]] = {}
+    for name, param in model.named_parameters():
+        if name not in files:
+            raise ConfigError(f"checkpoint {config.path} has no tensor {name!r}")
+        by_file.setdefault(files[name], []).append((name, param))
+    for file, params in by_file.items():
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name, param in params:
+                tensor_slice = f.get_slice(name)
+                shard = getattr(param, "shard", None)
+                if shard is None:
+                    loaded = tensor_slice[:]
+                else:
+                    dim, start, length = shard
+                    index = [slice(None)] * len(tensor_slice.get_shape())
+                    index[dim] = slice(start, start + length)
+                    loaded = tensor_slice[tuple(index)]
+                if tuple(loaded.shape) != tuple(param.shape):
+                    raise ConfigError(f"tensor {name!r}: checkpoint slice {tuple(loaded.shape)} "
+                                      f"does not fit parameter {tuple(param.shape)}")
+                with torch.no_grad():
+                    param.copy_(loaded.to(param.dtype))
+
+
+def build_model(config: ModelConfig, groups: ParallelGroups, device: torch.device) -> nn.Module:
+    from cpserve.models.llama import LlamaForCausalLM
+
+    model = LlamaForCausalLM(config, groups)
+    load_weights(model, config)
+    return model.to(device).eval()

@@ -1,0 +1,72 @@
+"""Tiny random-weight Hugging Face checkpoints that tests build with transformers."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from cpserve.models.demo import ensure_tiny_model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+BASE = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            initializer_range=0.08, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
+            tie_word_embeddings=False)
+
+ARCHITECTURES = {
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        rope_theta=500000.0)),
+    "llama-yarn": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+        tie_word_embeddings=True)),
+    "llama-linear": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
+}
+
+
+def make_checkpoint(path: Path, kind: str, seed: int = 0, dtype=torch.float32, **overrides) -> Path:
+    """Save a random `kind` model (see ARCHITECTURES) with the demo tokenizer; return its path."""
+    import transformers
+
+    config_cls, model_cls, extra = ARCHITECTURES[kind]
+    config = getattr(transformers, config_cls)(**{**BASE, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).to(dtype).eval()
+    model.save_pretrained(path)
+    tiny = ensure_tiny_model()
+    for name in TOKENIZER_FILES:
+        shutil.copy(tiny / name, path / name)
+    return Path(path)
+
+
+def load_hf_model(path: Path, dtype=torch.float32):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], list[float]]]:
+    """Greedy tokens and their logprobs from transformers, one prompt at a time."""
+    results = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 min_new_tokens=max_new_tokens, pad_token_id=0, eos_token_id=None)
+            tokens = out[0, len(prompt):].tolist()
+            logits = model(out).logits[0, len(prompt) - 1:-1].float()
+        logprobs = torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None])
+        results.append((tokens, logprobs.squeeze(1).tolist()))
+    return results
+
+
+def random_prompts(lengths: list[int], vocab: int = 1024, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(6, vocab, (n,), generator=g).tolist() for n in lengths]
