@@ -8,8 +8,8 @@ every rank of the cp group (same tokens; each rank has its own heads).
       rank a: q heads 0-3 ─┐  all-gather Q over heads   ┌─> heads 0-7 over shard a ─┐
       rank b: q heads 4-7 ─┘                            └─> heads 0-7 over shard b ─┤
                                                                                    │
-    LSE merge across all C shards (weights exp(lse_i - lse)), summed over the cp   │
-    group, then each rank keeps its own heads  <──────────────────────────────────┘
+    all-gather (out, lse) over the cp group, LSE merge of the C partial results   │
+    (weights exp(lse_i - lse)), then each rank keeps its own heads  <─────────────┘
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from cpserve.attention.backend import AttentionBackend
-from cpserve.attention.merge import scale_factors
-from cpserve.distributed.groups import ParallelGroups, all_gather, all_reduce
+from cpserve.attention.merge import merge_attention_states
+from cpserve.distributed.groups import ParallelGroups, all_gather
 
 
 def sharded_kv_attention(
@@ -41,10 +41,11 @@ def sharded_kv_attention(
     out, lse = backend.paged_attention(q, k_cache, v_cache, block_tables, query_seq,
                                        query_kv_len, scale)
     if groups.num_kv_shards > 1:
-        total = torch.logsumexp(all_gather(lse.unsqueeze(0), groups.cp_group, dim=0), dim=0)
-        weighted = out.float() * scale_factors(lse, total).unsqueeze(-1)
-        out = all_reduce(weighted, groups.cp_group).to(q.dtype)
-        lse = total
+        # One collective carries both: [N, H, D] outputs with their [N, H] LSE as column D.
+        packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1).unsqueeze(0)
+        parts = all_gather(packed, groups.cp_group, dim=0)  # [C, N, H, D + 1]
+        out, lse = merge_attention_states(parts[..., :-1], parts[..., -1])
+        out = out.to(q.dtype)
     if groups.dcp > 1:
         mine = slice(groups.dcp_rank * num_heads, (groups.dcp_rank + 1) * num_heads)
         out, lse = out[:, mine], lse[:, mine]

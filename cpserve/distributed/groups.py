@@ -75,6 +75,22 @@ class ParallelGroups:
                 f"{self.num_kv_shards}")
 
 
+def layout_report(parallel: ParallelConfig, num_blocks: int, block_size: int) -> str:
+    """The start-up table: each rank's place in the layout and the KV capacity in tokens."""
+    lines = [f"cpserve layout: tp={parallel.tp} pcp={parallel.pcp} dcp={parallel.dcp} "
+             f"({parallel.world_size} ranks, {parallel.num_kv_shards} KV shards per request, "
+             f"interleave {parallel.interleave})",
+             "  rank  tp_rank  pcp_rank  dcp_rank  cp_rank"]
+    for rank in range(parallel.world_size):
+        g = ParallelGroups(rank=rank, tp=parallel.tp, pcp=parallel.pcp, dcp=parallel.dcp)
+        lines.append(f"  {rank:>4}  {g.tp_rank:>7}  {g.pcp_rank:>8}  {g.dcp_rank:>8}  {g.cp_rank:>7}")
+    per_rank = num_blocks * block_size
+    lines.append(f"  KV cache: {num_blocks} blocks of {block_size} tokens per rank = {per_rank} "
+                 f"tokens per rank; {per_rank * parallel.num_kv_shards} tokens in total "
+                 f"(one request's KV spread over {parallel.num_kv_shards} shards)")
+    return "\n".join(lines)
+
+
 def single_process_groups() -> ParallelGroups:
     return ParallelGroups(rank=0, tp=1, pcp=1, dcp=1)
 

@@ -28,9 +28,15 @@ class PlannedRequest:
 
 @dataclass
 class StepPlan:
+    """One message from the driver. Besides a step, it can carry a command for every rank:
+    `load` (an engine config as a plain dict: build a model runner for it), `probe_kv`
+    (report which cache slots hold data) or `shutdown`."""
+
     requests: list[PlannedRequest] = field(default_factory=list)
     freed_request_ids: list[str] = field(default_factory=list)
     shutdown: bool = False
+    load: dict | None = None
+    probe_kv: bool = False
 
     def encode(self) -> bytes:
         return msgpack.packb({
@@ -38,13 +44,16 @@ class StepPlan:
                          for r in self.requests],
             "freed": self.freed_request_ids,
             "shutdown": self.shutdown,
+            "load": self.load,
+            "probe_kv": self.probe_kv,
         }, use_bin_type=True)
 
     @staticmethod
     def decode(data: bytes) -> StepPlan:
         raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
         return StepPlan(requests=[PlannedRequest(*fields) for fields in raw["requests"]],
-                        freed_request_ids=list(raw["freed"]), shutdown=bool(raw["shutdown"]))
+                        freed_request_ids=list(raw["freed"]), shutdown=bool(raw["shutdown"]),
+                        load=raw["load"], probe_kv=bool(raw["probe_kv"]))
 
 
 def broadcast_plan(plan: StepPlan | None, group: Group, src: int = 0) -> StepPlan:

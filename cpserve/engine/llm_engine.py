@@ -7,6 +7,7 @@ driver's logits, and turns tokens into text and finished requests into outputs.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,7 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from cpserve.config import EngineConfig
+from cpserve.distributed.groups import layout_report
 from cpserve.distributed.plan import PlannedRequest, StepPlan
+from cpserve.distributed.worker_pool import WorkerPool
 from cpserve.engine.args import EngineArgs
 from cpserve.engine.executor import Executor
 from cpserve.engine.output import OutputProcessor, ParentRequest
@@ -41,15 +44,17 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, worker_pool: WorkerPool | None = None) -> None:
         self.config = config
         self.tokenizer = Tokenizer.from_pretrained(config.model.path)
-        self.executor = Executor(config)
+        self.executor = Executor(config, worker_pool)
         par = config.parallel
         layout = KVLayout(config.cache.block_size, par.num_kv_shards, par.interleave)
         self.kv = KVCacheManager(layout, self.executor.num_blocks,
                                  config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
+        print(layout_report(par, self.executor.num_blocks, config.cache.block_size),
+              file=sys.stderr, flush=True)
         self.sampler = Sampler(config.seed)
         self.outputs = OutputProcessor(self.tokenizer, config.model.max_model_len)
         self.requests: dict[str, Request] = {}
@@ -57,8 +62,8 @@ class LLMEngine:
         self.generation_tokens_total = 0
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
-        return cls(args.create_engine_config())
+    def from_engine_args(cls, args: EngineArgs, worker_pool: WorkerPool | None = None) -> LLMEngine:
+        return cls(args.create_engine_config(), worker_pool)
 
     @property
     def device(self) -> torch.device:

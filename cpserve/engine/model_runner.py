@@ -66,6 +66,11 @@ class ModelRunner:
                                          group=self.groups.cpu_group)
         return int(blocks.item())
 
+    def written_slots(self) -> torch.Tensor:
+        """Flat slots of layer 0 whose K is not all zero (the cache starts zeroed)."""
+        k_cache = self.kv_caches[0][0]
+        return torch.nonzero(k_cache.flatten(0, 1).flatten(1).ne(0).any(dim=1)).squeeze(1).cpu()
+
     # One step ------------------------------------------------------------------------------
     def _apply_table_diffs(self, plan: StepPlan) -> None:
         for request_id in plan.freed_request_ids:

@@ -8,6 +8,7 @@ from dataclasses import fields
 
 from tqdm.auto import tqdm
 
+from cpserve.distributed.worker_pool import WorkerPool
 from cpserve.engine.args import EngineArgs
 from cpserve.engine.llm_engine import LLMEngine
 from cpserve.outputs import RequestOutput
@@ -20,12 +21,13 @@ class LLM:
     """Generate text for batches of prompts. Keyword arguments are `EngineArgs` fields
     (`tensor_parallel_size`, `block_size`, `max_num_batched_tokens`, ...)."""
 
-    def __init__(self, model: str = "tiny", **kwargs) -> None:
+    def __init__(self, model: str = "tiny", worker_pool: WorkerPool | None = None, **kwargs) -> None:
         known = {f.name for f in fields(EngineArgs)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"unknown LLM argument(s): {', '.join(unknown)}")
-        self.engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs))
+        # A worker pool of the same layout can be passed to reuse running ranks.
+        self.engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs), worker_pool)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

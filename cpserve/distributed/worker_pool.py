@@ -1,0 +1,214 @@
+"""The ranks of one parallel layout, started once, and the driver's channel to them.
+
+    driver (rank 0)                            worker (rank r > 0)
+    ---------------                            -------------------
+    pool.send(StepPlan(load=config))  ─gloo─>  runner = ModelRunner(config)
+    pool.send(plan); runner.execute(plan)      runner.execute(plan)   <─ NCCL/gloo collectives ─>
+    pool.send(StepPlan(shutdown=True))         exit
+
+Locally the driver spawns the other ranks itself; under torchrun every rank is started by
+torchrun, rank 0 becomes the driver and the others serve plans inside `WorkerPool(...)` and
+exit when the driver shuts down. A pool outlives engines: an engine with another config of
+the same layout (tp, pcp, dcp) loads its model into the running ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cpserve.config import ParallelConfig
+from cpserve.distributed.groups import ParallelGroups, build_groups, single_process_groups
+from cpserve.distributed.plan import StepPlan, broadcast_plan
+
+DIST_TIMEOUT_S = float(os.environ.get("CPSERVE_DIST_TIMEOUT", "60"))
+
+
+class WorkerDiedError(RuntimeError):
+    """A rank stopped: it exited, crashed, or stopped answering collectives."""
+
+
+def rank_device(device: str, local_rank: int) -> torch.device:
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _init_distributed(parallel: ParallelConfig, rank: int, init_method: str,
+                      device: torch.device) -> ParallelGroups:
+    timeout = datetime.timedelta(seconds=DIST_TIMEOUT_S)
+    world = parallel.world_size
+    if device.type == "cuda":
+        dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world,
+                                timeout=timeout, device_id=device)
+        cpu_group = dist.new_group(list(range(world)), backend="gloo", timeout=timeout)
+    else:
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                                timeout=timeout)
+        cpu_group = dist.group.WORLD
+    return build_groups(parallel, rank, cpu_group)
+
+
+def _share_cpu_threads(device: str, world: int) -> None:
+    """Ranks on one CPU host split its cores: idle intra-op threads of one rank would
+    otherwise spin on cores the other ranks need."""
+    if device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_plans(groups: ParallelGroups, device: torch.device) -> None:
+    """A worker's life: follow the driver's plans until told to shut down."""
+    from cpserve.distributed.config_codec import config_from_dict
+    from cpserve.engine.model_runner import ModelRunner
+
+    runner = None
+    while True:
+        plan = broadcast_plan(None, groups.cpu_group)
+        if plan.shutdown:
+            return
+        if plan.load is not None:
+            runner = None  # free the old model and cache before building the new ones
+            runner = ModelRunner(config_from_dict(plan.load), groups, device)
+        elif plan.probe_kv:
+            gather_to_driver(runner.written_slots(), groups)
+        else:
+            runner.execute(plan)
+
+
+def gather_to_driver(values: torch.Tensor, groups: ParallelGroups) -> list[torch.Tensor] | None:
+    """Gather a 1-D int64 tensor of any length from every rank; the list on rank 0."""
+    size = torch.tensor([values.numel()])
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(groups.world_size)]
+    dist.all_gather(sizes, size, group=groups.cpu_group)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.full((longest,), -1, dtype=torch.long)
+    padded[: values.numel()] = values.cpu()
+    parts = [torch.empty_like(padded) for _ in range(groups.world_size)]
+    dist.all_gather(parts, padded, group=groups.cpu_group)
+    if not groups.is_driver:
+        return None
+    return [p[: int(s.item())] for p, s in zip(parts, sizes)]
+
+
+def _spawned_worker(rank: int, init_method: str, parallel: dict, device: str) -> None:
+    """Entry point of a locally spawned rank (only plain values cross the process boundary)."""
+    try:
+        _share_cpu_threads(device, ParallelConfig(**parallel).world_size)
+        local_device = rank_device(device, rank)
+        groups = _init_distributed(ParallelConfig(**parallel), rank, init_method, local_device)
+        serve_plans(groups, local_device)
+        dist.destroy_process_group()
+    except Exception as exc:  # the driver reports this rank by its exit code
+        print(f"cpserve rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+class WorkerPool:
+    def __init__(self, parallel: ParallelConfig, device: str) -> None:
+        self.parallel = parallel
+        self.world_size = parallel.world_size
+        self._processes: list = []
+        self._failure: str | None = None
+        if self.world_size == 1:
+            self.groups, self.device = single_process_groups(), rank_device(device, 0)
+        elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            self._join_torchrun(device)
+        else:
+            self._spawn_local(device)
+
+    def _join_torchrun(self, device: str) -> None:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if world != self.world_size:
+            raise RuntimeError(f"torchrun started {world} ranks, but tensor_parallel_size * "
+                               f"prefill_context_parallel_size = {self.world_size}")
+        self.device = rank_device(device, int(os.environ.get("LOCAL_RANK", rank)))
+        self.groups = _init_distributed(self.parallel, rank, "env://", self.device)
+        if rank != 0:
+            serve_plans(self.groups, self.device)
+            dist.destroy_process_group()
+            sys.exit(0)
+
+    def _spawn_local(self, device: str) -> None:
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        ctx = mp.get_context("spawn")
+        for rank in range(1, self.world_size):
+            proc = ctx.Process(target=_spawned_worker, daemon=True, name=f"cpserve-rank{rank}",
+                               args=(rank, init_method, asdict(self.parallel), device))
+            proc.start()
+            self._processes.append(proc)
+        threading.Thread(target=self._watch_workers, daemon=True).start()
+        _share_cpu_threads(device, self.world_size)
+        self.device = rank_device(device, 0)
+        self.groups = _init_distributed(self.parallel, 0, init_method, self.device)
+
+    def _watch_workers(self) -> None:
+        """Notice a spawned rank that exits, so that errors can name it."""
+        while self._failure is None:
+            for rank, proc in enumerate(self._processes, start=1):
+                if proc.exitcode is not None:
+                    self._failure = f"rank {rank} exited with code {proc.exitcode}"
+                    return
+            time.sleep(0.2)
+
+    # The driver's side ---------------------------------------------------------------------
+    def run(self, plan: StepPlan, local_work):
+        """Send `plan` to every rank, then do the driver's share, `local_work()`.
+
+        Any failure (a rank died, a collective timed out) ends the whole pool and raises
+        WorkerDiedError naming the rank when it is known.
+        """
+        if self._failure is not None:
+            raise WorkerDiedError(f"cpserve worker {self._failure}; start a new engine")
+        if self.world_size == 1:
+            return local_work()
+        try:
+            broadcast_plan(plan, self.groups.cpu_group)
+            return local_work()
+        except Exception as exc:
+            time.sleep(0.5)  # give the watcher a moment to see which rank went away
+            failure = self._failure or "a rank stopped answering collectives"
+            self._failure = failure
+            self._kill_workers()
+            raise WorkerDiedError(f"cpserve worker {failure}: {type(exc).__name__}: {exc}") from exc
+
+    def shutdown(self) -> None:
+        if self.world_size > 1 and self._failure is None:
+            try:
+                broadcast_plan(StepPlan(shutdown=True), self.groups.cpu_group)
+            except Exception:
+                pass
+            for proc in self._processes:
+                proc.join(timeout=10)
+        self._failure = self._failure or "pool shut down"
+        self._kill_workers()
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _kill_workers(self) -> None:
+        for proc in self._processes:
+            if proc.is_alive():
+                proc.kill()
+        for proc in self._processes:
+            proc.join(timeout=5)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,351 @@
+"""What the completion and chat handlers share: prompts, sampling parameters, logprobs, SSE.
+
+Tokenization and chat-template rendering run on one worker thread, so a long prompt does not
+stall the event loop and the tokenizer is never used from two threads at once by us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from cpserve.engine.async_engine import AsyncEngine, RequestStream
+from cpserve.entrypoints.openai.errors import APIError, error_body, to_api_error
+from cpserve.entrypoints.openai.protocol import ChatMessage, SamplingFields
+from cpserve.outputs import Logprob, PositionLogprobs, RequestOutput
+from cpserve.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+# JSON has no -inf; OpenAI-compatible servers send this floor instead.
+_MIN_LOGPROB = -9999.0
+
+
+@dataclass
+class Prompt:
+    text: str | None  # as the client sent it; None for token-id prompts
+    token_ids: list[int]
+
+
+@dataclass
+class ChoiceState:
+    """How much of one choice (one completion of one prompt) the client has been sent."""
+
+    index: int
+    holdback: int  # characters kept back while a stop string could still cut them
+    prefix_sent: bool = False  # echoed prompt (completions) or role (chat)
+    text_sent: int = 0
+    tokens_sent: int = 0
+    text_offset: int = 0  # completions logprobs: offset of the next token in the text
+
+    def next_text(self, text: str, finished: bool) -> str:
+        """The part of `text` not sent yet that is safe to send now."""
+        end = len(text)
+        if not finished:
+            end -= self.holdback
+            # A trailing U+FFFD is usually half of a multi-byte character still being decoded.
+            while end > self.text_sent and text[end - 1] == "\ufffd":
+                end -= 1
+        if end <= self.text_sent:
+            return ""
+        delta = text[self.text_sent:end]
+        self.text_sent = end
+        return delta
+
+
+class OpenAIServing:
+    """Model-level state and helpers for the request handlers."""
+
+    def __init__(self, engine: AsyncEngine, served_model_names: Sequence[str]) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_names = list(served_model_names)
+        self.model_name = self.model_names[0]
+        self.max_model_len = engine.config.model.max_model_len
+        self.vocab_size = engine.config.model.vocab_size
+        self.max_num_seqs = engine.config.scheduler.max_num_seqs
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="cpserve-tokenizer")
+
+    def close(self) -> None:
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+
+    # ---- checks ------------------------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.model_names:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves "
+                                f"{', '.join(self.model_names)}", "model")
+
+    def check_ready(self) -> None:
+        reason = self.engine.health()
+        if reason is not None:
+            raise APIError(503, reason)
+
+    def check_token_ids(self, ids: Sequence[int], param: str) -> None:
+        # pydantic has already refused negative ids.
+        if ids and max(ids) >= self.vocab_size:
+            raise APIError(400, f"{param} contains token id {max(ids)}, but the vocabulary "
+                                f"has {self.vocab_size} tokens", param)
+
+    def max_tokens_for(self, num_prompt_tokens: int, requested: int | None) -> int:
+        """The requested budget, cut to what fits in the context (as vLLM does)."""
+        room = self.max_model_len - num_prompt_tokens
+        if room < 1:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} "
+                                f"tokens, but the prompt has {num_prompt_tokens} tokens, which "
+                                "leaves no room to generate", "prompt")
+        return room if requested is None else min(requested, room)
+
+    def sampling_params(self, req: SamplingFields, *, max_tokens: int, logprobs: int | None,
+                        prompt_logprobs: int | None) -> SamplingParams:
+        if req.presence_penalty or req.frequency_penalty or req.repetition_penalty != 1.0:
+            raise APIError(400, "presence_penalty, frequency_penalty and repetition_penalty "
+                                "are not supported")
+        if req.n > self.max_num_seqs:
+            raise APIError(400, f"n={req.n} is more than the server runs at once "
+                                f"(--max-num-seqs {self.max_num_seqs})", "n")
+        if req.stop_token_ids:
+            self.check_token_ids(req.stop_token_ids, "stop_token_ids")
+        try:
+            return SamplingParams(
+                n=req.n,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=0 if req.top_k is None else req.top_k,
+                min_p=0.0 if req.min_p is None else req.min_p,
+                seed=req.seed,
+                max_tokens=max_tokens,
+                min_tokens=req.min_tokens,
+                stop=req.stop,
+                stop_token_ids=req.stop_token_ids,
+                ignore_eos=req.ignore_eos,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+                skip_special_tokens=req.skip_special_tokens,
+                include_stop_str_in_output=req.include_stop_str_in_output,
+            )
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+
+    def holdback(self, params: SamplingParams) -> int:
+        if params.include_stop_str_in_output or not params.stop:
+            return 0
+        return max(len(s) for s in params.stop) - 1
+
+    # ---- tokenizer -----------------------------------------------------------------------------
+
+    async def in_tokenizer_thread(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
+
+    async def encode_prompts(self, prompts: Sequence[str | list[int]]) -> list[Prompt]:
+        texts = [p for p in prompts if isinstance(p, str)]
+        encoded = iter(await self.in_tokenizer_thread(
+            lambda: [self.tokenizer.encode(t, add_special_tokens=True) for t in texts]))
+        result = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                result.append(Prompt(p, list(next(encoded))))
+            else:
+                self.check_token_ids(p, "prompt" if len(prompts) == 1 else f"prompt.{i}")
+                result.append(Prompt(None, list(p)))
+        return result
+
+    async def render_chat(self, messages: Sequence[ChatMessage],
+                          add_generation_prompt: bool) -> str:
+        """The conversation as the checkpoint's chat template writes it."""
+        plain = [_message_dict(m) for m in messages]
+
+        def render() -> str:
+            return self.tokenizer.apply_chat_template(
+                plain, add_generation_prompt=add_generation_prompt)
+
+        try:
+            return await self.in_tokenizer_thread(render)
+        except Exception as exc:  # the template refused this conversation (a jinja raise)
+            raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from None
+
+    async def encode_chat(self, messages: Sequence[ChatMessage],
+                          add_generation_prompt: bool) -> Prompt:
+        text = await self.render_chat(messages, add_generation_prompt)
+        # The template already wrote BOS and the other special tokens.
+        ids = await self.in_tokenizer_thread(
+            lambda: self.tokenizer.encode(text, add_special_tokens=False))
+        return Prompt(text, list(ids))
+
+    def token_str(self, token_id: int, logprob: Logprob | None) -> str:
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return self.tokenizer.decode_token(token_id)
+
+    # ---- logprobs ------------------------------------------------------------------------------
+
+    def _ranked(self, position: PositionLogprobs) -> list[tuple[int, Logprob]]:
+        return sorted(position.items(), key=lambda kv: (kv[1].rank or 0, -kv[1].logprob))
+
+    def add_completion_logprobs(self, out: dict[str, list], state: ChoiceState,
+                                token_ids: Sequence[int],
+                                positions: Sequence[PositionLogprobs | None]) -> None:
+        """Append tokens to an OpenAI completions `logprobs` object (legacy format)."""
+        for token_id, position in zip(token_ids, positions):
+            chosen = position.get(token_id) if position else None
+            text = self.token_str(token_id, chosen)
+            out["tokens"].append(text)
+            out["text_offset"].append(state.text_offset)
+            state.text_offset += len(text)
+            if position is None:  # the first prompt token has no logprob
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            out["token_logprobs"].append(_finite(chosen.logprob) if chosen else None)
+            out["top_logprobs"].append({self.token_str(tid, lp): _finite(lp.logprob)
+                                        for tid, lp in self._ranked(position)})
+
+    def chat_logprobs(self, token_ids: Sequence[int], positions: Sequence[PositionLogprobs],
+                      top_n: int) -> list[dict]:
+        """Entries of a chat `logprobs.content` list."""
+        content = []
+        for token_id, position in zip(token_ids, positions):
+            chosen = position.get(token_id)
+            text = self.token_str(token_id, chosen)
+            top = [(tid, lp) for tid, lp in self._ranked(position)][:top_n]
+            content.append({
+                "token": text,
+                "logprob": _finite(chosen.logprob) if chosen else _MIN_LOGPROB,
+                "bytes": list(text.encode()),
+                "top_logprobs": [{"token": (t := self.token_str(tid, lp)),
+                                  "logprob": _finite(lp.logprob), "bytes": list(t.encode())}
+                                 for tid, lp in top],
+            })
+        return content
+
+
+def new_completion_logprobs() -> dict[str, list]:
+    return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+
+def usage(prompts: Sequence[Prompt], outputs: Sequence[RequestOutput],
+          count_generated: bool = True) -> dict:
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    completion_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs) \
+        if count_generated else 0
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)},
+    }
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_error(exc: BaseException) -> str:
+    error = to_api_error(exc)
+    return sse(error_body(error.status, error.message, error.param))
+
+
+def _finite(logprob: float) -> float:
+    return logprob if logprob >= _MIN_LOGPROB else _MIN_LOGPROB  # also maps NaN to the floor
+
+
+def _message_dict(message: ChatMessage) -> dict:
+    content: Any = message.content
+    if content is None:
+        content = ""
+    elif not isinstance(content, str):
+        content = [part.model_dump() for part in content]
+    plain = {"role": message.role, "content": content}
+    if message.name is not None:
+        plain["name"] = message.name
+    return plain
+
+
+# ---- running requests ---------------------------------------------------------------------
+
+
+async def add_to_engine(engine: AsyncEngine, requests: list) -> RequestStream:
+    """Add the requests of one HTTP call; engine refusals become API errors."""
+    stream = RequestStream()
+    try:
+        await engine.add_requests(stream, requests)
+    except Exception as exc:
+        raise to_api_error(exc) from None
+    return stream
+
+
+async def collect_final(engine: AsyncEngine, stream: RequestStream,
+                        raw_request: Request) -> dict[str, RequestOutput]:
+    """Wait for every request of `stream` to finish; a client hang-up aborts them."""
+    finals: dict[str, RequestOutput] = {}
+
+    async def consume() -> None:
+        while not stream.finished:
+            finals.update(await stream.get())
+
+    try:
+        await run_unless_disconnected(consume(), raw_request)
+    except APIError:
+        raise
+    except Exception as exc:
+        raise to_api_error(exc) from None
+    finally:
+        engine.abort(stream.unfinished_ids)
+    return finals
+
+
+async def run_unless_disconnected(work: Awaitable[T], raw_request: Request) -> T:
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(raw_request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        raise APIError(499, "the client closed the connection")
+    return task.result()
+
+
+async def _wait_for_disconnect(raw_request: Request) -> None:
+    while (await raw_request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class SSEResponse(StreamingResponse):
+    """A server-sent-event stream that stops, and closes its generator, when the client leaves.
+
+    Closing the generator runs its `finally`, where the handlers abort their requests. This
+    does not rely on the ASGI server version: the disconnect is watched for while waiting.
+    """
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def stream_then_stop() -> None:
+                    with contextlib.suppress(OSError):  # the client went away mid-send
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream_then_stop)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            await self.body_iterator.aclose()

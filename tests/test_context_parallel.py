@@ -1,0 +1,109 @@
+"""Every parallel layout gives the single-process tokens, and each rank holds its KV shard.
+
+The ranks of a layout are started once per layout (a module-scoped worker pool) and every
+case (interleave size, K/V exchange, chunked prefill) loads its engine into them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpserve import LLM, SamplingParams
+from cpserve.config import ParallelConfig
+from cpserve.distributed.worker_pool import WorkerPool
+from cpserve.kv.layout import KVLayout
+from tests.checkpoints import random_prompts
+
+LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 4, 1), (2, 1, 2), (2, 2, 1), (2, 2, 2), (4, 1, 2), (4, 1, 4)]
+BLOCK_SIZE = 4
+# Shorter than the number of shards, around a block, several blocks, long enough to split.
+PROMPT_LENGTHS = [1, 3, 7, 19, 45, 70]
+NEW_TOKENS = 12
+# fp32; collectives only change the order of summation.
+LOGPROB_TOL = 1e-4
+COMMON = dict(block_size=BLOCK_SIZE, num_kv_blocks=512, enable_prefix_caching=False, seed=0)
+
+
+def _generate(llm: LLM) -> list[tuple[list[int], list[float]]]:
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(PROMPT_LENGTHS)]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    llm.engine.check_integrity()
+    results = []
+    for out in outputs:
+        c = out.outputs[0]
+        results.append((c.token_ids, [c.logprobs[i][t].logprob for i, t in enumerate(c.token_ids)]))
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with LLM("tiny", **COMMON) as llm:
+        return _generate(llm)
+
+
+@pytest.fixture(scope="module", params=LAYOUTS, ids=lambda l: f"tp{l[0]}-pcp{l[1]}-dcp{l[2]}")
+def pool(request):
+    tp, pcp, dcp = request.param
+    with WorkerPool(ParallelConfig(tp, pcp, dcp), "cpu") as pool:
+        yield pool
+
+
+def _cases(pool: WorkerPool):
+    """(interleave, exchange, max_num_batched_tokens): every value of each setting, and every
+    pair of values of any two settings (a pairwise design: 4 runs instead of 8)."""
+    chunked, whole = 16, 8192
+    if pool.parallel.pcp == 1:  # no PCP exchange happens
+        return [(1, "allgather", whole), (1, "allgather", chunked),
+                (BLOCK_SIZE, "allgather", whole), (BLOCK_SIZE, "allgather", chunked)]
+    return [(1, "allgather", whole), (1, "ring", chunked),
+            (BLOCK_SIZE, "allgather", chunked), (BLOCK_SIZE, "ring", whole)]
+
+
+def _llm(pool: WorkerPool, **overrides) -> LLM:
+    p = pool.parallel
+    return LLM("tiny", worker_pool=pool, tensor_parallel_size=p.tp,
+               prefill_context_parallel_size=p.pcp, decode_context_parallel_size=p.dcp,
+               **{**COMMON, **overrides})
+
+
+def test_same_tokens_as_one_process(pool, reference):
+    for interleave, exchange, max_batched in _cases(pool):
+        case = f"interleave={interleave} exchange={exchange} max_num_batched_tokens={max_batched}"
+        with _llm(pool, cp_kv_cache_interleave_size=interleave, pcp_kv_exchange=exchange,
+                  max_num_batched_tokens=max_batched) as llm:
+            results = _generate(llm)
+        for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results, reference):
+            assert tokens == ref_tokens, case
+            assert torch.allclose(torch.tensor(logprobs), torch.tensor(ref_logprobs),
+                                  atol=LOGPROB_TOL), case
+
+
+@pytest.mark.parametrize("interleave", [1, BLOCK_SIZE])
+def test_each_rank_holds_exactly_its_shard(pool, interleave):
+    num_tokens = 37
+    with _llm(pool, cp_kv_cache_interleave_size=interleave) as llm:
+        engine = llm.engine
+        engine.add_request("r", list(range(10, 10 + num_tokens)), SamplingParams(max_tokens=4))
+        engine.step()  # the whole prompt in one step; the request stays running
+        table = torch.tensor(engine.kv.block_table("r"))
+        written = engine.executor.written_slots_per_rank()
+        engine.abort_request(["r"])
+        engine.check_integrity()
+
+    p = pool.parallel
+    layout = KVLayout(BLOCK_SIZE, p.pcp * p.dcp, interleave)
+    positions = torch.arange(num_tokens)
+    blocks = table[positions // layout.virtual_block_size]
+    held_by_shard = {}
+    for rank, slots in enumerate(written):
+        cp_rank = (rank // p.tp) * p.dcp + (rank % p.tp) % p.dcp
+        expected = layout.slot_mapping(positions, blocks, cp_rank)
+        mine = expected >= 0
+        assert sorted(slots.tolist()) == sorted(expected[mine].tolist()), f"rank {rank}"
+        assert len(slots) == layout.local_count(num_tokens, cp_rank)
+        held_by_shard[cp_rank] = set(positions[mine].tolist())
+    # The shards partition the tokens: every token on exactly one shard.
+    assert sum(len(s) for s in held_by_shard.values()) == num_tokens
+    assert set().union(*held_by_shard.values()) == set(range(num_tokens))
