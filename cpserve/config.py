@@ -104,14 +104,13 @@ class ModelConfig:
         return int(self.hf_config.get("head_dim") or self.hidden_size // self.num_heads)
 
     @property
-    def rope(self) -> dict[str, Any]:
-        return _rope_parameters(self.hf_config)
+    def is_mla(self) -> bool:
+        """Multi-head latent attention: one latent KV vector per token, shared by all heads."""
+        return "kv_lora_rank" in self.hf_config
 
     @property
-    def kv_bytes_per_token(self) -> int:
-        """K and V of all layers for one token on a single unsharded copy."""
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+    def rope(self) -> dict[str, Any]:
+        return _rope_parameters(self.hf_config)
 
 
 def _resolve_dtype(dtype: str | torch.dtype, hf: dict[str, Any]) -> torch.dtype:
@@ -244,7 +243,12 @@ def check_engine_config(cfg: EngineConfig) -> None:
         raise ConfigError(f"tensor_parallel_size={par.tp} must divide num_attention_heads="
                           f"{model.num_heads}")
     kv = model.num_kv_heads
-    if par.tp >= kv:
+    if model.is_mla:
+        # The latent is replicated on every TP rank; DCP turns the copies into shards.
+        if par.tp % par.dcp:
+            raise ConfigError(f"decode_context_parallel_size={par.dcp} must divide "
+                              f"tensor_parallel_size={par.tp} for this MLA model")
+    elif par.tp >= kv:
         if par.tp % kv:
             raise ConfigError(f"num_key_value_heads={kv} must divide tensor_parallel_size="
                               f"{par.tp} when tensor_parallel_size > num_key_value_heads")

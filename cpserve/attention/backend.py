@@ -4,8 +4,11 @@ Every backend offers the same three operations; the engine calls nothing else. A
 backend must match the reference on random inputs (tests compare them).
 
 Shapes: q [N, H, D]; a KV cache is [num_blocks, B, H_kv, D] on each rank; H is a multiple of
-H_kv (grouped-query attention); every attention returns out [N, H, D] in q's dtype and
+H_kv (grouped-query attention); every attention returns out [N, H, D_v] in q's dtype and
 lse [N, H] in fp32, with lse = -inf (and out = 0) for a query that sees no key.
+
+Latent attention (MLA) stores one cache per layer whose first `v_dim` channels are also the
+values: its caller passes `v = None` / `v_cache = None` and `v_dim`, and nothing is stored twice.
 """
 
 from __future__ import annotations
@@ -18,17 +21,18 @@ import torch
 class AttentionBackend(Protocol):
     name: str
 
-    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor | None, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
         """Store k[i], v[i] in flat slot `slot_mapping[i]`; skip entries that are -1."""
 
-    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        block_tables: torch.Tensor, query_seq: torch.Tensor,
-                        query_kv_len: torch.Tensor, scale: float
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor | None, block_tables: torch.Tensor,
+                        query_seq: torch.Tensor, query_kv_len: torch.Tensor, scale: float,
+                        v_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Each query i attends to the first `query_kv_len[i]` slots of sequence
         `query_seq[i]`, whose blocks are `block_tables[query_seq[i]]` (the local slots of
-        one shard, in position order; causality is expressed by the lengths)."""
+        one shard, in position order; causality is expressed by the lengths). With
+        `v_cache=None` the values are `k_cache[..., :v_dim]`."""
 
     def dense_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         q_pos: torch.Tensor, k_pos: torch.Tensor, q_seq: torch.Tensor,
@@ -60,10 +64,14 @@ class TorchReferenceBackend:
         keep = slot_mapping >= 0
         slots = slot_mapping[keep]
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[keep].to(k_cache.dtype))
-        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+        if v_cache is not None:
+            v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep].to(v_cache.dtype))
 
-    def paged_attention(self, q, k_cache, v_cache, block_tables, query_seq, query_kv_len, scale):
-        out = torch.zeros_like(q)
+    def paged_attention(self, q, k_cache, v_cache, block_tables, query_seq, query_kv_len, scale,
+                        v_dim=None):
+        if v_cache is None:
+            v_cache = k_cache[..., :v_dim]
+        out = q.new_zeros(*q.shape[:2], v_cache.shape[-1])
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         block_size = k_cache.shape[1]
         for seq in torch.unique(query_seq).tolist():
@@ -80,7 +88,7 @@ class TorchReferenceBackend:
         return out, lse
 
     def dense_attention(self, q, k, v, q_pos, k_pos, q_seq, k_seq, scale):
-        out = torch.zeros_like(q)
+        out = q.new_zeros(*q.shape[:2], v.shape[-1])
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         for seq in torch.unique(q_seq).tolist():
             rows = torch.nonzero(q_seq == seq).squeeze(1)

@@ -26,25 +26,34 @@ class AttentionContext:
     backend: AttentionBackend
     kv_exchange: str = "allgather"
 
-    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  scale: float) -> torch.Tensor:
-        """q [T, H, D], k/v [T, H_kv, D] for the local tokens; returns [T, H, D]."""
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
+                  scale: float, v_dim: int | None = None) -> torch.Tensor:
+        """q [T, H, D], k [T, H_kv, D], v [T, H_kv, D_v] for the local tokens; returns
+        [T, H, D_v]. Latent attention passes `v=None` and `v_dim`: the values are the first
+        `v_dim` channels of the keys, and the layer's cache holds them once."""
         meta, backend = self.metadata, self.backend
         k_cache, v_cache = self.kv_caches[layer]
+        v_dim = v.shape[-1] if v is not None else v_dim
         if not meta.has_split:  # the common case: decodes and unsplit chunks only
-            return self._replicated(q, k, v, k_cache, v_cache, scale)
-        out = torch.empty_like(q)
+            return self._replicated(q, k, v, k_cache, v_cache, scale, v_dim)
+        out = q.new_empty(*q.shape[:2], v_dim)
         if meta.has_replicated:
             rows = meta.rep_index
-            out[rows] = self._replicated(q[rows], k[rows], v[rows], k_cache, v_cache, scale)
+            out[rows] = self._replicated(q[rows], k[rows], _rows(v, rows), k_cache, v_cache,
+                                         scale, v_dim)
         rows = meta.split_index
-        out[rows] = pcp_split_attention(q[rows], k[rows], v[rows], k_cache, v_cache, meta,
-                                        scale, self.groups, backend, self.kv_exchange)
+        out[rows] = pcp_split_attention(q[rows], k[rows], _rows(v, rows), k_cache, v_cache,
+                                        meta, scale, self.groups, backend, self.kv_exchange,
+                                        v_dim)
         return out
 
-    def _replicated(self, q, k, v, k_cache, v_cache, scale) -> torch.Tensor:
+    def _replicated(self, q, k, v, k_cache, v_cache, scale, v_dim) -> torch.Tensor:
         meta = self.metadata
         self.backend.write_kv(k, v, k_cache, v_cache, meta.rep_slots)
         out, _ = sharded_kv_attention(q, k_cache, v_cache, meta.block_tables, meta.rep_seq,
-                                      meta.rep_kv_len, scale, self.groups, self.backend)
+                                      meta.rep_kv_len, scale, self.groups, self.backend, v_dim)
         return out
+
+
+def _rows(x: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    return None if x is None else x[rows]

@@ -55,18 +55,31 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return F.pad(x, (0, 0) * (x.dim() - 1) + (0, rows - x.shape[0]))
 
 
-def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        k_cache: torch.Tensor, v_cache: torch.Tensor,
+def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor | None,
                         meta: StepAttentionMetadata, scale: float, groups: ParallelGroups,
-                        backend: AttentionBackend, exchange: str) -> torch.Tensor:
-    """q/k/v: this rank's split tokens [n, H, D]. Returns their attention output."""
+                        backend: AttentionBackend, exchange: str,
+                        v_dim: int | None = None) -> torch.Tensor:
+    """q/k/v: this rank's split tokens [n, H, D]. Returns their attention output.
+
+    With `v=None` (latent attention) only the keys travel; values are their first v_dim
+    channels. Otherwise keys and values travel together as one [2, rows, H_kv, D] tensor.
+    """
     pcp, me, pad = groups.pcp, groups.pcp_rank, meta.pad
-    kv = torch.stack([_pad_rows(k, pad), _pad_rows(v, pad)])  # [2, pad, H_kv, D]
+    kv = (_pad_rows(k, pad).unsqueeze(0) if v is None
+          else torch.stack([_pad_rows(k, pad), _pad_rows(v, pad)]))
+
+    def split(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(keys, values for attention, values to store or None)."""
+        if v is None:
+            return block[0], block[0][..., :v_dim], None
+        return block[0], block[1], block[1]
 
     def attend_block(block: torch.Tensor, src: int):
         rows = slice(src * pad, (src + 1) * pad)
-        backend.write_kv(block[0], block[1], k_cache, v_cache, meta.gathered_slots[rows])
-        return backend.dense_attention(q, block[0], block[1], meta.split_pos,
+        keys, values, stored = split(block)
+        backend.write_kv(keys, stored, k_cache, v_cache, meta.gathered_slots[rows])
+        return backend.dense_attention(q, keys, values, meta.split_pos,
                                        meta.gathered_pos[rows], meta.split_seq,
                                        meta.gathered_seq[rows], scale)
 
@@ -81,18 +94,18 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 ring.wait()
                 kv = incoming
     else:
-        everything = all_gather(kv, groups.pcp_group, dim=1)  # [2, pcp * pad, H_kv, D]
-        backend.write_kv(everything[0], everything[1], k_cache, v_cache, meta.gathered_slots)
-        out, lse = backend.dense_attention(q, everything[0], everything[1], meta.split_pos,
-                                           meta.gathered_pos, meta.split_seq,
-                                           meta.gathered_seq, scale)
+        keys, values, stored = split(all_gather(kv, groups.pcp_group, dim=1))
+        backend.write_kv(keys, stored, k_cache, v_cache, meta.gathered_slots)
+        out, lse = backend.dense_attention(q, keys, values, meta.split_pos, meta.gathered_pos,
+                                           meta.split_seq, meta.gathered_seq, scale)
 
     if meta.has_prefix:
         # The cached prefix: every PCP rank must ask the same queries, so gather them.
         all_q = all_gather(_pad_rows(q, pad), groups.pcp_group, dim=0)
         seq = meta.gathered_seq.clamp(min=0)
         o_all, l_all = sharded_kv_attention(all_q, k_cache, v_cache, meta.block_tables, seq,
-                                            meta.gathered_prefix_len, scale, groups, backend)
+                                            meta.gathered_prefix_len, scale, groups, backend,
+                                            v_dim)
         mine = slice(me * pad, me * pad + q.shape[0])
         out, lse = merge_two(out, lse, o_all[mine], l_all[mine])
     return out

@@ -15,7 +15,6 @@ from cpserve.config import EngineConfig
 from cpserve.distributed.groups import ParallelGroups, all_reduce
 from cpserve.distributed.plan import StepPlan
 from cpserve.kv.layout import KVLayout
-from cpserve.models.llama import kv_heads_of_rank
 from cpserve.models.loader import build_model
 
 CPU_DEFAULT_KV_GIB = 0.25
@@ -30,19 +29,17 @@ class ModelRunner:
         self.layout = KVLayout(cache.block_size, par.num_kv_shards, par.interleave)
         self.model = build_model(model_cfg, groups, device)
         self.backend = get_backend("auto", device.type)
-        _, self.num_kv_heads = kv_heads_of_rank(model_cfg.num_kv_heads, groups.tp, groups.tp_rank)
+        self.kv_spec = self.model.kv_cache_spec()
         self.num_blocks = self._decide_num_blocks()
-        shape = (self.num_blocks, cache.block_size, self.num_kv_heads, model_cfg.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=model_cfg.dtype, device=device),
-                           torch.zeros(shape, dtype=model_cfg.dtype, device=device))
+        self.kv_caches = [self.kv_spec.allocate(self.num_blocks, cache.block_size, device)
                           for _ in range(model_cfg.num_layers)]
         self.block_tables: dict[str, list[int]] = {}
 
     @property
     def bytes_per_block(self) -> int:
-        m = self.config.model
-        elem = torch.tensor([], dtype=m.dtype).element_size()
-        return 2 * m.num_layers * self.config.cache.block_size * self.num_kv_heads * m.head_dim * elem
+        """One block of every layer on this rank."""
+        return (self.config.model.num_layers * self.config.cache.block_size
+                * self.kv_spec.bytes_per_token)
 
     def _decide_num_blocks(self) -> int:
         """Blocks per rank: explicit, from a memory size, or from free GPU memory; every rank

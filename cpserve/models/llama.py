@@ -16,6 +16,7 @@ from torch import nn
 from cpserve.attention.context import AttentionContext
 from cpserve.config import ModelConfig
 from cpserve.distributed.groups import ParallelGroups
+from cpserve.kv.spec import KVCacheSpec
 from cpserve.models.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -141,3 +142,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        attn = self.model.layers[0].self_attn
+        return KVCacheSpec(attn.num_kv_heads, attn.head_dim, attn.head_dim, self.config.dtype)

@@ -54,8 +54,8 @@ def load_weights(model: nn.Module, config: ModelConfig) -> None:
 
 
 def build_model(config: ModelConfig, groups: ParallelGroups, device: torch.device) -> nn.Module:
-    from cpserve.models.llama import LlamaForCausalLM
+    from cpserve.models.registry import model_class
 
-    model = LlamaForCausalLM(config, groups)
+    model = model_class(config.architecture)(config, groups)
     load_weights(model, config)
     return model.to(device).eval()

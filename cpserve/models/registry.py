@@ -1,0 +1,13 @@
+"""Architecture name (config.json's `architectures`) -> model class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    if architecture in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        from cpserve.models.llama import LlamaForCausalLM
+
+        return LlamaForCausalLM
+    raise ValueError(f"no model class for architecture {architecture!r}")
