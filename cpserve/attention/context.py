@@ -1,8 +1,9 @@
 """The attention call of one layer in one step, for every parallel layout.
 
 Model code calls `ctx.attention(layer, q, k, v, scale)` and knows nothing of shards, PCP or
-DCP: the context routes replicated tokens through the sharded-KV primitive and split tokens
-through the PCP exchange, and writes this rank's shard of the new KV into the cache.
+DCP. For each query the context computes attention over its request's new tokens (local for
+replicated tokens, exchanged across PCP for split ones) and over the cached prefix (the
+sharded-KV primitive), merges the two by LSE, and writes this rank's shard of the new KV.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from cpserve.attention.backend import AttentionBackend
+from cpserve.attention.merge import merge_two
 from cpserve.attention.metadata import StepAttentionMetadata
 from cpserve.attention.pcp import pcp_split_attention
 from cpserve.attention.sharded import sharded_kv_attention
@@ -48,10 +50,15 @@ class AttentionContext:
         return out
 
     def _replicated(self, q, k, v, k_cache, v_cache, scale, v_dim) -> torch.Tensor:
-        meta = self.metadata
-        self.backend.write_kv(k, v, k_cache, v_cache, meta.rep_slots)
-        out, _ = sharded_kv_attention(q, k_cache, v_cache, meta.block_tables, meta.rep_seq,
-                                      meta.rep_kv_len, scale, self.groups, self.backend, v_dim)
+        meta, backend = self.metadata, self.backend
+        backend.write_kv(k, v, k_cache, v_cache, meta.rep_slots)
+        values = v if v is not None else k[..., :v_dim]
+        out, lse = backend.dense_attention(q, k, values, meta.rep_pos, meta.rep_pos,
+                                           meta.rep_seq, meta.rep_seq, scale)
+        if meta.has_rep_prefix:
+            o, l = sharded_kv_attention(q, k_cache, v_cache, meta.block_tables, meta.rep_seq,
+                                        meta.rep_prefix_len, scale, self.groups, backend, v_dim)
+            out, _ = merge_two(out, lse, o, l)
         return out
 
 

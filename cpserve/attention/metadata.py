@@ -10,8 +10,14 @@ rank p takes chunks p and 2*pcp-1-p (head-tail), which balances causal attention
     rank 0 takes chunks 0, 3 -> 0 1 2 9          rank 1 takes chunks 1, 2 -> 3 4 5 6 7 8
 
 Other requests (decodes, short chunks) are *replicated*: every PCP rank computes all their new
-tokens, and they attend over the sharded cache directly. A rank's local tokens are, request by
-request in plan order, all new tokens of a replicated request or its own part of a split one.
+tokens. A rank's local tokens are, request by request in plan order, all new tokens of a
+replicated request or its own part of a split one.
+
+Every query's attention has two parts, merged by LSE:
+  new part:    over the new tokens of its request in this step, causal by position
+               (replicated: all are here; split: exchanged across the PCP group);
+  prefix part: over the tokens cached before this step, through the sharded-KV primitive
+               (only when the request has any: a decode, a later chunk, a prefix-cache hit).
 """
 
 from __future__ import annotations
@@ -45,11 +51,14 @@ class StepAttentionMetadata:
     """Everything the attention layers need for one step, the same for every layer."""
 
     block_tables: torch.Tensor  # [num_seqs, max_blocks]
-    # Replicated tokens: write KV, then attend over the sharded cache up to themselves.
+    # Replicated tokens: attend to their request's new tokens here (every rank has them all)
+    # and to the cached prefix through the sharded-KV primitive.
     rep_index: torch.Tensor  # their rows among the local tokens
     rep_slots: torch.Tensor  # cache slot on this rank, -1 if another shard holds the token
     rep_seq: torch.Tensor
-    rep_kv_len: torch.Tensor  # tokens visible on this shard: local_count(pos + 1)
+    rep_pos: torch.Tensor
+    rep_prefix_len: torch.Tensor  # cached tokens visible on this shard: local_count(start)
+    has_rep_prefix: bool  # some replicated request continues after cached tokens
     # Split tokens: this rank's rows, and the split tokens of every PCP rank, `pad` rows each.
     split_index: torch.Tensor
     split_pos: torch.Tensor
@@ -132,7 +141,9 @@ def build_step_tokens(seqs: list[PlannedSeq], block_tables: torch.Tensor, layout
         rep_index=rep_index,
         rep_slots=slots_of(rep_seq, rep_pos),
         rep_seq=rep_seq,
-        rep_kv_len=layout.local_count(rep_pos + 1, groups.cp_rank),
+        rep_pos=rep_pos,
+        rep_prefix_len=layout.local_count(starts[rep_seq], groups.cp_rank),
+        has_rep_prefix=any(not s.split and s.start > 0 for s in seqs),
         split_index=split_index,
         split_pos=positions[split_index],
         split_seq=local_seq[split_index],
