@@ -209,6 +209,7 @@ class EngineConfig:
     scheduler: SchedulerConfig
     device: str = "cpu"
     seed: int = 0
+    enforce_eager: bool = False  # no CUDA graphs
 
     def __post_init__(self) -> None:
         check_engine_config(self)

@@ -107,3 +107,47 @@ def test_each_rank_holds_exactly_its_shard(pool, interleave):
     # The shards partition the tokens: every token on exactly one shard.
     assert sum(len(s) for s in held_by_shard.values()) == num_tokens
     assert set().union(*held_by_shard.values()) == set(range(num_tokens))
+
+
+# Prefix caching under every layout ------------------------------------------------------------
+DOC = random_prompts([53], seed=7)[0]
+QUESTIONS = random_prompts([2, 9, 17], seed=8)
+SHARED_PROMPTS = [DOC + q for q in QUESTIONS]
+
+
+def _generate_shared(llm: LLM, prompts) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    llm.engine.check_integrity()
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def shared_reference():
+    with LLM("tiny", **COMMON) as llm:  # prefix caching off
+        return _generate_shared(llm, SHARED_PROMPTS)
+
+
+def test_prefix_cache_same_tokens_and_hits(pool, shared_reference):
+    with _llm(pool, enable_prefix_caching=True, max_num_batched_tokens=32) as llm:
+        # Across batches: the document is cached by the first request, hit by the others.
+        assert _generate_shared(llm, SHARED_PROMPTS[:1]) == shared_reference[:1]
+        assert _generate_shared(llm, SHARED_PROMPTS[1:]) == shared_reference[1:]
+        stats = llm.engine.stats()
+        block = BLOCK_SIZE * pool.parallel.pcp * pool.parallel.dcp
+        assert stats.prefix_cache_hits_total >= 2 * (len(DOC) // block) * block
+        # In one batch, and again (everything now cached up to the last full block).
+        assert _generate_shared(llm, SHARED_PROMPTS) == shared_reference
+        assert llm.engine.stats().prefix_cache_hits_total > stats.prefix_cache_hits_total
+
+
+def test_prefix_cache_eviction_under_block_pressure(pool, shared_reference):
+    # Room for about two requests: cached blocks of finished ones must be evicted and reused.
+    blocks = 2 * -(-(len(SHARED_PROMPTS[2]) + 6) // (BLOCK_SIZE * pool.parallel.pcp * pool.parallel.dcp))
+    with _llm(pool, enable_prefix_caching=True, num_kv_blocks=blocks) as llm:
+        for _ in range(2):
+            for prompt, expected in zip(SHARED_PROMPTS, shared_reference):
+                assert _generate_shared(llm, [prompt]) == [expected]
+            unrelated = random_prompts([40, 41], seed=9)
+            _generate_shared(llm, unrelated)
+        assert llm.engine.kv.pool.num_free == blocks

@@ -18,6 +18,7 @@ def config_to_dict(config: EngineConfig) -> dict:
         "scheduler": asdict(config.scheduler),
         "device": config.device,
         "seed": config.seed,
+        "enforce_eager": config.enforce_eager,
     }
 
 
@@ -31,4 +32,5 @@ def config_from_dict(data: dict) -> EngineConfig:
         scheduler=SchedulerConfig(**data["scheduler"]),
         device=data["device"],
         seed=data["seed"],
+        enforce_eager=data["enforce_eager"],
     )

@@ -30,7 +30,13 @@ from cpserve.config import ParallelConfig
 from cpserve.distributed.groups import ParallelGroups, build_groups, single_process_groups
 from cpserve.distributed.plan import StepPlan, broadcast_plan
 
-DIST_TIMEOUT_S = float(os.environ.get("CPSERVE_DIST_TIMEOUT", "60"))
+# A rank that does not answer a collective for this long is taken for dead. Steps are kept
+# short by max_num_batched_tokens; an idle driver sends keep-alive plans well within it.
+DEFAULT_TIMEOUT_S = 25.0
+
+
+def default_timeout_s() -> float:
+    return float(os.environ.get("CPSERVE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
 
 
 class WorkerDiedError(RuntimeError):
@@ -45,8 +51,8 @@ def rank_device(device: str, local_rank: int) -> torch.device:
 
 
 def _init_distributed(parallel: ParallelConfig, rank: int, init_method: str,
-                      device: torch.device) -> ParallelGroups:
-    timeout = datetime.timedelta(seconds=DIST_TIMEOUT_S)
+                      device: torch.device, timeout_s: float) -> ParallelGroups:
+    timeout = datetime.timedelta(seconds=timeout_s)
     world = parallel.world_size
     if device.type == "cuda":
         dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world,
@@ -87,7 +93,7 @@ def serve_plans(groups: ParallelGroups, device: torch.device) -> None:
             runner = ModelRunner(config_from_dict(plan.load), groups, device)
         elif plan.probe_kv:
             gather_to_driver(runner.written_slots(), groups)
-        else:
+        elif plan.requests or plan.freed_request_ids:  # an empty plan only keeps us alive
             runner.execute(plan)
 
 
@@ -106,12 +112,14 @@ def gather_to_driver(values: torch.Tensor, groups: ParallelGroups) -> list[torch
     return [p[: int(s.item())] for p, s in zip(parts, sizes)]
 
 
-def _spawned_worker(rank: int, init_method: str, parallel: dict, device: str) -> None:
+def _spawned_worker(rank: int, init_method: str, parallel: dict, device: str,
+                    timeout_s: float) -> None:
     """Entry point of a locally spawned rank (only plain values cross the process boundary)."""
     try:
         _share_cpu_threads(device, ParallelConfig(**parallel).world_size)
         local_device = rank_device(device, rank)
-        groups = _init_distributed(ParallelConfig(**parallel), rank, init_method, local_device)
+        groups = _init_distributed(ParallelConfig(**parallel), rank, init_method, local_device,
+                                   timeout_s)
         serve_plans(groups, local_device)
         dist.destroy_process_group()
     except Exception as exc:  # the driver reports this rank by its exit code
@@ -120,17 +128,24 @@ def _spawned_worker(rank: int, init_method: str, parallel: dict, device: str) ->
 
 
 class WorkerPool:
-    def __init__(self, parallel: ParallelConfig, device: str) -> None:
+    def __init__(self, parallel: ParallelConfig, device: str,
+                 timeout_s: float | None = None) -> None:
         self.parallel = parallel
         self.world_size = parallel.world_size
+        self.timeout_s = timeout_s if timeout_s is not None else default_timeout_s()
         self._processes: list = []
         self._failure: str | None = None
+        # One plan at a time: the engine's steps and the keep-alive thread's empty plans.
+        self._lock = threading.Lock()
+        self._last_sent = time.monotonic()
         if self.world_size == 1:
             self.groups, self.device = single_process_groups(), rank_device(device, 0)
         elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             self._join_torchrun(device)
         else:
             self._spawn_local(device)
+        if self.world_size > 1:
+            threading.Thread(target=self._keep_alive, daemon=True).start()
 
     def _join_torchrun(self, device: str) -> None:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -138,7 +153,8 @@ class WorkerPool:
             raise RuntimeError(f"torchrun started {world} ranks, but tensor_parallel_size * "
                                f"prefill_context_parallel_size = {self.world_size}")
         self.device = rank_device(device, int(os.environ.get("LOCAL_RANK", rank)))
-        self.groups = _init_distributed(self.parallel, rank, "env://", self.device)
+        self.groups = _init_distributed(self.parallel, rank, "env://", self.device,
+                                        self.timeout_s)
         if rank != 0:
             serve_plans(self.groups, self.device)
             dist.destroy_process_group()
@@ -149,13 +165,15 @@ class WorkerPool:
         ctx = mp.get_context("spawn")
         for rank in range(1, self.world_size):
             proc = ctx.Process(target=_spawned_worker, daemon=True, name=f"cpserve-rank{rank}",
-                               args=(rank, init_method, asdict(self.parallel), device))
+                               args=(rank, init_method, asdict(self.parallel), device,
+                                     self.timeout_s))
             proc.start()
             self._processes.append(proc)
         threading.Thread(target=self._watch_workers, daemon=True).start()
         _share_cpu_threads(device, self.world_size)
         self.device = rank_device(device, 0)
-        self.groups = _init_distributed(self.parallel, 0, init_method, self.device)
+        self.groups = _init_distributed(self.parallel, 0, init_method, self.device,
+                                        self.timeout_s)
 
     def _watch_workers(self) -> None:
         """Notice a spawned rank that exits, so that errors can name it."""
@@ -173,12 +191,17 @@ class WorkerPool:
         Any failure (a rank died, a collective timed out) ends the whole pool and raises
         WorkerDiedError naming the rank when it is known.
         """
-        if self._failure is not None:
-            raise WorkerDiedError(f"cpserve worker {self._failure}; start a new engine")
         if self.world_size == 1:
             return local_work()
+        with self._lock:
+            return self._run_locked(plan, local_work)
+
+    def _run_locked(self, plan: StepPlan, local_work):
+        if self._failure is not None:
+            raise WorkerDiedError(f"cpserve worker {self._failure}; start a new engine")
         try:
             broadcast_plan(plan, self.groups.cpu_group)
+            self._last_sent = time.monotonic()
             return local_work()
         except Exception as exc:
             time.sleep(0.5)  # give the watcher a moment to see which rank went away
@@ -187,12 +210,27 @@ class WorkerPool:
             self._kill_workers()
             raise WorkerDiedError(f"cpserve worker {failure}: {type(exc).__name__}: {exc}") from exc
 
+    def _keep_alive(self) -> None:
+        """While the driver is idle, send empty plans so that waiting ranks do not time out,
+        and so that a rank that died while nothing ran is noticed."""
+        interval = self.timeout_s / 4
+        while self._failure is None:
+            time.sleep(interval / 2)
+            if time.monotonic() - self._last_sent < interval:
+                continue
+            try:
+                self.run(StepPlan(), lambda: None)
+            except WorkerDiedError:
+                return
+
     def shutdown(self) -> None:
         if self.world_size > 1 and self._failure is None:
-            try:
-                broadcast_plan(StepPlan(shutdown=True), self.groups.cpu_group)
-            except Exception:
-                pass
+            with self._lock:
+                try:
+                    broadcast_plan(StepPlan(shutdown=True), self.groups.cpu_group)
+                except Exception:
+                    pass
+                self._failure = "pool shut down"
             for proc in self._processes:
                 proc.join(timeout=10)
         self._failure = self._failure or "pool shut down"

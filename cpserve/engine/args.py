@@ -78,6 +78,7 @@ class EngineArgs:
             ),
             device=device,
             seed=self.seed,
+            enforce_eager=self.enforce_eager,
         )
 
     @staticmethod

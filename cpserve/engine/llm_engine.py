@@ -105,6 +105,8 @@ class LLMEngine:
             else:
                 raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
+            if not prompt:  # would still tokenize to a lone BOS; refuse it like no tokens
+                raise ValueError("the prompt is empty: it must have at least one token")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)

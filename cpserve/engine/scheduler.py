@@ -99,6 +99,7 @@ class Scheduler:
             if new_blocks is None:
                 break
             self.waiting.popleft()
+            self.kv.record_prefix_lookup(request.num_tokens, num_cached)
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now

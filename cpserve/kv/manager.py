@@ -76,9 +76,13 @@ class KVCacheManager:
             if block is None:
                 break
             found.append(block)
-        self.prefix_queries += request.num_tokens
-        self.prefix_hits += len(found) * size
         return found
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count an admitted request's lookup (once, not at every retry while it waits)."""
+        if self.enable_prefix_caching:
+            self.prefix_queries += num_tokens
+            self.prefix_hits += num_hit_tokens
 
     def cache_full_blocks(self, request: Request) -> None:
         """Register the blocks that computed tokens now fill, so later requests can hit them."""
