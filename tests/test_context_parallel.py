@@ -43,7 +43,7 @@ def reference():
         return _generate(llm)
 
 
-@pytest.fixture(scope="module", params=LAYOUTS, ids=lambda l: f"tp{l[0]}-pcp{l[1]}-dcp{l[2]}")
+@pytest.fixture(scope="module", params=LAYOUTS, ids=lambda x: f"tp{x[0]}-pcp{x[1]}-dcp{x[2]}")
 def pool(request):
     tp, pcp, dcp = request.param
     with WorkerPool(ParallelConfig(tp, pcp, dcp), "cpu") as pool:

@@ -56,9 +56,9 @@ class AttentionContext:
         out, lse = backend.dense_attention(q, k, values, meta.rep_pos, meta.rep_pos,
                                            meta.rep_seq, meta.rep_seq, scale)
         if meta.has_rep_prefix:
-            o, l = sharded_kv_attention(q, k_cache, v_cache, meta.block_tables, meta.rep_seq,
+            prefix_out, prefix_lse = sharded_kv_attention(q, k_cache, v_cache, meta.block_tables, meta.rep_seq,
                                         meta.rep_prefix_len, scale, self.groups, backend, v_dim)
-            out, _ = merge_two(out, lse, o, l)
+            out, _ = merge_two(out, lse, prefix_out, prefix_lse)
         return out
 
 

@@ -88,8 +88,9 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
         out = lse = None
         for step in range(pcp):
             incoming = ring.send_recv(kv) if step < pcp - 1 else None
-            o, l = attend_block(kv, (me - step) % pcp)
-            out, lse = (o, l) if out is None else merge_two(out, lse, o, l)
+            block_out, block_lse = attend_block(kv, (me - step) % pcp)
+            out, lse = ((block_out, block_lse) if out is None
+                        else merge_two(out, lse, block_out, block_lse))
             if incoming is not None:
                 ring.wait()
                 kv = incoming
