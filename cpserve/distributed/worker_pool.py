@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sys
 import threading
 import time
@@ -50,17 +49,18 @@ def rank_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _init_distributed(parallel: ParallelConfig, rank: int, init_method: str,
+def _init_distributed(parallel: ParallelConfig, rank: int, rendezvous: dict,
                       device: torch.device, timeout_s: float) -> ParallelGroups:
+    """`rendezvous`: {"store": a TCPStore} or {"init_method": "env://"} (torchrun)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     world = parallel.world_size
     if device.type == "cuda":
-        dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world,
-                                timeout=timeout, device_id=device)
+        dist.init_process_group("nccl", rank=rank, world_size=world, timeout=timeout,
+                                device_id=device, **rendezvous)
         cpu_group = dist.new_group(list(range(world)), backend="gloo", timeout=timeout)
     else:
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
-                                timeout=timeout)
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout,
+                                **rendezvous)
         cpu_group = dist.group.WORLD
     return build_groups(parallel, rank, cpu_group)
 
@@ -70,12 +70,6 @@ def _share_cpu_threads(device: str, world: int) -> None:
     otherwise spin on cores the other ranks need."""
     if device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_plans(groups: ParallelGroups, device: torch.device) -> None:
@@ -112,14 +106,16 @@ def gather_to_driver(values: torch.Tensor, groups: ParallelGroups) -> list[torch
     return [p[: int(s.item())] for p, s in zip(parts, sizes)]
 
 
-def _spawned_worker(rank: int, init_method: str, parallel: dict, device: str,
+def _spawned_worker(rank: int, store_port: int, parallel: dict, device: str,
                     timeout_s: float) -> None:
     """Entry point of a locally spawned rank (only plain values cross the process boundary)."""
     try:
         _share_cpu_threads(device, ParallelConfig(**parallel).world_size)
         local_device = rank_device(device, rank)
-        groups = _init_distributed(ParallelConfig(**parallel), rank, init_method, local_device,
-                                   timeout_s)
+        store = dist.TCPStore("127.0.0.1", store_port, is_master=False,
+                              timeout=datetime.timedelta(seconds=timeout_s))
+        groups = _init_distributed(ParallelConfig(**parallel), rank, {"store": store},
+                                   local_device, timeout_s)
         serve_plans(groups, local_device)
         dist.destroy_process_group()
     except Exception as exc:  # the driver reports this rank by its exit code
@@ -134,6 +130,7 @@ class WorkerPool:
         self.world_size = parallel.world_size
         self.timeout_s = timeout_s if timeout_s is not None else default_timeout_s()
         self._processes: list = []
+        self._store = None
         self._failure: str | None = None
         # One plan at a time: the engine's steps and the keep-alive thread's empty plans.
         self._lock = threading.Lock()
@@ -153,7 +150,7 @@ class WorkerPool:
             raise RuntimeError(f"torchrun started {world} ranks, but tensor_parallel_size * "
                                f"prefill_context_parallel_size = {self.world_size}")
         self.device = rank_device(device, int(os.environ.get("LOCAL_RANK", rank)))
-        self.groups = _init_distributed(self.parallel, rank, "env://", self.device,
+        self.groups = _init_distributed(self.parallel, rank, {"init_method": "env://"}, self.device,
                                         self.timeout_s)
         if rank != 0:
             serve_plans(self.groups, self.device)
@@ -161,18 +158,21 @@ class WorkerPool:
             sys.exit(0)
 
     def _spawn_local(self, device: str) -> None:
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        # The driver owns the rendezvous store (port chosen by the OS) and drops it at shutdown.
+        self._store = dist.TCPStore("127.0.0.1", 0, self.world_size, is_master=True,
+                                    wait_for_workers=False,
+                                    timeout=datetime.timedelta(seconds=self.timeout_s))
         ctx = mp.get_context("spawn")
         for rank in range(1, self.world_size):
             proc = ctx.Process(target=_spawned_worker, daemon=True, name=f"cpserve-rank{rank}",
-                               args=(rank, init_method, asdict(self.parallel), device,
+                               args=(rank, self._store.port, asdict(self.parallel), device,
                                      self.timeout_s))
             proc.start()
             self._processes.append(proc)
         threading.Thread(target=self._watch_workers, daemon=True).start()
         _share_cpu_threads(device, self.world_size)
         self.device = rank_device(device, 0)
-        self.groups = _init_distributed(self.parallel, 0, init_method, self.device,
+        self.groups = _init_distributed(self.parallel, 0, {"store": self._store}, self.device,
                                         self.timeout_s)
 
     def _watch_workers(self) -> None:
@@ -204,11 +204,13 @@ class WorkerPool:
             self._last_sent = time.monotonic()
             return local_work()
         except Exception as exc:
-            time.sleep(0.5)  # give the watcher a moment to see which rank went away
-            failure = self._failure or "a rank stopped answering collectives"
-            self._failure = failure
-            self._kill_workers()
-            raise WorkerDiedError(f"cpserve worker {failure}: {type(exc).__name__}: {exc}") from exc
+            cause = f"{type(exc).__name__}: {exc}"
+        # Raised outside the handler on purpose: the collective's exception holds frames with
+        # unfinished communication work, which must not outlive the process group.
+        time.sleep(0.5)  # give the watcher a moment to see which rank went away
+        self._failure = self._failure or "a rank stopped answering collectives"
+        self._kill_workers()
+        raise WorkerDiedError(f"cpserve worker {self._failure}: {cause}")
 
     def _keep_alive(self) -> None:
         """While the driver is idle, send empty plans so that waiting ranks do not time out,
@@ -237,6 +239,7 @@ class WorkerPool:
         self._kill_workers()
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+        self._store = None
 
     def _kill_workers(self) -> None:
         for proc in self._processes:
