@@ -64,3 +64,20 @@ def test_a_bad_prompt_in_a_batch_queues_nothing(llm):
 def test_unknown_model_path(tmp_path):
     with pytest.raises(ConfigError, match="has no config.json"):
         LLM(str(tmp_path / "no-such-model"))
+
+
+def test_stop_strings_and_running_text_is_never_taken_back(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    full = llm.generate("stop here", greedy, use_tqdm=False)[0].outputs[0].text
+    stop = full[10:13]
+    engine = llm.engine
+    engine.add_request("s", "stop here", SamplingParams(temperature=0, max_tokens=24,
+                                                        ignore_eos=True, stop=[stop]))
+    seen = ""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text
+            assert text.startswith(seen)  # cumulative text only grows
+            seen = text
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop
+    assert seen == full[: full.index(stop)]

@@ -101,7 +101,7 @@ class OutputProcessor:
             status = child.status
             completions.append(CompletionOutput(
                 index=child.index,
-                text=text if text is not None else detok.text,
+                text=text if text is not None else _visible_text(detok.text, child.params.stop),
                 token_ids=list(child.output_token_ids),
                 cumulative_logprob=child.cumulative_logprob,
                 logprobs=list(child.logprobs) if child.logprobs is not None else None,
@@ -129,6 +129,13 @@ class OutputProcessor:
             num_cached_tokens=first.num_cached_tokens,
             metrics=metrics,
         )
+
+
+def _visible_text(text: str, stops: list[str]) -> str:
+    """Running text minus a tail that could still turn out to start a stop string: what a
+    stream shows is never taken back when the stop string completes."""
+    held = max((len(s) for s in stops), default=1) - 1
+    return text[: len(text) - held] if held else text
 
 
 def _find_stop(text: str, new_len: int, stops: list[str]) -> tuple[str, int] | None:
