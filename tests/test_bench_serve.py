@@ -12,17 +12,17 @@ import socket
 import numpy as np
 import pytest
 
-from cpserve.bench.serve import (
+from cpserve.bench.datasets import (
     MIN_RANDOM_TOKEN_ID,
-    RequestOutput,
     SampleRequest,
+    arrival_intervals,
+    sample_random_requests,
+)
+from cpserve.bench.metrics import RequestOutput, calculate_metrics, format_result
+from cpserve.bench.serve import (
     SSEDecoder,
     add_cli_args,
-    arrival_intervals,
     build_payload,
-    calculate_metrics,
-    format_result,
-    sample_random_requests,
     send_request,
     token_text,
 )

@@ -4,12 +4,10 @@ It talks to the server only through the public HTTP API (`/v1/models`, `/v1/comp
 `/v1/chat/completions`), so the same command measures cpserve and vLLM. Flags, the printed table
 and the JSON keys follow `vllm bench serve`, so results sit side by side.
 
-Timeline of one request, every instant read from `time.perf_counter()` on the client:
-
-    sent        token chunk 1   token chunk 2   ...   token chunk n
-     |--- TTFT ---|--- itl[0] ---|--- itl[1] ---| ... |
-     |------------------------ E2EL -------------------|
-    TPOT = (E2EL - TTFT) / (output_tokens - 1)        requests with more than one output token
+This module holds the client (SSE parsing, one streamed request timed chunk by chunk), the run
+loop that sends the requests on their schedule, and the command line. The workload is made in
+`cpserve.bench.datasets`; the metrics, the table, the JSON and the plot in
+`cpserve.bench.metrics`, whose docstring draws what TTFT, ITL, TPOT and E2EL measure.
 
 A request waiting for `--max-concurrency` is not yet sent: its clock starts when it goes out.
 """
@@ -23,154 +21,30 @@ import math
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import numpy as np
 from tqdm import tqdm
 
+from cpserve.bench.datasets import (
+    DEFAULT_RANDOM_VOCAB_SIZE,
+    MIN_RANDOM_TOKEN_ID,
+    SampleRequest,
+    arrival_intervals,
+    sample_random_requests,
+)
+from cpserve.bench.metrics import (
+    RequestOutput,
+    calculate_metrics,
+    format_result,
+    result_json,
+    save_plot,
+)
+
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
-# Ids below this are where tokenizers keep <unk>, <s>, </s> and padding.
-MIN_RANDOM_TOKEN_ID = 10
-# 32000 is the smallest base vocabulary of the common families (Llama-2, Mistral); ids under it
-# are ordinary tokens in Llama-3, Qwen and GPT-2 vocabularies too.
-DEFAULT_RANDOM_VOCAB_SIZE = 32000
 DEFAULT_REQUEST_TIMEOUT_S = 6 * 3600
-# Common English words that BPE vocabularies hold as one token with their leading space, so a
-# prompt of n words is close to n tokens whatever the server's tokenizer.
-_WORDS = (
-    "the of and to in is it that for you was on are as with be at this have from or one had by "
-    "but not what all were we when your can said there use an each which she do how their if "
-    "will up other about out many then them these so some her would make like him into time "
-    "has look two more go see no way could people my than first water been call who its now "
-    "find long down day did get come made may part over new sound take only little work know "
-    "place year live me back give most very after thing our just name good man think say great "
-    "where help through much before line right too mean old any same tell boy follow came want"
-).split()
-
-
-@dataclass(frozen=True)
-class SampleRequest:
-    prompt: str | list[int]
-    prompt_len: int  # planned tokens; the server's `usage.prompt_tokens` replaces it
-    max_tokens: int
-
-
-@dataclass
-class RequestOutput:
-    success: bool = False
-    error: str = ""
-    prompt_len: int = 0
-    output_tokens: int = 0
-    ttft: float = 0.0
-    itl: list[float] = field(default_factory=list)
-    latency: float = 0.0
-    generated_text: str = ""
-
-
-# ---------------------------------------------------------------------------------------------
-# Workload: random prompts and arrival times
-
-
-def random_lengths(rng: np.random.Generator, n: int, length: int, range_ratio: float,
-                   minimum: int = 1) -> np.ndarray:
-    """n lengths drawn uniformly from the integers in [length*(1-r), length*(1+r)]."""
-    low = max(minimum, math.floor(length * (1 - range_ratio)))
-    high = max(low, math.ceil(length * (1 + range_ratio)))
-    return rng.integers(low, high + 1, size=n)
-
-
-def sample_random_requests(num_prompts: int, input_len: int, output_len: int,
-                           range_ratio: float = 0.0, prefix_len: int = 0, seed: int = 0, *,
-                           vocab_size: int = DEFAULT_RANDOM_VOCAB_SIZE, tokenizer: Any = None,
-                           as_text: bool = False) -> list[SampleRequest]:
-    """The `random` dataset: a shared prefix of `prefix_len` tokens, then a random part.
-
-    With a tokenizer, random ids of its vocabulary are decoded to text that encodes back to
-    the planned length (the text is what is sent, as vLLM does).
-    Without one, completions get token-id prompts (`prompt: [ids]`, ids in
-    [MIN_RANDOM_TOKEN_ID, vocab_size)), and `as_text` (chat) gets random common words.
-    """
-    if not 0.0 <= range_ratio < 1.0:
-        raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
-    if prefix_len < 0 or input_len < 0 or output_len < 1:
-        raise ValueError("need --random-prefix-len >= 0, --random-input-len >= 0 and "
-                         "--random-output-len >= 1")
-    rng = np.random.default_rng(seed)
-    input_lens = random_lengths(rng, num_prompts, input_len, range_ratio,
-                                minimum=0 if prefix_len else 1)
-    output_lens = random_lengths(rng, num_prompts, output_len, range_ratio)
-    if tokenizer is not None:
-        allowed = _plain_token_ids(tokenizer)
-        prefix, prefix_len = _tokenizer_prompt(tokenizer, rng, allowed, "", prefix_len)
-        prompts = [_tokenizer_prompt(tokenizer, rng, allowed, prefix, prefix_len + int(n))
-                   for n in input_lens]
-    elif as_text:
-        prefix_words = rng.choice(_WORDS, size=prefix_len).tolist()
-        prompts = [(" ".join(prefix_words + rng.choice(_WORDS, size=int(n)).tolist()),
-                    prefix_len + int(n)) for n in input_lens]
-    else:
-        if vocab_size <= MIN_RANDOM_TOKEN_ID:
-            raise ValueError(f"--random-vocab-size must exceed {MIN_RANDOM_TOKEN_ID}")
-        prefix_ids = rng.integers(MIN_RANDOM_TOKEN_ID, vocab_size, size=prefix_len).tolist()
-        id_prompts = [prefix_ids + rng.integers(MIN_RANDOM_TOKEN_ID, vocab_size,
-                                                size=int(n)).tolist() for n in input_lens]
-        prompts = [(ids, len(ids)) for ids in id_prompts]
-    return [SampleRequest(prompt=p, prompt_len=n, max_tokens=int(m))
-            for (p, n), m in zip(prompts, output_lens)]
-
-
-def _plain_token_ids(tokenizer: Any) -> np.ndarray:
-    """Ids that decode on their own to valid text: no special tokens, and no byte-level pieces
-    of a multi-byte character, which decode to U+FFFD and re-encode as several tokens."""
-    ids = np.setdiff1d(np.arange(tokenizer.vocab_size), tokenizer.all_special_ids)
-    texts = tokenizer.batch_decode(ids[:, None].tolist())
-    return ids[[bool(t) and "\ufffd" not in t for t in texts]]
-
-
-def _tokenizer_prompt(tokenizer: Any, rng: np.random.Generator, allowed: np.ndarray,
-                      prefix: str, target: int) -> tuple[str, int]:
-    """`prefix` plus random text, aiming at `target` tokens in all; returns (text, tokens).
-
-    Decoding random ids and encoding the text again merges or splits some of them, also across
-    the seam with the prefix, so the random part is trimmed or topped up until the whole prompt
-    encodes to `target`. The count returned is the true one even if that never happens.
-    """
-    def encode(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False)
-
-    body = rng.choice(allowed, size=max(0, target - len(encode(prefix)))).tolist()
-    for _ in range(10):
-        excess = len(encode(prefix + tokenizer.decode(body))) - target
-        if excess == 0:
-            break
-        body = encode(tokenizer.decode(body))
-        body = (body[:max(0, len(body) - excess)] if excess > 0
-                else body + rng.choice(allowed, size=-excess).tolist())
-    text = prefix + tokenizer.decode(body)
-    return text, len(encode(text))
-
-
-def arrival_intervals(num_requests: int, request_rate: float, burstiness: float = 1.0,
-                      seed: int = 0) -> np.ndarray:
-    """Seconds to wait before sending each request; the first one leaves at once.
-
-    Gaps are Gamma(shape=burstiness, mean=1/rate): burstiness 1 is a Poisson process, lower is
-    burstier, higher is more regular. An infinite rate sends everything at once.
-    """
-    if request_rate <= 0 or burstiness <= 0:
-        raise ValueError("--request-rate and --burstiness must be positive")
-    if math.isinf(request_rate):
-        return np.zeros(num_requests)
-    # A stream of its own, so changing the rate does not change the prompts.
-    rng = np.random.default_rng([seed, 1])
-    gaps = rng.gamma(shape=burstiness, scale=1.0 / (request_rate * burstiness), size=num_requests)
-    if num_requests:
-        gaps[0] = 0.0
-    return gaps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +215,7 @@ async def fetch_model_id(base_url: str, api_key: str | None = None, timeout_s: f
 
 
 # ---------------------------------------------------------------------------------------------
-# The run and its metrics
+# The run
 
 
 async def run_benchmark(*, base_url: str, model: str, requests: Sequence[SampleRequest],
@@ -402,111 +276,6 @@ async def run_benchmark(*, base_url: str, model: str, requests: Sequence[SampleR
     }
     result.update(calculate_metrics(outputs, duration, percentiles))
     return result
-
-
-def _percentile_key(p: float) -> str:
-    return str(int(p)) if float(p).is_integer() else str(p)
-
-
-def calculate_metrics(outputs: Sequence[RequestOutput], duration: float,
-                      percentiles: Sequence[float] = (99,)) -> dict[str, Any]:
-    """Aggregate per-request timings (seconds) into totals, throughputs and ms statistics."""
-    done = [o for o in outputs if o.success]
-    total_input = sum(o.prompt_len for o in done)
-    total_output = sum(o.output_tokens for o in done)
-    per_second = 1.0 / duration if duration > 0 else 0.0
-    metrics: dict[str, Any] = {
-        "duration": duration,
-        "completed": len(done),
-        "failed": len(outputs) - len(done),
-        "total_input_tokens": total_input,
-        "total_output_tokens": total_output,
-        "request_throughput": len(done) * per_second,
-        "output_throughput": total_output * per_second,
-        "total_token_throughput": (total_input + total_output) * per_second,
-    }
-    samples = {
-        "ttft": [o.ttft for o in done],
-        "tpot": [(o.latency - o.ttft) / (o.output_tokens - 1) for o in done if o.output_tokens > 1],
-        "itl": [gap for o in done for gap in o.itl],
-        "e2el": [o.latency for o in done],
-    }
-    for name, seconds in samples.items():
-        ms = np.asarray(seconds, dtype=np.float64) * 1000.0
-        empty = ms.size == 0
-        metrics[f"mean_{name}_ms"] = 0.0 if empty else float(ms.mean())
-        metrics[f"median_{name}_ms"] = 0.0 if empty else float(np.median(ms))
-        metrics[f"std_{name}_ms"] = 0.0 if empty else float(ms.std())
-        for p in percentiles:
-            value = 0.0 if empty else float(np.percentile(ms, p))
-            metrics[f"p{_percentile_key(p)}_{name}_ms"] = value
-    metrics["input_lens"] = [o.prompt_len for o in outputs]
-    metrics["output_lens"] = [o.output_tokens if o.success else 0 for o in outputs]
-    metrics["ttfts"] = [o.ttft for o in outputs]
-    metrics["itls"] = [o.itl for o in outputs]
-    metrics["errors"] = [o.error for o in outputs]
-    return metrics
-
-
-_SECTIONS = (
-    ("ttft", "TTFT", "Time to First Token"),
-    ("tpot", "TPOT", "Time per Output Token (excl. 1st token)"),
-    ("itl", "ITL", "Inter-token Latency"),
-    ("e2el", "E2EL", "End-to-end Latency"),
-)
-
-
-def format_result(result: dict[str, Any], percentiles: Sequence[float] = (99,)) -> str:
-    """The table `vllm bench serve` prints, with the same labels, so scripts that read it work."""
-    lines = ["{:=^50}".format(" Serving Benchmark Result ")]
-
-    def row(label: str, value: Any) -> None:
-        lines.append(f"{label:<40} {value:<10.2f}" if isinstance(value, float)
-                     else f"{label:<40} {value:<10}")
-
-    row("Successful requests:", result["completed"])
-    row("Failed requests:", result["failed"])
-    if result.get("max_concurrency"):
-        row("Maximum request concurrency:", result["max_concurrency"])
-    if "request_rate" in result:
-        row("Request rate configured (RPS):", float(result["request_rate"]))
-    row("Benchmark duration (s):", result["duration"])
-    row("Total input tokens:", result["total_input_tokens"])
-    row("Total generated tokens:", result["total_output_tokens"])
-    row("Request throughput (req/s):", result["request_throughput"])
-    row("Output token throughput (tok/s):", result["output_throughput"])
-    row("Total Token throughput (tok/s):", result["total_token_throughput"])
-    for key, short, title in _SECTIONS:
-        lines.append(f"{title:-^50}")
-        row(f"Mean {short} (ms):", result[f"mean_{key}_ms"])
-        row(f"Median {short} (ms):", result[f"median_{key}_ms"])
-        for p in percentiles:
-            name = _percentile_key(p)
-            row(f"P{name} {short} (ms):", result[f"p{name}_{key}_ms"])
-    lines.append("=" * 50)
-    return "\n".join(lines)
-
-
-def save_plot(result: dict[str, Any], path: Path) -> None:
-    """Histograms of TTFT and ITL of the successful requests, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ttfts = [t * 1000 for t, err in zip(result["ttfts"], result["errors"]) if not err]
-    itls = [gap * 1000 for gaps, err in zip(result["itls"], result["errors"]) if not err
-            for gap in gaps]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, values, title in ((axes[0], ttfts, "TTFT"), (axes[1], itls, "ITL")):
-        ax.hist(values, bins=50)
-        ax.set_title(f"{title} ({len(values)} samples)")
-        ax.set_xlabel(f"{title} (ms)")
-        ax.set_ylabel("count")
-    fig.suptitle(f"{result['model']}  {result['endpoint']}  rate {result['request_rate']}")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,12 +412,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
     if args.save_result:
         path = out_dir / (args.result_filename or f"{stem}.json")
-        # Strict JSON has no Infinity; vLLM writes an unbounded rate as the string "inf".
-        saved = dict(result, request_rate=result["request_rate"] if math.isfinite(
-            result["request_rate"]) else "inf")
-        path.write_text(json.dumps(saved))
+        path.write_text(result_json(result))
         print(f"Saved the result to {path}")
     if args.plot:
         save_plot(result, out_dir / f"{stem}.png")
         print(f"Saved the plot to {out_dir / f'{stem}.png'}")
     return result
+
