@@ -24,7 +24,8 @@ _DTYPES = {
     "bf16": torch.bfloat16,
 }
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 
 
 class ConfigError(ValueError):
@@ -97,6 +98,10 @@ class ModelConfig:
 
     @property
     def num_kv_heads(self) -> int:
+        """KV heads in the cache; 1 for MLA, whose config's num_key_value_heads counts the
+        heads that the latent expands to."""
+        if self.is_mla:
+            return 1
         return int(self.hf_config.get("num_key_value_heads") or self.num_heads)
 
     @property
@@ -249,6 +254,11 @@ def check_engine_config(cfg: EngineConfig) -> None:
         if par.tp % par.dcp:
             raise ConfigError(f"decode_context_parallel_size={par.dcp} must divide "
                               f"tensor_parallel_size={par.tp} for this MLA model")
+        for key in ("intermediate_size", "moe_intermediate_size"):
+            size = model.hf_config.get(key)
+            if size and int(size) % par.tp:
+                raise ConfigError(f"tensor_parallel_size={par.tp} must divide {key}={size}: "
+                                  "each rank holds an equal slice of every MLP and expert")
     elif par.tp >= kv:
         if par.tp % kv:
             raise ConfigError(f"num_key_value_heads={kv} must divide tensor_parallel_size="

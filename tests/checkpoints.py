@@ -30,6 +30,27 @@ ARCHITECTURES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
 }
 
+# DeepSeek (MLA + MoE): layer 0 dense, layer 1 MoE; 16 experts in 4 groups, 3 per token.
+_DEEPSEEK = dict(num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                 v_head_dim=16, moe_intermediate_size=32, n_routed_experts=16,
+                 num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1)
+# mscale != mscale_all_dim: both YaRN's cos/sin factor and the softmax scale differ from 1.
+_DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                  "original_max_position_embeddings": 128, "mscale": 1.0, "mscale_all_dim": 0.707}
+ARCHITECTURES.update({
+    "deepseek-v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        _DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+        routed_scaling_factor=1.5)),
+    "deepseek-v2-qlora": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        _DEEPSEEK, q_lora_rank=48, topk_method="greedy", rope_parameters=_DEEPSEEK_YARN)),
+    "deepseek-v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        _DEEPSEEK, q_lora_rank=48, n_group=4, topk_group=2, norm_topk_prob=True,
+        routed_scaling_factor=2.5, rope_parameters=_DEEPSEEK_YARN)),
+    "deepseek-v3-halves": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        _DEEPSEEK, q_lora_rank=48, rope_interleave=False, attention_bias=True, n_group=4,
+        topk_group=2, norm_topk_prob=False, routed_scaling_factor=1.0)),
+})
+
 
 def make_checkpoint(path: Path, kind: str, seed: int = 0, dtype=torch.float32, **overrides) -> Path:
     """Save a random `kind` model (see ARCHITECTURES) with the demo tokenizer; return its path."""
@@ -44,6 +65,23 @@ def make_checkpoint(path: Path, kind: str, seed: int = 0, dtype=torch.float32, *
     for name in TOKENIZER_FILES:
         shutil.copy(tiny / name, path / name)
     return Path(path)
+
+
+def make_deepseek_checkpoint(path: Path, kind: str, seed: int = 0, dtype=torch.float32,
+                             bias_std: float = 0.1, **overrides) -> Path:
+    """A DeepSeek `kind` checkpoint; V3's expert-choice correction biases (zeros when
+    transformers initialises them) are drawn from N(0, bias_std) so that they matter."""
+    from safetensors.torch import load_file, save_file
+
+    path = make_checkpoint(path, kind, seed, dtype, **overrides)
+    weights_file = path / "model.safetensors"
+    tensors = load_file(weights_file)
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, tensor in tensors.items():
+        if name.endswith("e_score_correction_bias"):
+            tensors[name] = torch.randn(tensor.shape, generator=g).to(tensor.dtype) * bias_std
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+    return path
 
 
 def load_hf_model(path: Path, dtype=torch.float32):

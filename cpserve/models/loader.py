@@ -26,19 +26,34 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
+def _reads(name: str, param: nn.Parameter) -> list[tuple[str, tuple | None, tuple]]:
+    """(checkpoint tensor, slice of it to read, where in `param` it goes) for one parameter.
+
+    A parameter is one checkpoint tensor, or the slice `param.shard = (dim, start, length)` of
+    it. A parameter that stacks several tensors (a layer's experts) lists them in
+    `param.parts = [(name relative to the parameter's module, shard, index into param)]`.
+    """
+    parts = getattr(param, "parts", None)
+    if parts is None:
+        return [(name, getattr(param, "shard", None), ())]
+    module = name.rpartition(".")[0]
+    prefix = f"{module}." if module else ""
+    return [(prefix + part, shard, index) for part, shard, index in parts]
+
+
 def load_weights(model: nn.Module, config: ModelConfig) -> None:
     """Fill every parameter of `model` from the checkpoint; all must be found."""
     files = checkpoint_files(Path(config.path))
-    by_file: dict[Path, list[tuple[str, nn.Parameter]]] = {}
-    for name, param in model.named_parameters():
-        if name not in files:
-            raise ConfigError(f"checkpoint {config.path} has no tensor {name!r}")
-        by_file.setdefault(files[name], []).append((name, param))
-    for file, params in by_file.items():
+    by_file: dict[Path, list[tuple[str, tuple | None, torch.Tensor]]] = {}
+    for param_name, param in model.named_parameters():
+        for name, shard, index in _reads(param_name, param):
+            if name not in files:
+                raise ConfigError(f"checkpoint {config.path} has no tensor {name!r}")
+            by_file.setdefault(files[name], []).append((name, shard, param[index]))
+    for file, reads in by_file.items():
         with safe_open(file, framework="pt", device="cpu") as f:
-            for name, param in params:
+            for name, shard, target in reads:
                 tensor_slice = f.get_slice(name)
-                shard = getattr(param, "shard", None)
                 if shard is None:
                     loaded = tensor_slice[:]
                 else:
@@ -46,11 +61,11 @@ def load_weights(model: nn.Module, config: ModelConfig) -> None:
                     index = [slice(None)] * len(tensor_slice.get_shape())
                     index[dim] = slice(start, start + length)
                     loaded = tensor_slice[tuple(index)]
-                if tuple(loaded.shape) != tuple(param.shape):
+                if tuple(loaded.shape) != tuple(target.shape):
                     raise ConfigError(f"tensor {name!r}: checkpoint slice {tuple(loaded.shape)} "
-                                      f"does not fit parameter {tuple(param.shape)}")
+                                      f"does not fit parameter {tuple(target.shape)}")
                 with torch.no_grad():
-                    param.copy_(loaded.to(param.dtype))
+                    target.copy_(loaded.to(target.dtype))
 
 
 def build_model(config: ModelConfig, groups: ParallelGroups, device: torch.device) -> nn.Module:

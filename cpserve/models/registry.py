@@ -10,4 +10,8 @@ def model_class(architecture: str) -> type[nn.Module]:
         from cpserve.models.llama import LlamaForCausalLM
 
         return LlamaForCausalLM
+    if architecture in ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"):
+        from cpserve.models.deepseek_v2 import DeepseekV2ForCausalLM
+
+        return DeepseekV2ForCausalLM
     raise ValueError(f"no model class for architecture {architecture!r}")

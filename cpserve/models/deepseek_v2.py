@@ -1,0 +1,231 @@
+"""DeepSeek-V2 / V3 decoder: multi-head latent attention (MLA) and mixture of experts.
+
+MLA caches one vector per token and layer, shared by all heads:
+
+    c  = RMSNorm(x W_DKV)            latent, kv_lora_rank channels          ─┐ the cache "head":
+    kr = RoPE(x W_KR)                rope key, qk_rope_head_dim channels     ─┘ [c, kr]
+    head h:  k_h = [c W_UK_h, kr]    v_h = c W_UV_h            (W_UK, W_UV: rows of kv_b_proj)
+
+Attention never expands the keys. The key up-projection is absorbed into the query, the value
+up-projection applied after attention, so every score and every value is read from the cache:
+
+    q_h . k_h = (q_nope_h W_UK_h^T) . c + q_rope_h . kr      ->  query [q_nope_h W_UK_h^T, q_rope_h]
+    out_h     = (sum_t p_t c_t) W_UV_h^T                      ->  attention over values = c
+
+so the layer calls `ctx.attention(q [T, H_local, L + R], k [T, 1, L + R], v=None, v_dim=L)`,
+where the values are the first L channels of the keys. The same path serves prefill (exact,
+more FLOPs than expanding K/V) and decode.
+
+Tensor parallel splits heads (q, kv_b_proj, o_proj) and experts' intermediate dims; the latent
+projection is replicated, so every TP rank computes the same latent. Under DCP the ranks of a
+DCP group store different tokens of it; the attention context does the rest.
+
+RoPE: DeepSeek rotates channel pairs (2i, 2i+1) (transformers' V2, and V3 with
+`rope_interleave`); V3 with `rope_interleave=false` rotates halves. Query and key get the same
+permutation of their rope channels, so the scores do not depend on it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cpserve.attention.context import AttentionContext
+from cpserve.config import ModelConfig
+from cpserve.distributed.groups import ParallelGroups
+from cpserve.kv.spec import KVCacheSpec
+from cpserve.models.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    sharded_parameter,
+)
+from cpserve.models.llama import LlamaMLP
+from cpserve.models.moe import MoE
+from cpserve.models.rope import RotaryEmbedding
+
+# transformers' and DeepSeek's q_a_layernorm / kv_a_layernorm keep the default eps.
+LATENT_NORM_EPS = 1e-6
+
+
+class ReplicatedLinear(nn.Module):
+    """The whole linear layer on every rank."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype,
+                 bias: bool = False) -> None:
+        super().__init__()
+        self.weight = sharded_parameter((out_features, in_features), dtype)
+        self.bias = sharded_parameter((out_features,), dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def softmax_scale(qk_head_dim: int, rope: dict) -> float:
+    """qk_head_dim^-0.5, times YaRN's mscale(factor, mscale_all_dim)^2 for scaled ropes."""
+    scale = qk_head_dim ** -0.5
+    mscale_all_dim = rope.get("mscale_all_dim")
+    if rope.get("rope_type", "default") != "default" and mscale_all_dim:
+        factor = float(rope["factor"])
+        mscale = 1.0 if factor <= 1 else 0.1 * float(mscale_all_dim) * math.log(factor) + 1.0
+        scale *= mscale * mscale
+    return scale
+
+
+class DeepseekRope(nn.Module):
+    """RoPE on the rope channels of q [T, H, R] and k [T, 1, R], computed in fp32."""
+
+    def __init__(self, config: ModelConfig, rope_dim: int, interleaved: bool) -> None:
+        super().__init__()
+        max_pos = int(config.hf_config.get("max_position_embeddings", 2048))
+        self.rotary = RotaryEmbedding(config.rope, rope_dim, max_pos)
+        self.interleaved = interleaved
+
+    def forward(self, positions, q, k):
+        if not self.interleaved:
+            return self.rotary(positions, q, k)
+        cos, sin = self.rotary.cos_sin(positions, torch.float32)
+        half = cos.shape[-1] // 2
+        cos, sin = cos[..., :half], sin[..., :half]  # cos_sin repeats the angles twice
+
+        def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+            # Pair i = channels (2i, 2i+1), rotated by angle i; output [all firsts, all seconds].
+            even, odd = x[..., 0::2].float(), x[..., 1::2].float()
+            return torch.cat([even * cos - odd * sin, odd * cos + even * sin], -1).to(x.dtype)
+
+        return rotate_pairs(q), rotate_pairs(k)
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, groups: ParallelGroups) -> None:
+        super().__init__()
+        hf, dtype, hidden = config.hf_config, config.dtype, config.hidden_size
+        tp, tp_rank = groups.tp, groups.tp_rank
+        self.layer = layer
+        self.num_heads = h = config.num_heads // tp
+        self.nope = int(hf["qk_nope_head_dim"])
+        self.rope_dim = int(hf["qk_rope_head_dim"])
+        self.v_head_dim = int(hf["v_head_dim"])
+        self.kv_lora_rank = int(hf["kv_lora_rank"])
+        qk = self.nope + self.rope_dim
+        bias = bool(hf.get("attention_bias", False))
+        first_head = tp_rank * h
+        q_lora_rank = hf.get("q_lora_rank")
+        self.q_proj = None
+        if q_lora_rank:
+            self.q_a_proj = ReplicatedLinear(hidden, int(q_lora_rank), dtype, bias)
+            self.q_a_layernorm = RMSNorm(int(q_lora_rank), LATENT_NORM_EPS, dtype)
+            self.q_b_proj = ColumnParallelLinear(int(q_lora_rank), h * qk, first_head * qk, dtype)
+        else:
+            self.q_proj = ColumnParallelLinear(hidden, h * qk, first_head * qk, dtype)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.rope_dim,
+                                                   dtype, bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS, dtype)
+        per_head = self.nope + self.v_head_dim
+        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, h * per_head,
+                                              first_head * per_head, dtype)
+        self.o_proj = RowParallelLinear(h * self.v_head_dim, hidden, tp_rank, groups.tp_group,
+                                        dtype)
+        if bias:  # added once, after the all-reduce
+            self.o_proj.bias = sharded_parameter((hidden,), dtype)
+        interleaved = (config.architecture == "DeepseekV2ForCausalLM"
+                       or bool(hf.get("rope_interleave", True)))
+        self.rope = DeepseekRope(config, self.rope_dim, interleaved)
+        self.scale = softmax_scale(qk, config.rope)
+
+    def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, nope, L] and W_UV [H, v, L] of this rank's heads (views of kv_b_proj)."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_head_dim,
+                                       self.kv_lora_rank)
+        return w[:, : self.nope], w[:, self.nope:]
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                ctx: AttentionContext) -> torch.Tensor:
+        tokens, latent_dim = x.shape[0], self.kv_lora_rank
+        if self.q_proj is not None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rope = q.view(tokens, self.num_heads, -1).split([self.nope, self.rope_dim], -1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([latent_dim, self.rope_dim], -1)
+        latent = self.kv_a_layernorm(latent)
+        q_rope, k_rope = self.rope(positions, q_rope, k_rope.unsqueeze(1))
+
+        w_uk, w_uv = self._up_projections()
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, L]
+        query = torch.cat([q_latent, q_rope], -1)
+        key = torch.cat([latent.unsqueeze(1), k_rope], -1)  # [T, 1, L + R]
+        out = ctx.attention(self.layer, query, key, None, self.scale, v_dim=latent_dim)
+        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
+        out = self.o_proj(out.reshape(tokens, -1))
+        bias = getattr(self.o_proj, "bias", None)
+        return out + bias if bias is not None else out
+
+
+def is_moe_layer(hf: dict, layer: int) -> bool:
+    return (bool(hf.get("n_routed_experts")) and layer >= int(hf.get("first_k_dense_replace") or 0)
+            and layer % int(hf.get("moe_layer_freq") or 1) == 0)
+
+
+class DeepseekV2DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, groups: ParallelGroups) -> None:
+        super().__init__()
+        eps = float(config.hf_config.get("rms_norm_eps", 1e-6))
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, config.dtype)
+        self.self_attn = MLAAttention(config, layer, groups)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, config.dtype)
+        self.mlp = (MoE(config, groups) if is_moe_layer(config.hf_config, layer)
+                    else LlamaMLP(config, groups))
+
+    def forward(self, positions, x, ctx):
+        x = x + self.self_attn(positions, self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV2Model(nn.Module):
+    def __init__(self, config: ModelConfig, groups: ParallelGroups) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, groups.tp,
+                                                   groups.tp_rank, groups.tp_group, config.dtype)
+        self.layers = nn.ModuleList(DeepseekV2DecoderLayer(config, i, groups)
+                                    for i in range(config.num_layers))
+        eps = float(config.hf_config.get("rms_norm_eps", 1e-6))
+        self.norm = RMSNorm(config.hidden_size, eps, config.dtype)
+
+    def forward(self, token_ids, positions, ctx):
+        x = self.embed_tokens(token_ids)
+        for layer in self.layers:
+            x = layer(positions, x, ctx)
+        return self.norm(x)
+
+
+class DeepseekV2ForCausalLM(nn.Module):
+    """Serves DeepseekV2ForCausalLM and DeepseekV3ForCausalLM checkpoints (V3's multi-token
+    prediction layers, stored after the last layer, are not used)."""
+
+    def __init__(self, config: ModelConfig, groups: ParallelGroups) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DeepseekV2Model(config, groups)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, groups.tp,
+                                      groups.tp_rank, groups.tp_group, config.dtype)
+        if config.hf_config.get("tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                ctx: AttentionContext) -> torch.Tensor:
+        """Final hidden states of the local tokens."""
+        return self.model(token_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """One cache head per token: [latent, rope key]; the values are the latent channels."""
+        attn = self.model.layers[0].self_attn
+        return KVCacheSpec(1, attn.kv_lora_rank + attn.rope_dim, None, self.config.dtype)

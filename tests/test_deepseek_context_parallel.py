@@ -1,0 +1,120 @@
+"""DeepSeek (MLA + MoE) under every parallel layout of up to 4 ranks: the single-process tokens,
+and each rank holding exactly its shard of the latent cache.
+
+MLA layouts: `dcp` divides `tp` (the latent is replicated over TP ranks, DCP shards it). The
+tiny model has 4 heads, so tp is 1, 2 or 4. The ranks of a layout start once (a module-scoped
+worker pool) and each case loads its engine into them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpserve import LLM, SamplingParams
+from cpserve.config import ParallelConfig
+from cpserve.distributed.worker_pool import WorkerPool
+from cpserve.kv.layout import KVLayout
+from tests.checkpoints import make_deepseek_checkpoint, random_prompts
+
+LAYOUTS = [(2, 1, 1), (2, 1, 2), (4, 1, 1), (4, 1, 2), (4, 1, 4),
+           (1, 2, 1), (1, 3, 1), (1, 4, 1), (2, 2, 1), (2, 2, 2)]
+BLOCK_SIZE = 4
+# Shorter than the number of shards, several blocks, long enough to split and to be chunked.
+PROMPT_LENGTHS = [3, 19, 45]
+NEW_TOKENS = 6
+CHUNKED, WHOLE = 32, 8192  # max_num_batched_tokens: 45 = 32 + 13 continues after a prefix
+# fp32; TP splits sums over heads and expert columns, collectives change their order.
+LOGPROB_TOL = 1e-4
+COMMON = dict(block_size=BLOCK_SIZE, num_kv_blocks=256, enable_prefix_caching=False, seed=0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    # V3: q_lora, YaRN with both scales, noaux_tc routing with correction biases.
+    return str(make_deepseek_checkpoint(tmp_path_factory.mktemp("deepseek-v3"), "deepseek-v3"))
+
+
+def _generate(llm: LLM) -> list[tuple[list[int], list[float]]]:
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(PROMPT_LENGTHS)]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    llm.engine.check_integrity()
+    return [(o.outputs[0].token_ids,
+             [o.outputs[0].logprobs[i][t].logprob for i, t in enumerate(o.outputs[0].token_ids)])
+            for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    with LLM(checkpoint, max_num_batched_tokens=WHOLE, **COMMON) as llm:
+        return _generate(llm)
+
+
+@pytest.fixture(scope="module", params=LAYOUTS, ids=lambda p: f"tp{p[0]}-pcp{p[1]}-dcp{p[2]}")
+def pool(request):
+    tp, pcp, dcp = request.param
+    with WorkerPool(ParallelConfig(tp, pcp, dcp), "cpu") as pool:
+        yield pool
+
+
+def _cases(pool: WorkerPool) -> list[tuple[int, str, int]]:
+    """(interleave, exchange, max_num_batched_tokens), two per layout. Layouts alternate
+    between two complementary pairs, so that across the PCP layouts every pair of values of
+    any two settings occurs (and across the others, every interleave/chunking pair)."""
+    p = pool.parallel
+    flip = LAYOUTS.index((p.tp, p.pcp, p.dcp)) % 2
+    if p.pcp == 1:
+        pairs = [[(1, "allgather", CHUNKED), (BLOCK_SIZE, "allgather", WHOLE)],
+                 [(1, "allgather", WHOLE), (BLOCK_SIZE, "allgather", CHUNKED)]]
+    else:
+        pairs = [[(1, "allgather", CHUNKED), (BLOCK_SIZE, "ring", WHOLE)],
+                 [(1, "ring", WHOLE), (BLOCK_SIZE, "allgather", CHUNKED)]]
+    return pairs[flip]
+
+
+def _llm(pool: WorkerPool, checkpoint: str, **overrides) -> LLM:
+    p = pool.parallel
+    return LLM(checkpoint, worker_pool=pool, tensor_parallel_size=p.tp,
+               prefill_context_parallel_size=p.pcp, decode_context_parallel_size=p.dcp,
+               **{**COMMON, **overrides})
+
+
+def test_same_tokens_as_one_process(pool, checkpoint, reference):
+    for interleave, exchange, max_batched in _cases(pool):
+        case = f"interleave={interleave} exchange={exchange} max_num_batched_tokens={max_batched}"
+        with _llm(pool, checkpoint, cp_kv_cache_interleave_size=interleave,
+                  pcp_kv_exchange=exchange, max_num_batched_tokens=max_batched) as llm:
+            results = _generate(llm)
+        for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results, reference):
+            assert tokens == ref_tokens, case
+            assert torch.allclose(torch.tensor(logprobs), torch.tensor(ref_logprobs),
+                                  atol=LOGPROB_TOL), case
+
+
+def test_each_rank_holds_its_shard_of_the_latent(pool, checkpoint):
+    """With C = pcp * dcp shards each rank holds 1/C of a request's tokens (so with dcp = d
+    and pcp = 1, 1/d); TP ranks outside one DCP group hold the same tokens (replicas)."""
+    num_tokens = 37
+    with _llm(pool, checkpoint) as llm:
+        engine = llm.engine
+        engine.add_request("r", list(range(10, 10 + num_tokens)), SamplingParams(max_tokens=4))
+        engine.step()  # the whole prompt in one step; the request stays running
+        table = torch.tensor(engine.kv.block_table("r"))
+        written = engine.executor.written_slots_per_rank()
+        engine.abort_request(["r"])
+        engine.check_integrity()
+
+    p = pool.parallel
+    shards = p.pcp * p.dcp
+    layout = KVLayout(BLOCK_SIZE, shards, 1)
+    positions = torch.arange(num_tokens)
+    blocks = table[positions // layout.virtual_block_size]
+    held = {}
+    for rank, slots in enumerate(written):
+        cp_rank = (rank // p.tp) * p.dcp + (rank % p.tp) % p.dcp
+        expected = layout.slot_mapping(positions, blocks, cp_rank)
+        assert sorted(slots.tolist()) == sorted(expected[expected >= 0].tolist()), f"rank {rank}"
+        assert abs(len(slots) - num_tokens / shards) < 1, f"rank {rank} holds {len(slots)}"
+        held.setdefault(cp_rank, set(positions[expected >= 0].tolist()))
+    assert sorted(sum((sorted(s) for s in held.values()), [])) == list(range(num_tokens))
