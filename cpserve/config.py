@@ -215,6 +215,7 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     enforce_eager: bool = False  # no CUDA graphs
+    load_format: str = "auto"  # "dummy": random weights made on the device (benchmarks)
 
     def __post_init__(self) -> None:
         check_engine_config(self)
@@ -281,5 +282,7 @@ def check_engine_config(cfg: EngineConfig) -> None:
         raise ConfigError(f"kv_cache_memory={cache.kv_cache_memory_gib} GiB must be > 0")
     if not 0 < cache.gpu_memory_utilization <= 1:
         raise ConfigError(f"gpu_memory_utilization={cache.gpu_memory_utilization} must be in (0, 1]")
+    if cfg.load_format not in ("auto", "dummy"):
+        raise ConfigError(f"load_format={cfg.load_format!r} must be 'auto' or 'dummy'")
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"device={cfg.device!r} must be 'cpu', 'cuda' or 'auto'")

@@ -100,7 +100,15 @@ class TorchReferenceBackend:
         return out, lse
 
 
-def get_backend(name: str = "auto", device: str = "cpu") -> AttentionBackend:
-    if name in ("torch", "auto"):
+def get_backend(name: str = "auto", device: str | torch.device = "cpu") -> AttentionBackend:
+    """"auto": the GPU backend (Triton kernels, cuDNN / FlashAttention) on CUDA devices, the
+    reference elsewhere. "torch" or "gpu" pick one (the GPU backend also runs on CPU under
+    TRITON_INTERPRET=1, as the kernel tests do)."""
+    device_type = torch.device(device).type
+    if name == "torch" or (name == "auto" and device_type != "cuda"):
         return TorchReferenceBackend()
+    if name in ("gpu", "auto"):
+        from cpserve.attention.gpu_backend import GPUBackend  # needs Triton
+
+        return GPUBackend(device)
     raise ValueError(f"unknown attention backend {name!r}")

@@ -52,6 +52,10 @@ class AttentionContext:
     def _replicated(self, q, k, v, k_cache, v_cache, scale, v_dim) -> torch.Tensor:
         meta, backend = self.metadata, self.backend
         backend.write_kv(k, v, k_cache, v_cache, meta.rep_slots)
+        if meta.rep_decode_only:
+            out, _ = sharded_kv_attention(q, k_cache, v_cache, meta.block_tables, meta.rep_seq,
+                                          meta.rep_kv_len, scale, self.groups, backend, v_dim)
+            return out
         values = v if v is not None else k[..., :v_dim]
         out, lse = backend.dense_attention(q, k, values, meta.rep_pos, meta.rep_pos,
                                            meta.rep_seq, meta.rep_seq, scale)

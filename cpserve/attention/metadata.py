@@ -59,6 +59,10 @@ class StepAttentionMetadata:
     rep_pos: torch.Tensor
     rep_prefix_len: torch.Tensor  # cached tokens visible on this shard: local_count(start)
     has_rep_prefix: bool  # some replicated request continues after cached tokens
+    # A decode-only step (one new token per request): write its KV first and let the paged
+    # attention see the cache up to and including it: local_count(pos + 1). One call.
+    rep_kv_len: torch.Tensor
+    rep_decode_only: bool
     # Split tokens: this rank's rows, and the split tokens of every PCP rank, `pad` rows each.
     split_index: torch.Tensor
     split_pos: torch.Tensor
@@ -144,6 +148,8 @@ def build_step_tokens(seqs: list[PlannedSeq], block_tables: torch.Tensor, layout
         rep_pos=rep_pos,
         rep_prefix_len=layout.local_count(starts[rep_seq], groups.cp_rank),
         has_rep_prefix=any(not s.split and s.start > 0 for s in seqs),
+        rep_kv_len=layout.local_count(rep_pos + 1, groups.cp_rank),
+        rep_decode_only=bool(seqs) and all(not s.split and s.num_new == 1 for s in seqs),
         split_index=split_index,
         split_pos=positions[split_index],
         split_seq=local_seq[split_index],

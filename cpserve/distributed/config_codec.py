@@ -19,6 +19,7 @@ def config_to_dict(config: EngineConfig) -> dict:
         "device": config.device,
         "seed": config.seed,
         "enforce_eager": config.enforce_eager,
+        "load_format": config.load_format,
     }
 
 
@@ -33,4 +34,5 @@ def config_from_dict(data: dict) -> EngineConfig:
         device=data["device"],
         seed=data["seed"],
         enforce_eager=data["enforce_eager"],
+        load_format=data["load_format"],
     )

@@ -81,8 +81,12 @@ def serve_plans(groups: ParallelGroups, device: torch.device) -> None:
     while True:
         plan = broadcast_plan(None, groups.cpu_group)
         if plan.shutdown:
+            if runner is not None:
+                runner.close()
             return
         if plan.load is not None:
+            if runner is not None:
+                runner.close()
             runner = None  # free the old model and cache before building the new ones
             runner = ModelRunner(config_from_dict(plan.load), groups, device)
         elif plan.probe_kv:

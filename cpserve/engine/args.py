@@ -43,6 +43,7 @@ class EngineArgs:
     cp_kv_cache_interleave_size: int = 1
     pcp_kv_exchange: str = "allgather"
     enforce_eager: bool = False
+    load_format: str = "auto"
 
     def create_engine_config(self) -> EngineConfig:
         from cpserve.models.demo import resolve_model_path
@@ -79,6 +80,7 @@ class EngineArgs:
             device=device,
             seed=self.seed,
             enforce_eager=self.enforce_eager,
+            load_format=self.load_format,
         )
 
     @staticmethod
@@ -110,7 +112,10 @@ class EngineArgs:
         g.add_argument("-dcp", "--decode-context-parallel-size", type=int, default=1)
         g.add_argument("--cp-kv-cache-interleave-size", type=int, default=1)
         g.add_argument("--pcp-kv-exchange", default="allgather", choices=["allgather", "ring"])
-        g.add_argument("--enforce-eager", action="store_true")
+        g.add_argument("--enforce-eager", action="store_true",
+                       help="no CUDA graphs for decode steps")
+        g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                       help="dummy: random weights made on the device, for benchmarks")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:

@@ -38,6 +38,8 @@ class Executor:
             else [self.runner.written_slots()])
 
     def shutdown(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
         self.runner = None
         if self.owns_pool:
             self.pool.shutdown()

@@ -1,0 +1,266 @@
+"""Paged attention of queries over one shard's KV cache, returning LSE (Triton).
+
+Contract: `TorchReferenceBackend.paged_attention`. Query i attends to the first
+`query_kv_len[i]` local slots of sequence `query_seq[i]`, found through its block table.
+
+One program = (query tile, KV head, split):
+
+    query tile     1 query (decode mode) or up to BLOCK_Q consecutive rows of one sequence
+                   (tiled mode: a chunk continuing over a cached prefix)
+    KV head        the G = H / H_kv query heads sharing it are the rows of one matrix, so
+                   each K/V block is read once for all of them:
+                       rows = BLOCK_Q queries x BLOCK_G heads (>= 16 rows for tl.dot)
+    split          the tile's context is cut into `num_splits` equal ranges (split-K), so a
+                   single long sequence still fills the GPU; each range gives a partial
+                   (out, lse), merged afterwards by the LSE-merge kernel.
+
+    context of a query:  |-- split 0 --|-- split 1 --|-- split 2 --|      ranges scale with
+    slots:               [blk t[0]][blk t[1]][blk t[2]] ...               each query's length
+                          B tokens   B tokens
+
+Decode mode needs nothing from the host but shapes, so it is safe inside a CUDA graph: the
+number of splits depends only on the block-table width, and each program sizes its range
+from its own query's length at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from cpserve.attention.kernels.merge import _merge_kernel
+
+LOG2E = 1.4426950408889634
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Tuning knobs, read at every call (a benchmark may set them).
+TUNING = {
+    "block_n": 64,  # KV tokens per inner step
+    "rows_per_tile": 64,  # BLOCK_Q * BLOCK_G in tiled mode
+    "target_programs_per_sm": 2,  # split-K until about this many programs per SM
+    "min_split_tokens": 256,  # no split shorter than this
+    "max_splits": 64,
+    "num_warps": 4,
+    "num_stages": 3,
+}
+# A measured setting can be handed to every process of a run (benchmarks do).
+TUNING.update(json.loads(os.environ.get("CPSERVE_PAGED_TUNING", "{}")))
+
+
+@triton.jit
+def _paged_step(start, hi, lens, qv, m_i, l_i, acc, table, k_cache, v_cache, kv_head,
+                sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, scale_log2, PAGE: tl.constexpr,
+                DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+                BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """One block of BLOCK_N context tokens: online-softmax update of (m, l, acc)."""
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    offs = start + tl.arange(0, BLOCK_N)
+    valid = offs < hi
+    block = tl.load(table + offs // PAGE, mask=valid, other=0).to(tl.int64)
+    in_page = offs % PAGE
+    kt = tl.load(k_cache + block[None, :] * sk_b + in_page[None, :] * sk_s
+                 + kv_head * sk_h + dk[:, None],
+                 mask=valid[None, :] & (dk[:, None] < DK), other=0.0)
+    if IEEE:
+        s = tl.dot(qv, kt, input_precision="ieee")
+    else:
+        s = tl.dot(qv, kt)
+    s = tl.where(offs[None, :] < lens[:, None], s * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    vt = tl.load(v_cache + block[:, None] * sv_b + in_page[:, None] * sv_s
+                 + kv_head * sv_h + dv[None, :],
+                 mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
+    if IEEE:
+        pv = tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(vt.dtype), vt)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _paged_kernel(q, k_cache, v_cache, block_tables, query_seq, kv_len, tile_first, tile_rows,
+                  tile_lens, out, lse, part_out, part_lse, scale_log2, num_splits,
+                  sq_n, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_s,
+                  so_n, so_h, sl_n, spo_n, spo_h, spo_s, spl_n, spl_h,
+                  G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
+                  PAGE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                  TILED: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    if TILED:
+        first = tl.load(tile_first + tile).to(tl.int64)
+        count = tl.load(tile_rows + tile)
+        tile_len = tl.load(tile_lens + tile)  # the longest context of the tile's rows
+    else:
+        first = tile.to(tl.int64)
+        count = 1
+        tile_len = tl.load(kv_len + first)
+    rows = tl.arange(0, BLOCK_Q * BLOCK_G)
+    row_ok = (rows // BLOCK_G < count) & (rows % BLOCK_G < G)
+    query = first + rows // BLOCK_G
+    head = kv_head * G + rows % BLOCK_G
+    seq = tl.load(query_seq + first)
+    lens = tl.load(kv_len + query, mask=row_ok, other=0)
+    per_split = tl.cdiv(tl.cdiv(tile_len, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, tile_len)
+
+    dk = tl.arange(0, BLOCK_DK)
+    dv = tl.arange(0, BLOCK_DV)
+    qv = tl.load(q + query[:, None] * sq_n + head[:, None] * sq_h + dk[None, :],
+                 mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    m_i = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q * BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_DV], tl.float32)
+    table = block_tables + seq * sbt_s
+    if INTERPRET:  # Triton's interpreter cannot take tensors as range() bounds
+        start = lo
+        while start < hi:
+            m_i, l_i, acc = _paged_step(start, hi, lens, qv, m_i, l_i, acc, table, k_cache,
+                                        v_cache, kv_head, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h,
+                                        scale_log2, PAGE, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N,
+                                        IEEE)
+            start += BLOCK_N
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            m_i, l_i, acc = _paged_step(start, hi, lens, qv, m_i, l_i, acc, table, k_cache,
+                                        v_cache, kv_head, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h,
+                                        scale_log2, PAGE, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N,
+                                        IEEE)
+
+    seen = l_i > 0
+    result = acc / tl.where(seen, l_i, 1.0)[:, None]
+    row_lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+    if SPLIT:
+        tl.store(part_out + query[:, None] * spo_n + head[:, None] * spo_h + split * spo_s
+                 + dv[None, :], result, mask=row_ok[:, None] & (dv[None, :] < DV))
+        tl.store(part_lse + query * spl_n + head * spl_h + split, row_lse, mask=row_ok)
+    else:
+        tl.store(out + query[:, None] * so_n + head[:, None] * so_h + dv[None, :],
+                 result.to(out.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+        tl.store(lse + query * sl_n + head, row_lse, mask=row_ok)
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2  # the interpreter: small, so that the tests exercise split-K
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def num_splits_for(num_programs: int, max_len_bound: int, device: torch.device) -> int:
+    """Split-K factor from shapes alone: enough programs to fill the GPU, no split shorter
+    than `min_split_tokens` of the longest possible context."""
+    wanted = TUNING["target_programs_per_sm"] * _sm_count(device)
+    if num_programs >= wanted:
+        return 1
+    by_length = max(1, max_len_bound // TUNING["min_split_tokens"])
+    return max(1, min(-(-wanted // num_programs), by_length, TUNING["max_splits"]))
+
+
+def plan_tiles(query_seq: torch.Tensor, rows_per_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiles of at most `rows_per_tile` consecutive query rows of one sequence.
+
+        query_seq  0 0 0 0 0 1 1 2      rows_per_tile = 2
+        tiles      [0 1][2 3][4][5 6][7]   -> first = 0 2 4 5 7, rows = 2 2 1 2 1
+    """
+    seq = query_seq.cpu()
+    n = seq.numel()
+    change = torch.nonzero(seq[1:] != seq[:-1]).squeeze(1) + 1
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), change])
+    ends = torch.cat([change, torch.tensor([n])])
+    per_run = -(-(ends - starts) // rows_per_tile)
+    run_of_tile = torch.repeat_interleave(torch.arange(len(starts)), per_run)
+    before = torch.cumsum(per_run, 0) - per_run
+    index_in_run = torch.arange(int(per_run.sum())) - before[run_of_tile]
+    first = starts[run_of_tile] + index_in_run * rows_per_tile
+    rows = torch.minimum(ends[run_of_tile] - first, torch.tensor(rows_per_tile))
+    return first, rows.to(torch.int32)
+
+
+def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
+                           block_tables: torch.Tensor, query_seq: torch.Tensor,
+                           query_kv_len: torch.Tensor, scale: float, v_dim: int | None = None,
+                           tiled: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `TorchReferenceBackend.paged_attention`.
+
+    `tiled=None` picks the mode from shapes: decode mode (no host synchronisation) unless the
+    queries are many per sequence, when tiles of consecutive rows share each K/V load.
+    """
+    num_queries, num_heads, dk = q.shape
+    if v_cache is None:
+        v_cache = k_cache[..., :v_dim]  # latent attention: the values are key channels
+    dv = v_cache.shape[-1]
+    page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty(num_queries, num_heads, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(num_queries, num_heads, dtype=torch.float32, device=q.device)
+    if num_queries == 0:
+        return out, lse
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    block_tables, query_seq = block_tables.contiguous(), query_seq.contiguous()
+    query_kv_len = query_kv_len.contiguous()
+    if tiled is None:
+        tiled = num_queries > max(2 * block_tables.shape[0], 64)
+    block_g = triton.next_power_of_2(group)
+    if tiled:
+        block_q = max(1, TUNING["rows_per_tile"] // block_g)
+        first, rows = plan_tiles(query_seq, block_q)
+        lens = query_kv_len.cpu()
+        tile_lens = torch.stack([lens[f:f + r].max() for f, r in
+                                 zip(first.tolist(), rows.tolist())]) if len(first) else lens
+        first, rows, tile_lens = (x.to(q.device) for x in (first, rows, tile_lens))
+        num_tiles = first.numel()
+    else:
+        block_q, num_tiles = 1, num_queries
+        first = rows = tile_lens = query_seq  # unused
+    block_g = max(block_g, 16 // block_q)
+    splits = num_splits_for(num_tiles * num_kv_heads, block_tables.shape[1] * page, q.device)
+    if splits > 1:
+        part_out = torch.empty(num_queries, num_heads, splits, dv, dtype=torch.float32,
+                               device=q.device)
+        part_lse = torch.empty(num_queries, num_heads, splits, dtype=torch.float32,
+                               device=q.device)
+    else:
+        part_out, part_lse = out, lse  # unused
+    _paged_kernel[(num_tiles, num_kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, query_seq, query_kv_len, first, rows, tile_lens,
+        out, lse, part_out, part_lse, scale * LOG2E, splits,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), lse.stride(0),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2) if splits > 1 else 0,
+        part_lse.stride(0), part_lse.stride(1),
+        G=group, BLOCK_G=block_g, BLOCK_Q=block_q, PAGE=page, DK=dk, DV=dv,
+        BLOCK_DK=triton.next_power_of_2(dk), BLOCK_DV=triton.next_power_of_2(dv),
+        BLOCK_N=TUNING["block_n"], TILED=tiled, SPLIT=splits > 1,
+        IEEE=q.dtype == torch.float32, INTERPRET=INTERPRETING, num_warps=TUNING["num_warps"],
+        num_stages=TUNING["num_stages"])
+    if splits > 1:
+        _merge_kernel[(num_queries * num_heads,)](
+            part_out, part_lse, out, lse, num_heads,
+            part_out.stride(2), part_out.stride(0), part_out.stride(1),
+            part_lse.stride(2), part_lse.stride(0), part_lse.stride(1),
+            out.stride(0), out.stride(1),
+            S=splits, D=dv, BLOCK_S=triton.next_power_of_2(splits),
+            BLOCK_D=triton.next_power_of_2(dv), num_warps=1 if dv <= 128 else 4)
+    return out, lse
