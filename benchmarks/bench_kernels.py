@@ -6,6 +6,11 @@ the Triton tuning knobs) and dense prefill throughput of the library ops.
 Paged decode moves K and V of every visible token once: bytes = batch * context * H_kv * D *
 2 (K, V) * 2 (bf16). Its ceiling is SDPA's flash decode over contiguous KV, timed here on the
 same shapes (DESIGN.md measured 4.06 TB/s for batch 8, 32k, GQA 32/8).
+
+Latent (MLA) decode, DeepSeek-V2-Lite absorbed (H=16 over one 576-wide latent head, values =
+its first 512 channels) reads each cached token once: bytes = batch * context * 576 * 2.
+
+    python benchmarks/bench_kernels.py --mla-only     # just the MLA decode sweep
 """
 
 # ruff: noqa: B023 - the lambdas are timed inside the loop that binds them
@@ -28,6 +33,9 @@ from cpserve.attention.kernels.library_ops import cudnn_attention, flash_varlen_
 
 PAGED_SHAPES = [  # (batch, context, heads, kv_heads)
     (1, 32768, 32, 8), (8, 131072, 32, 1)]
+MLA_SHAPES = [  # (batch, context, heads): DeepSeek-V2-Lite decode
+    (1, 32768, 16), (16, 32768, 16)]
+MLA_SWEEP = dict(wide_block_n=[16, 32, 64], wide_num_warps=[4, 8], wide_num_stages=[1, 2, 3])
 SWEEP = dict(block_n=[32, 64, 128], num_warps=[4], num_stages=[2, 3],
              target_programs_per_sm=[2, 4])
 
@@ -87,6 +95,44 @@ def paged_sweep(backend: GPUBackend) -> list[dict]:
     return rows
 
 
+def mla_sweep(backend: GPUBackend) -> list[dict]:
+    rows = []
+    base = dict(paged_module.TUNING)
+    for batch, context, heads in MLA_SHAPES:
+        page, blocks_per_seq = 64, context // 64
+        k_cache = torch.randn(batch * blocks_per_seq, page, 1, 576, dtype=torch.bfloat16,
+                              device="cuda")
+        tables = torch.randperm(batch * blocks_per_seq, device="cuda").view(batch, -1)
+        q = torch.randn(batch, heads, 576, dtype=torch.bfloat16, device="cuda")
+        seq = torch.arange(batch, device="cuda")
+        lengths = torch.full((batch,), context, device="cuda")
+        nbytes = batch * context * 576 * 2
+        best = None
+        for values in itertools.product(*MLA_SWEEP.values()):
+            paged_module.TUNING.update(dict(zip(MLA_SWEEP, values)))
+            try:
+                ms = bench(lambda: backend.paged_attention(q, k_cache, None, tables, seq,
+                                                           lengths, 0.072, v_dim=512))
+            except Exception as exc:  # noqa: BLE001 - a config may not compile
+                print(f"mla config {values} failed: {exc}")
+                continue
+            row = dict(batch=batch, context=context, heads=heads,
+                       **dict(zip(MLA_SWEEP, values)), ms=ms, tb_s=nbytes / ms / 1e9)
+            rows.append(row)
+            if best is None or ms < best["ms"]:
+                best = row
+        paged_module.TUNING.update(base)
+        if backend.fallbacks:
+            print(f"mla: reference fallbacks taken: {backend.fallbacks}")
+        if best is None:
+            print(f"mla b={batch} ctx={context} H={heads}: every config failed", flush=True)
+            continue
+        print(f"mla decode b={batch} ctx={context} H={heads}/1 D=576/512: best "
+              f"{best['ms']:.3f} ms {best['tb_s']:.2f} TB/s "
+              f"({ {k: best[k] for k in MLA_SWEEP} })", flush=True)
+    return rows
+
+
 def dense_bench() -> list[dict]:
     rows = []
     for t in (8192, 32768):
@@ -111,12 +157,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--best-out", default=None, help="write the best setting (JSON)")
+    parser.add_argument("--mla-only", action="store_true", help="only the MLA decode sweep")
     args = parser.parse_args()
     backend = GPUBackend("cuda")
     print("library ops:", backend.ops, flush=True)
+    if args.mla_only:
+        rows = mla_sweep(backend)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "mla": rows}, f, indent=1)
+        return
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "ops": backend.ops, "dense": dense_bench(),
-              "paged": paged_sweep(backend)}
+              "paged": paged_sweep(backend), "mla": mla_sweep(backend)}
     result["best"] = best_overall(result["paged"])
     print("BEST_TUNING " + json.dumps(result["best"]), flush=True)
     if args.out:

@@ -180,3 +180,65 @@ def test_masked_dense_latent_values():
     got = masked_attention_triton(q, k, k[..., :24], pos, pos, seq, seq, 0.2)
     assert_attention_close(got, REF.dense_attention(q, k, k[..., :24], pos, pos, seq, seq, 0.2),
                            torch.float32)
+
+
+# latent attention (MLA) shapes ---------------------------------------------------------------
+# DeepSeek-V2-Lite / V3 in absorbed form: queries [T, H, 512 + 64], one latent cache head whose
+# first 512 channels are the values. The kernels read the 576 channels in 64-wide chunks.
+MLA_DK, MLA_DV, MLA_SCALE = 576, 512, 192 ** -0.5  # softmax scale of qk_head_dim 128 + 64
+
+
+def mla_paged_case(seed, dtype, heads, num_queries, page=16, width=4):
+    gen = torch.Generator().manual_seed(seed)
+    blocks = 3 * width
+    k_cache = rand(blocks, page, 1, MLA_DK, dtype=dtype, gen=gen)
+    tables = torch.randperm(blocks, generator=gen).view(3, width).to(DEVICE)
+    seq = torch.sort(torch.randint(0, 3, (num_queries,), generator=gen)).values
+    lengths = torch.randint(1, width * page + 1, (num_queries,), generator=gen)
+    lengths[0], lengths[-1] = 0, width * page
+    q = rand(num_queries, heads, MLA_DK, dtype=dtype, gen=gen)
+    return q, k_cache, None, tables, seq.to(DEVICE), lengths.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("heads,num_queries,tiled,splits", [
+    (16, 3, False, 1),  # V2-Lite decode
+    (16, 3, False, 3),  # ... split-K
+    (16, 5, True, 2),  # chunk over a cached prefix: 2 queries x 16 heads per tile
+    (64, 2, False, 2),  # V3 at TP 2: heads cut into parts of 32 (accumulator budget)
+])
+def test_paged_attention_mla_shapes(dtype, heads, num_queries, tiled, splits, monkeypatch):
+    monkeypatch.setitem(paged_module.TUNING, "target_programs_per_sm", 0 if splits == 1 else 64)
+    monkeypatch.setitem(paged_module.TUNING, "min_split_tokens", 4)
+    monkeypatch.setitem(paged_module.TUNING, "max_splits", splits)
+    monkeypatch.setitem(paged_module.TUNING, "wide_block_n", 16)
+    case = mla_paged_case(heads + splits, dtype, heads, num_queries)
+    got = paged_attention_triton(*case, MLA_SCALE, v_dim=MLA_DV, tiled=tiled)
+    assert_attention_close(got, REF.paged_attention(*case, MLA_SCALE, v_dim=MLA_DV), dtype)
+
+
+def test_paged_attention_mla_fp32_exact(monkeypatch):
+    """IEEE dot products: only the summation order of the 9 chunks differs."""
+    monkeypatch.setitem(paged_module.TUNING, "wide_block_n", 16)
+    case = mla_paged_case(4, torch.float32, 16, 2, width=2)
+    got = paged_attention_triton(*case, MLA_SCALE, v_dim=MLA_DV)
+    assert_attention_close(got, REF.paged_attention(*case, MLA_SCALE, v_dim=MLA_DV),
+                           torch.float32)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_masked_dense_mla_shapes(dtype):
+    """Prefill of the absorbed form: v is a view of k's first 512 channels; one prompt
+    continuing over cached keys (keys before its first query position) and one fresh."""
+    gen = torch.Generator().manual_seed(8)
+    n_q, heads = 10, 16
+    q_seq = torch.tensor([0] * 6 + [1] * 4)
+    q_pos = torch.cat([torch.arange(5, 11), torch.arange(4)])
+    k_seq = torch.cat([torch.zeros(5, dtype=torch.long), q_seq])
+    k_pos = torch.cat([torch.arange(5), q_pos])
+    q = rand(n_q, heads, MLA_DK, dtype=dtype, gen=gen)
+    k = rand(k_seq.numel(), 1, MLA_DK, dtype=dtype, gen=gen)
+    idx = [t.to(DEVICE) for t in (q_pos, k_pos, q_seq, k_seq)]
+    got = masked_attention_triton(q, k, k[..., :MLA_DV], *idx, MLA_SCALE)
+    want = REF.dense_attention(q, k, k[..., :MLA_DV], *idx, MLA_SCALE)
+    assert_attention_close(got, want, dtype)

@@ -155,6 +155,28 @@ def test_attention_context_steps_match_reference(dtype):
         assert torch.equal(k_ref, k_gpu) and torch.equal(v_ref, v_gpu)
 
 
+def test_latent_attention_shapes_take_the_kernels():
+    """DeepSeek MLA (absorbed): paged and dense attention run in the kernels, no fallback."""
+    backend = GPUBackend(DEVICE)
+    gen = torch.Generator().manual_seed(5)
+    dtype = torch.float16
+    k_cache = rand(6, 8, 1, 576, dtype=dtype, gen=gen)
+    tables = torch.tensor([[4, 1, 5], [0, 3, 2]], device=DEVICE)
+    q = rand(3, 16, 576, dtype=dtype, gen=gen)
+    seq, lengths = torch.tensor([0, 1, 1], device=DEVICE), torch.tensor([19, 7, 24],
+                                                                        device=DEVICE)
+    paged = (q, k_cache, None, tables, seq, lengths, 0.07)
+    assert_attention_close(backend.paged_attention(*paged, v_dim=512),
+                           REF.paged_attention(*paged, v_dim=512), dtype)
+    k = rand(3, 1, 576, dtype=dtype, gen=gen)
+    dense = (q, k, k[..., :512], lengths, lengths, seq, seq, 0.07)
+    assert_attention_close(backend.dense_attention(*dense), REF.dense_attention(*dense), dtype)
+    assert not backend.fallbacks
+    too_wide = rand(3, 2, 1040, dtype=dtype, gen=gen)
+    backend.dense_attention(too_wide, too_wide, too_wide, *dense[3:])
+    assert backend.fallbacks == {"dense: head dims 1040/1040"}
+
+
 # CUDA only -----------------------------------------------------------------------------------
 @cuda_only
 def test_library_ops_pass_their_probe():
@@ -188,6 +210,36 @@ def test_paged_decode_long_context(batch, context):
     got = GPUBackend("cuda").paged_attention(q, k_cache, v_cache, tables, seq, lengths, 0.088)
     want = REF.paged_attention(q, k_cache, v_cache, tables, seq, lengths, 0.088)
     assert_attention_close(got, want, torch.bfloat16)
+
+
+@cuda_only
+@pytest.mark.parametrize("batch,context,heads", [(1, 32768, 16), (16, 4000, 16), (2, 8000, 128)])
+def test_paged_decode_latent_long_context(batch, context, heads):
+    """DeepSeek-V2-Lite (16 heads) / V3 (128 heads) decode over one latent head, bf16."""
+    page, blocks = 64, batch * (context // 64 + 1)
+    k_cache = rand(blocks, page, 1, 576, dtype=torch.bfloat16)
+    tables = torch.randperm(blocks).view(batch, -1).cuda()
+    q = rand(batch, heads, 576, dtype=torch.bfloat16)
+    seq = torch.arange(batch).cuda()
+    lengths = torch.tensor([context - 37 * i for i in range(batch)]).cuda()
+    backend = GPUBackend("cuda")
+    got = backend.paged_attention(q, k_cache, None, tables, seq, lengths, 0.072, v_dim=512)
+    want = REF.paged_attention(q, k_cache, None, tables, seq, lengths, 0.072, v_dim=512)
+    assert_attention_close(got, want, torch.bfloat16)
+    assert not backend.fallbacks
+
+
+@cuda_only
+def test_dense_latent_prefill_without_scores_in_memory():
+    """A 4k-token MLA prefill: the masked kernel, exact against the reference."""
+    n = 4096
+    seq, pos = torch.zeros(n, dtype=torch.long).cuda(), torch.arange(n).cuda()
+    q, k = rand(n, 16, 576, dtype=torch.bfloat16), rand(n, 1, 576, dtype=torch.bfloat16)
+    backend = GPUBackend("cuda")
+    got = backend.dense_attention(q, k, k[..., :512], pos, pos, seq, seq, 0.072)
+    want = REF.dense_attention(q, k, k[..., :512], pos, pos, seq, seq, 0.072)
+    assert_attention_close(got, want, torch.bfloat16)
+    assert not backend.fallbacks
 
 
 @cuda_only

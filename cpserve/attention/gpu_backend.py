@@ -9,9 +9,11 @@ as `TorchReferenceBackend` (the tests hold it to that).
                      FlashAttention-2 varlen (many sequences, one call), LSE-merged;
                      irregular layouts: the Triton masked kernel, exact for any mask.
 
-Shapes the kernels do not cover go to the reference, and say so in `fallbacks`: head dims
-over 256 (latent attention's 576-wide keys) and, for the library ops, unequal key and value
-dims or fp32.
+Latent attention (DeepSeek MLA, absorbed: keys 576 = 512 + 64, values = the keys' first 512
+channels) runs in the Triton kernels, which read keys over 256 channels in 64-wide chunks
+(kernels/scores.py). Its dense steps take the masked kernel at every size, as the library ops
+need equal key and value dims. Shapes the kernels do not cover go to the reference, and say
+so in `fallbacks`: key dims over MAX_KERNEL_KEY_DIM or value dims over MAX_KERNEL_VALUE_DIM.
 """
 
 from __future__ import annotations
@@ -38,10 +40,17 @@ from cpserve.attention.kernels.library_ops import (
 # Steps with at most this many (query, key) pairs take the masked kernel: decode batches
 # (graph-captured) and short chunks, where planning would cost more than it saves.
 SMALL_DENSE_PAIRS = 1 << 18
-MAX_KERNEL_HEAD_DIM = 256
+# Keys are read in chunks (any width; the chunk loop is unrolled, so keep it bounded); values
+# are one fp32 accumulator row per query head in registers: 512 (MLA's latent) at most.
+MAX_KERNEL_KEY_DIM = 1024
+MAX_KERNEL_VALUE_DIM = 512
 # cuDNN is called once per piece; with more pieces than this, one FlashAttention varlen
 # call is cheaper.
 MAX_CUDNN_PIECES = 8
+
+
+def _kernel_dims(dk: int, dv: int) -> bool:
+    return dk <= MAX_KERNEL_KEY_DIM and dv <= MAX_KERNEL_VALUE_DIM
 
 
 def _anchor(t: torch.Tensor) -> torch.Tensor:
@@ -94,8 +103,8 @@ class GPUBackend:
     def paged_attention(self, q, k_cache, v_cache, block_tables, query_seq, query_kv_len, scale,
                         v_dim=None):
         dv = v_dim if v_cache is None else v_cache.shape[-1]
-        if max(q.shape[-1], dv) > MAX_KERNEL_HEAD_DIM:
-            self.fallbacks.add("paged: head dim > 256")
+        if not _kernel_dims(q.shape[-1], dv):
+            self.fallbacks.add(f"paged: head dims {q.shape[-1]}/{dv}")
             return self.reference.paged_attention(q, k_cache, v_cache, block_tables, query_seq,
                                                   query_kv_len, scale, v_dim)
         return paged_attention_triton(q, k_cache, v_cache, block_tables, query_seq,
@@ -104,8 +113,8 @@ class GPUBackend:
     # dense ----------------------------------------------------------------------------------
     def dense_attention(self, q, k, v, q_pos, k_pos, q_seq, k_seq, scale):
         dk, dv = q.shape[-1], v.shape[-1]
-        if max(dk, dv) > MAX_KERNEL_HEAD_DIM:
-            self.fallbacks.add("dense: head dim > 256")
+        if not _kernel_dims(dk, dv):
+            self.fallbacks.add(f"dense: head dims {dk}/{dv}")
             return self.reference.dense_attention(q, k, v, q_pos, k_pos, q_seq, k_seq, scale)
         library = ((self.ops["cudnn"] or self.ops["flash"]) and dk == dv
                    and q.dtype in (torch.float16, torch.bfloat16))

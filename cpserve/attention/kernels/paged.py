@@ -3,13 +3,18 @@
 Contract: `TorchReferenceBackend.paged_attention`. Query i attends to the first
 `query_kv_len[i]` local slots of sequence `query_seq[i]`, found through its block table.
 
-One program = (query tile, KV head, split):
+One program = (query tile, KV head [, head part], split):
 
     query tile     1 query (decode mode) or up to BLOCK_Q consecutive rows of one sequence
                    (tiled mode: a chunk continuing over a cached prefix)
     KV head        the G = H / H_kv query heads sharing it are the rows of one matrix, so
                    each K/V block is read once for all of them:
                        rows = BLOCK_Q queries x BLOCK_G heads (>= 16 rows for tl.dot)
+                   A group too wide for the accumulator budget (rows x DV fp32, TUNING
+                   "acc_budget") is cut into head parts, one program each: MLA's 512-wide
+                   values give 32 rows, so V3's 128 heads make 4 parts. Each part re-reads
+                   the K/V blocks (L2 serves the repeats); splitting DV instead would also
+                   recompute the 576-wide scores once per part.
     split          the tile's context is cut into `num_splits` equal ranges (split-K), so a
                    single long sequence still fills the GPU; each range gives a partial
                    (out, lse), merged afterwards by the LSE-merge kernel.
@@ -17,6 +22,11 @@ One program = (query tile, KV head, split):
     context of a query:  |-- split 0 --|-- split 1 --|-- split 2 --|      ranges scale with
     slots:               [blk t[0]][blk t[1]][blk t[2]] ...               each query's length
                           B tokens   B tokens
+
+Keys wider than 256 channels (MLA: 576 = 512 latent + 64 rope, one KV head, values = the
+first 512 key channels, `v_cache=None`) are scored in 64-wide chunks (scores.py), so no
+576-wide query or key tile is live; the value tile is then read at full DV width, mostly
+from L1/L2 since the same bytes were just read as keys.
 
 Decode mode needs nothing from the host but shapes, so it is safe inside a CUDA graph: the
 number of splits depends only on the block-table width, and each program sizes its range
@@ -33,6 +43,7 @@ import triton
 import triton.language as tl
 
 from cpserve.attention.kernels.merge import _merge_kernel
+from cpserve.attention.kernels.scores import MAX_TILE_DIM, chunked_scores, dk_chunking, dot
 
 LOG2E = 1.4426950408889634
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -46,30 +57,37 @@ TUNING = {
     "max_splits": 64,
     "num_warps": 4,
     "num_stages": 3,
+    # fp32 accumulator elements per program (rows x value channels): bounds the rows of one
+    # program, so latent attention's 512-wide values split query heads across programs.
+    "acc_budget": 16384,
+    # Head dims over 256 (latent attention, DK 576 / DV 512): own settings, since their
+    # [rows, DV] accumulator and V tile are 2-4x those of a 128-wide head.
+    "wide_block_n": 32,
+    "wide_num_warps": 8,
+    "wide_num_stages": 2,
 }
 # A measured setting can be handed to every process of a run (benchmarks do).
 TUNING.update(json.loads(os.environ.get("CPSERVE_PAGED_TUNING", "{}")))
 
 
 @triton.jit
-def _paged_step(start, hi, lens, qv, m_i, l_i, acc, table, k_cache, v_cache, kv_head,
-                sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, scale_log2, PAGE: tl.constexpr,
-                DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
-                BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+def _paged_step(start, hi, lens, qv, q_rows, row_ok, m_i, l_i, acc, table, k_cache, v_cache,
+                kv_head, dv, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, scale_log2, PAGE: tl.constexpr,
+                DK: tl.constexpr, DV: tl.constexpr, CHUNK_DK: tl.constexpr,
+                NUM_DK_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     """One block of BLOCK_N context tokens: online-softmax update of (m, l, acc)."""
-    dk = tl.arange(0, BLOCK_DK)
-    dv = tl.arange(0, BLOCK_DV)
     offs = start + tl.arange(0, BLOCK_N)
     valid = offs < hi
     block = tl.load(table + offs // PAGE, mask=valid, other=0).to(tl.int64)
     in_page = offs % PAGE
-    kt = tl.load(k_cache + block[None, :] * sk_b + in_page[None, :] * sk_s
-                 + kv_head * sk_h + dk[:, None],
-                 mask=valid[None, :] & (dk[:, None] < DK), other=0.0)
-    if IEEE:
-        s = tl.dot(qv, kt, input_precision="ieee")
+    k_cols = k_cache + block * sk_b + in_page * sk_s + kv_head * sk_h
+    if NUM_DK_CHUNKS == 1:  # the query tile stays in registers across blocks
+        dk = tl.arange(0, CHUNK_DK)
+        kt = tl.load(k_cols[None, :] + dk[:, None], mask=valid[None, :] & (dk[:, None] < DK),
+                     other=0.0)
+        s = dot(qv, kt, IEEE)
     else:
-        s = tl.dot(qv, kt)
+        s = chunked_scores(q_rows, row_ok, k_cols, valid, DK, CHUNK_DK, NUM_DK_CHUNKS, IEEE)
     s = tl.where(offs[None, :] < lens[:, None], s * scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -79,10 +97,7 @@ def _paged_step(start, hi, lens, qv, m_i, l_i, acc, table, k_cache, v_cache, kv_
     vt = tl.load(v_cache + block[:, None] * sv_b + in_page[:, None] * sv_s
                  + kv_head * sv_h + dv[None, :],
                  mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
-    if IEEE:
-        pv = tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(vt.dtype), vt)
+    pv = dot(p.to(vt.dtype), vt, IEEE)
     return m_new, l_i, acc * alpha[:, None] + pv
 
 
@@ -91,13 +106,14 @@ def _paged_kernel(q, k_cache, v_cache, block_tables, query_seq, kv_len, tile_fir
                   tile_lens, out, lse, part_out, part_lse, scale_log2, num_splits,
                   sq_n, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_s,
                   so_n, so_h, sl_n, spo_n, spo_h, spo_s, spl_n, spl_h,
-                  G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
-                  PAGE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-                  TILED: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-                  INTERPRET: tl.constexpr):
+                  G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_PARTS: tl.constexpr,
+                  BLOCK_Q: tl.constexpr, PAGE: tl.constexpr, DK: tl.constexpr,
+                  DV: tl.constexpr, CHUNK_DK: tl.constexpr, NUM_DK_CHUNKS: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, TILED: tl.constexpr,
+                  SPLIT: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
     tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(1) // HEAD_PARTS
+    head_part = tl.program_id(1) % HEAD_PARTS
     split = tl.program_id(2)
     if TILED:
         first = tl.load(tile_first + tile).to(tl.int64)
@@ -108,19 +124,24 @@ def _paged_kernel(q, k_cache, v_cache, block_tables, query_seq, kv_len, tile_fir
         count = 1
         tile_len = tl.load(kv_len + first)
     rows = tl.arange(0, BLOCK_Q * BLOCK_G)
-    row_ok = (rows // BLOCK_G < count) & (rows % BLOCK_G < G)
+    head_in_group = head_part * BLOCK_G + rows % BLOCK_G
+    row_ok = (rows // BLOCK_G < count) & (head_in_group < G)
     query = first + rows // BLOCK_G
-    head = kv_head * G + rows % BLOCK_G
+    head = kv_head * G + head_in_group
     seq = tl.load(query_seq + first)
     lens = tl.load(kv_len + query, mask=row_ok, other=0)
     per_split = tl.cdiv(tl.cdiv(tile_len, num_splits), BLOCK_N) * BLOCK_N
     lo = split * per_split
     hi = tl.minimum(lo + per_split, tile_len)
 
-    dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    qv = tl.load(q + query[:, None] * sq_n + head[:, None] * sq_h + dk[None, :],
-                 mask=row_ok[:, None] & (dk[None, :] < DK), other=0.0)
+    q_rows = q + query * sq_n + head * sq_h
+    if NUM_DK_CHUNKS == 1:
+        dk = tl.arange(0, CHUNK_DK)
+        qv = tl.load(q_rows[:, None] + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK),
+                     other=0.0)
+    else:  # wide keys: each step reads the query in chunks (scores.py)
+        qv = 0.0
     m_i = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q * BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_DV], tl.float32)
@@ -128,17 +149,17 @@ def _paged_kernel(q, k_cache, v_cache, block_tables, query_seq, kv_len, tile_fir
     if INTERPRET:  # Triton's interpreter cannot take tensors as range() bounds
         start = lo
         while start < hi:
-            m_i, l_i, acc = _paged_step(start, hi, lens, qv, m_i, l_i, acc, table, k_cache,
-                                        v_cache, kv_head, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h,
-                                        scale_log2, PAGE, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N,
-                                        IEEE)
+            m_i, l_i, acc = _paged_step(start, hi, lens, qv, q_rows, row_ok, m_i, l_i, acc,
+                                        table, k_cache, v_cache, kv_head, dv, sk_b, sk_s, sk_h,
+                                        sv_b, sv_s, sv_h, scale_log2, PAGE, DK, DV, CHUNK_DK,
+                                        NUM_DK_CHUNKS, BLOCK_N, IEEE)
             start += BLOCK_N
     else:
         for start in range(lo, hi, BLOCK_N):
-            m_i, l_i, acc = _paged_step(start, hi, lens, qv, m_i, l_i, acc, table, k_cache,
-                                        v_cache, kv_head, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h,
-                                        scale_log2, PAGE, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_N,
-                                        IEEE)
+            m_i, l_i, acc = _paged_step(start, hi, lens, qv, q_rows, row_ok, m_i, l_i, acc,
+                                        table, k_cache, v_cache, kv_head, dv, sk_b, sk_s, sk_h,
+                                        sv_b, sv_s, sv_h, scale_log2, PAGE, DK, DV, CHUNK_DK,
+                                        NUM_DK_CHUNKS, BLOCK_N, IEEE)
 
     seen = l_i > 0
     result = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -222,8 +243,10 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if tiled is None:
         tiled = num_queries > max(2 * block_tables.shape[0], 64)
     block_g = triton.next_power_of_2(group)
+    block_dv = triton.next_power_of_2(dv)
+    rows_cap = max(16, TUNING["acc_budget"] // block_dv)
     if tiled:
-        block_q = max(1, TUNING["rows_per_tile"] // block_g)
+        block_q = max(1, min(TUNING["rows_per_tile"], rows_cap) // block_g)
         first, rows = plan_tiles(query_seq, block_q)
         lens = query_kv_len.cpu()
         tile_lens = torch.stack([lens[f:f + r].max() for f, r in
@@ -233,8 +256,16 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         block_q, num_tiles = 1, num_queries
         first = rows = tile_lens = query_seq  # unused
-    block_g = max(block_g, 16 // block_q)
-    splits = num_splits_for(num_tiles * num_kv_heads, block_tables.shape[1] * page, q.device)
+    # Heads of one KV head per program; a wide group is cut into parts, each re-reading the
+    # K/V blocks (from L2) rather than splitting DV, which would recompute the scores.
+    heads_per_part = min(block_g, max(1, rows_cap // block_q))
+    head_parts = triton.cdiv(group, heads_per_part)
+    heads_per_part = max(heads_per_part, 16 // block_q)
+    chunk_dk, num_dk_chunks = dk_chunking(dk)
+    wide = max(dk, dv) > MAX_TILE_DIM
+    knob = (lambda name: TUNING["wide_" + name]) if wide else (lambda name: TUNING[name])
+    splits = num_splits_for(num_tiles * num_kv_heads * head_parts, block_tables.shape[1] * page,
+                            q.device)
     if splits > 1:
         part_out = torch.empty(num_queries, num_heads, splits, dv, dtype=torch.float32,
                                device=q.device)
@@ -242,7 +273,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                device=q.device)
     else:
         part_out, part_lse = out, lse  # unused
-    _paged_kernel[(num_tiles, num_kv_heads, splits)](
+    _paged_kernel[(num_tiles, num_kv_heads * head_parts, splits)](
         q, k_cache, v_cache, block_tables, query_seq, query_kv_len, first, rows, tile_lens,
         out, lse, part_out, part_lse, scale * LOG2E, splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -250,11 +281,11 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out.stride(0), out.stride(1), lse.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2) if splits > 1 else 0,
         part_lse.stride(0), part_lse.stride(1),
-        G=group, BLOCK_G=block_g, BLOCK_Q=block_q, PAGE=page, DK=dk, DV=dv,
-        BLOCK_DK=triton.next_power_of_2(dk), BLOCK_DV=triton.next_power_of_2(dv),
-        BLOCK_N=TUNING["block_n"], TILED=tiled, SPLIT=splits > 1,
-        IEEE=q.dtype == torch.float32, INTERPRET=INTERPRETING, num_warps=TUNING["num_warps"],
-        num_stages=TUNING["num_stages"])
+        G=group, BLOCK_G=heads_per_part, HEAD_PARTS=head_parts, BLOCK_Q=block_q, PAGE=page,
+        DK=dk, DV=dv, CHUNK_DK=chunk_dk, NUM_DK_CHUNKS=num_dk_chunks, BLOCK_DV=block_dv,
+        BLOCK_N=knob("block_n"), TILED=tiled, SPLIT=splits > 1,
+        IEEE=q.dtype == torch.float32, INTERPRET=INTERPRETING, num_warps=knob("num_warps"),
+        num_stages=knob("num_stages"))
     if splits > 1:
         _merge_kernel[(num_queries * num_heads,)](
             part_out, part_lse, out, lse, num_heads,
