@@ -37,12 +37,11 @@ from cpserve.attention.context import AttentionContext
 from cpserve.config import ModelConfig
 from cpserve.distributed.groups import ParallelGroups
 from cpserve.kv.spec import KVCacheSpec
+from cpserve.models.decoder import CausalLM, DecoderLayer
 from cpserve.models.layers import (
     ColumnParallelLinear,
-    ParallelLMHead,
     RMSNorm,
     RowParallelLinear,
-    VocabParallelEmbedding,
     sharded_parameter,
 )
 from cpserve.models.llama import LlamaMLP
@@ -172,58 +171,17 @@ def is_moe_layer(hf: dict, layer: int) -> bool:
             and layer % int(hf.get("moe_layer_freq") or 1) == 0)
 
 
-class DeepseekV2DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, groups: ParallelGroups) -> None:
-        super().__init__()
-        eps = float(config.hf_config.get("rms_norm_eps", 1e-6))
-        self.input_layernorm = RMSNorm(config.hidden_size, eps, config.dtype)
-        self.self_attn = MLAAttention(config, layer, groups)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, config.dtype)
-        self.mlp = (MoE(config, groups) if is_moe_layer(config.hf_config, layer)
-                    else LlamaMLP(config, groups))
-
-    def forward(self, positions, x, ctx):
-        x = x + self.self_attn(positions, self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class DeepseekV2Model(nn.Module):
-    def __init__(self, config: ModelConfig, groups: ParallelGroups) -> None:
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, groups.tp,
-                                                   groups.tp_rank, groups.tp_group, config.dtype)
-        self.layers = nn.ModuleList(DeepseekV2DecoderLayer(config, i, groups)
-                                    for i in range(config.num_layers))
-        eps = float(config.hf_config.get("rms_norm_eps", 1e-6))
-        self.norm = RMSNorm(config.hidden_size, eps, config.dtype)
-
-    def forward(self, token_ids, positions, ctx):
-        x = self.embed_tokens(token_ids)
-        for layer in self.layers:
-            x = layer(positions, x, ctx)
-        return self.norm(x)
-
-
-class DeepseekV2ForCausalLM(nn.Module):
+class DeepseekV2ForCausalLM(CausalLM):
     """Serves DeepseekV2ForCausalLM and DeepseekV3ForCausalLM checkpoints (V3's multi-token
     prediction layers, stored after the last layer, are not used)."""
 
     def __init__(self, config: ModelConfig, groups: ParallelGroups) -> None:
-        super().__init__()
-        self.config = config
-        self.model = DeepseekV2Model(config, groups)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, groups.tp,
-                                      groups.tp_rank, groups.tp_group, config.dtype)
-        if config.hf_config.get("tie_word_embeddings", False):
-            self.lm_head.weight = self.model.embed_tokens.weight
+        def make_layer(layer: int) -> DecoderLayer:
+            mlp = (MoE(config, groups) if is_moe_layer(config.hf_config, layer)
+                   else LlamaMLP(config, groups))
+            return DecoderLayer(config, MLAAttention(config, layer, groups), mlp)
 
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
-                ctx: AttentionContext) -> torch.Tensor:
-        """Final hidden states of the local tokens."""
-        return self.model(token_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        super().__init__(config, groups, make_layer)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """One cache head per token: [latent, rope key]; the values are the latent channels."""

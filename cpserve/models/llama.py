@@ -17,12 +17,11 @@ from cpserve.attention.context import AttentionContext
 from cpserve.config import ModelConfig
 from cpserve.distributed.groups import ParallelGroups
 from cpserve.kv.spec import KVCacheSpec
+from cpserve.models.decoder import CausalLM, DecoderLayer
 from cpserve.models.layers import (
     ColumnParallelLinear,
-    ParallelLMHead,
     RMSNorm,
     RowParallelLinear,
-    VocabParallelEmbedding,
     sharded_parameter,
 )
 from cpserve.models.rope import RotaryEmbedding
@@ -92,56 +91,12 @@ class LlamaMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, groups: ParallelGroups) -> None:
-        super().__init__()
-        eps = float(config.hf_config.get("rms_norm_eps", 1e-6))
-        self.input_layernorm = RMSNorm(config.hidden_size, eps, config.dtype)
-        self.self_attn = LlamaAttention(config, layer, groups)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, config.dtype)
-        self.mlp = LlamaMLP(config, groups)
-
-    def forward(self, positions, x, ctx):
-        x = x + self.self_attn(positions, self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, groups: ParallelGroups) -> None:
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, groups.tp,
-                                                   groups.tp_rank, groups.tp_group, config.dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, groups)
-                                    for i in range(config.num_layers))
-        eps = float(config.hf_config.get("rms_norm_eps", 1e-6))
-        self.norm = RMSNorm(config.hidden_size, eps, config.dtype)
-
-    def forward(self, token_ids, positions, ctx):
-        x = self.embed_tokens(token_ids)
-        for layer in self.layers:
-            x = layer(positions, x, ctx)
-        return self.norm(x)
-
-
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """Also serves Qwen2ForCausalLM and Qwen3ForCausalLM."""
 
     def __init__(self, config: ModelConfig, groups: ParallelGroups) -> None:
-        super().__init__()
-        self.config = config
-        self.model = LlamaModel(config, groups)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, groups.tp,
-                                      groups.tp_rank, groups.tp_group, config.dtype)
-        if config.hf_config.get("tie_word_embeddings", False):
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
-                ctx: AttentionContext) -> torch.Tensor:
-        """Final hidden states of the local tokens."""
-        return self.model(token_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        super().__init__(config, groups, lambda layer: DecoderLayer(
+            config, LlamaAttention(config, layer, groups), LlamaMLP(config, groups)))
 
     def kv_cache_spec(self) -> KVCacheSpec:
         attn = self.model.layers[0].self_attn

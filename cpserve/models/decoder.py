@@ -1,0 +1,78 @@
+"""The decoder skeleton every supported model shares; models differ in attention and MLP.
+
+    token ids -> vocab-parallel embedding
+              -> layers: x + attn(norm(x)), then x + mlp(norm(x))   (pre-norm residual)
+              -> final norm -> hidden states;  compute_logits: vocab-parallel LM head
+
+Module names are the checkpoints' (`model.layers.N.self_attn...`), so loading is a lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from cpserve.attention.context import AttentionContext
+from cpserve.config import ModelConfig
+from cpserve.distributed.groups import ParallelGroups
+from cpserve.models.layers import ParallelLMHead, RMSNorm, VocabParallelEmbedding
+
+
+def _eps(config: ModelConfig) -> float:
+    return float(config.hf_config.get("rms_norm_eps", 1e-6))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, self_attn: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, _eps(config), config.dtype)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, _eps(config), config.dtype)
+        self.mlp = mlp
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig, groups: ParallelGroups,
+                 make_layer: Callable[[int], DecoderLayer]) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, groups.tp,
+                                                   groups.tp_rank, groups.tp_group, config.dtype)
+        self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, _eps(config), config.dtype)
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                ctx: AttentionContext) -> torch.Tensor:
+        x = self.embed_tokens(token_ids)
+        for layer in self.layers:
+            x = layer(positions, x, ctx)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    """A decoder with its LM head (tied to the embedding when the config says so). Subclasses
+    choose each layer's attention and MLP and say what one token's KV looks like."""
+
+    def __init__(self, config: ModelConfig, groups: ParallelGroups,
+                 make_layer: Callable[[int], DecoderLayer]) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config, groups, make_layer)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, groups.tp,
+                                      groups.tp_rank, groups.tp_group, config.dtype)
+        if config.hf_config.get("tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                ctx: AttentionContext) -> torch.Tensor:
+        """Final hidden states of the local tokens."""
+        return self.model(token_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
