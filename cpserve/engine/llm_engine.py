@@ -23,7 +23,7 @@ from cpserve.engine.executor import Executor
 from cpserve.engine.output import OutputProcessor, ParentRequest
 from cpserve.engine.request import Request, RequestStatus
 from cpserve.engine.sampler import Sampler, SamplingRow, make_generator, prompt_logprobs
-from cpserve.engine.scheduler import Scheduler, SchedulerOutput
+from cpserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from cpserve.kv.layout import KVLayout
 from cpserve.kv.manager import KVCacheManager
 from cpserve.outputs import RequestOutput
@@ -155,8 +155,7 @@ class LLMEngine:
         requests = []
         for item in out.scheduled:
             r = item.request
-            num_logits = (item.num_new_tokens if r.wants_prompt_logprobs
-                          else int(item.completes))
+            num_logits = _num_logits(item)
             block_ids = self.kv.block_table(r.request_id) if item.is_new else item.new_block_ids
             requests.append(PlannedRequest(
                 r.request_id, r.all_token_ids[item.start_pos:item.start_pos + item.num_new_tokens],
@@ -170,7 +169,7 @@ class LLMEngine:
         row = 0
         for item in out.scheduled:
             r = item.request
-            num_rows = item.num_new_tokens if r.wants_prompt_logprobs else int(item.completes)
+            num_rows = _num_logits(item)
             if r.wants_prompt_logprobs:
                 self._collect_prompt_logprobs(r, item.start_pos, logits[row:row + num_rows])
             if item.completes:
@@ -220,6 +219,12 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def _num_logits(item: ScheduledRequest) -> int:
+    """Logit rows a scheduled request needs: every new token while prompt logprobs are being
+    collected, else the last one if it completes the request (to sample), else none."""
+    return item.num_new_tokens if item.request.wants_prompt_logprobs else int(item.completes)
 
 
 def _copy_params(params: SamplingParams, **changes) -> SamplingParams:
