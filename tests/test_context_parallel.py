@@ -12,8 +12,8 @@ import torch
 from cpserve import LLM, SamplingParams
 from cpserve.config import ParallelConfig
 from cpserve.distributed.worker_pool import WorkerPool
-from cpserve.kv.layout import KVLayout
 from tests.checkpoints import random_prompts
+from tests.kv_placement import assert_each_rank_holds_its_shard
 
 LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 4, 1), (2, 1, 2), (2, 2, 1), (2, 2, 2), (4, 1, 2), (4, 1, 4)]
 BLOCK_SIZE = 4
@@ -82,31 +82,8 @@ def test_same_tokens_as_one_process(pool, reference):
 
 @pytest.mark.parametrize("interleave", [1, BLOCK_SIZE])
 def test_each_rank_holds_exactly_its_shard(pool, interleave):
-    num_tokens = 37
     with _llm(pool, cp_kv_cache_interleave_size=interleave) as llm:
-        engine = llm.engine
-        engine.add_request("r", list(range(10, 10 + num_tokens)), SamplingParams(max_tokens=4))
-        engine.step()  # the whole prompt in one step; the request stays running
-        table = torch.tensor(engine.kv.block_table("r"))
-        written = engine.executor.written_slots_per_rank()
-        engine.abort_request(["r"])
-        engine.check_integrity()
-
-    p = pool.parallel
-    layout = KVLayout(BLOCK_SIZE, p.pcp * p.dcp, interleave)
-    positions = torch.arange(num_tokens)
-    blocks = table[positions // layout.virtual_block_size]
-    held_by_shard = {}
-    for rank, slots in enumerate(written):
-        cp_rank = (rank // p.tp) * p.dcp + (rank % p.tp) % p.dcp
-        expected = layout.slot_mapping(positions, blocks, cp_rank)
-        mine = expected >= 0
-        assert sorted(slots.tolist()) == sorted(expected[mine].tolist()), f"rank {rank}"
-        assert len(slots) == layout.local_count(num_tokens, cp_rank)
-        held_by_shard[cp_rank] = set(positions[mine].tolist())
-    # The shards partition the tokens: every token on exactly one shard.
-    assert sum(len(s) for s in held_by_shard.values()) == num_tokens
-    assert set().union(*held_by_shard.values()) == set(range(num_tokens))
+        assert_each_rank_holds_its_shard(llm, BLOCK_SIZE, interleave)
 
 
 # Prefix caching under every layout ------------------------------------------------------------

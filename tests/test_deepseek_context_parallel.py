@@ -14,8 +14,8 @@ import torch
 from cpserve import LLM, SamplingParams
 from cpserve.config import ParallelConfig
 from cpserve.distributed.worker_pool import WorkerPool
-from cpserve.kv.layout import KVLayout
 from tests.checkpoints import make_deepseek_checkpoint, random_prompts
+from tests.kv_placement import assert_each_rank_holds_its_shard
 
 LAYOUTS = [(2, 1, 1), (2, 1, 2), (4, 1, 1), (4, 1, 2), (4, 1, 4),
            (1, 2, 1), (1, 3, 1), (1, 4, 1), (2, 2, 1), (2, 2, 2)]
@@ -97,24 +97,7 @@ def test_each_rank_holds_its_shard_of_the_latent(pool, checkpoint):
     and pcp = 1, 1/d); TP ranks outside one DCP group hold the same tokens (replicas)."""
     num_tokens = 37
     with _llm(pool, checkpoint) as llm:
-        engine = llm.engine
-        engine.add_request("r", list(range(10, 10 + num_tokens)), SamplingParams(max_tokens=4))
-        engine.step()  # the whole prompt in one step; the request stays running
-        table = torch.tensor(engine.kv.block_table("r"))
-        written = engine.executor.written_slots_per_rank()
-        engine.abort_request(["r"])
-        engine.check_integrity()
-
-    p = pool.parallel
-    shards = p.pcp * p.dcp
-    layout = KVLayout(BLOCK_SIZE, shards, 1)
-    positions = torch.arange(num_tokens)
-    blocks = table[positions // layout.virtual_block_size]
-    held = {}
-    for rank, slots in enumerate(written):
-        cp_rank = (rank // p.tp) * p.dcp + (rank % p.tp) % p.dcp
-        expected = layout.slot_mapping(positions, blocks, cp_rank)
-        assert sorted(slots.tolist()) == sorted(expected[expected >= 0].tolist()), f"rank {rank}"
-        assert abs(len(slots) - num_tokens / shards) < 1, f"rank {rank} holds {len(slots)}"
-        held.setdefault(cp_rank, set(positions[expected >= 0].tolist()))
-    assert sorted(sum((sorted(s) for s in held.values()), [])) == list(range(num_tokens))
+        held = assert_each_rank_holds_its_shard(llm, BLOCK_SIZE, 1, num_tokens)
+    shards = pool.parallel.pcp * pool.parallel.dcp
+    for rank, count in enumerate(held):
+        assert abs(count - num_tokens / shards) < 1, f"rank {rank} holds {count}"
