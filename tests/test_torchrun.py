@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -18,8 +19,11 @@ def _free_port() -> int:
 
 
 def _run(cmd: list[str]) -> str:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "TORCH_SHOW_CPP_STACKTRACES": "1"})
+    # On failure show what the ranks printed, not torchrun's own report of it.
+    ranks_said = [line for line in done.stderr.splitlines() if "torch/distributed/" not in line]
+    assert done.returncode == 0, "\n".join(ranks_said)[-6000:]
     return done.stdout
 
 

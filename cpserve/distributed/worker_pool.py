@@ -127,6 +127,40 @@ def _spawned_worker(rank: int, store_port: int, parallel: dict, device: str,
         os._exit(1)
 
 
+class _TorchrunExitBoard:
+    """Orders the teardown of ranks started by torchrun, which the driver cannot join.
+
+    A driver that tears its process group down while a worker is closing its own connections
+    can abort inside gloo. So, as with spawned ranks (the driver joins them first), the
+    driver waits until every worker has closed its group: each worker says so on torchrun's
+    rendezvous store (MASTER_ADDR:MASTER_PORT) after `destroy_process_group`.
+    """
+
+    def __init__(self, world: int, timeout_s: float) -> None:
+        self.world = world
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        # Keys are per run and per restart of the job, so a restarted job waits afresh.
+        self.prefix = (f"cpserve/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/"
+                       f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/closed/")
+
+    def _store(self) -> dist.TCPStore:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                             is_master=False, timeout=self.timeout)
+
+    def say_done(self, rank: int) -> None:
+        try:
+            self._store().set(f"{self.prefix}{rank}", "1")
+        except Exception:  # the driver is gone already: nobody is waiting
+            pass
+
+    def wait_for_workers(self) -> None:
+        try:
+            self._store().wait([f"{self.prefix}{r}" for r in range(1, self.world)],
+                               self.timeout)
+        except Exception:  # a worker died or the store went away: tear down anyway
+            pass
+
+
 class WorkerPool:
     def __init__(self, parallel: ParallelConfig, device: str,
                  timeout_s: float | None = None) -> None:
@@ -135,6 +169,7 @@ class WorkerPool:
         self.timeout_s = timeout_s if timeout_s is not None else default_timeout_s()
         self._processes: list = []
         self._store = None
+        self._exit_board: _TorchrunExitBoard | None = None
         self._failure: str | None = None
         # One plan at a time: the engine's steps and the keep-alive thread's empty plans.
         self._lock = threading.Lock()
@@ -156,9 +191,11 @@ class WorkerPool:
         self.device = rank_device(device, int(os.environ.get("LOCAL_RANK", rank)))
         self.groups = _init_distributed(self.parallel, rank, {"init_method": "env://"}, self.device,
                                         self.timeout_s)
+        self._exit_board = _TorchrunExitBoard(world, self.timeout_s)
         if rank != 0:
             serve_plans(self.groups, self.device)
             dist.destroy_process_group()
+            self._exit_board.say_done(rank)
             sys.exit(0)
 
     def _spawn_local(self, device: str) -> None:
@@ -239,6 +276,8 @@ class WorkerPool:
                 self._failure = "pool shut down"
             for proc in self._processes:
                 proc.join(timeout=10)
+            if self._exit_board is not None:
+                self._exit_board.wait_for_workers()
         self._failure = self._failure or "pool shut down"
         self._kill_workers()
         if self.world_size > 1 and dist.is_initialized():
