@@ -58,7 +58,8 @@ def make_runner(tmp_path, graphs: bool) -> ModelRunner:
 
 def test_dummy_weights_are_random_and_shared_by_seed(tmp_path):
     a, b = make_runner(tmp_path, False), make_runner(tmp_path, False)
-    wa, wb = a.model.model.layers[0].mlp.up_proj.weight, b.model.model.layers[0].mlp.up_proj.weight
+    wa = a.model.model.layers[0].mlp.gate_up_proj.weight
+    wb = b.model.model.layers[0].mlp.gate_up_proj.weight
     assert torch.equal(wa, wb) and 0.01 < wa.std().item() < 0.03
     assert (a.model.model.norm.weight == 1).all()
     assert a.kv_caches[0][0].std().item() > 0.5  # random, not zeros

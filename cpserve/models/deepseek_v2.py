@@ -44,7 +44,7 @@ from cpserve.models.layers import (
     RowParallelLinear,
     sharded_parameter,
 )
-from cpserve.models.llama import LlamaMLP
+from cpserve.models.llama import llama_mlp
 from cpserve.models.moe import MoE
 from cpserve.models.rope import RotaryEmbedding
 
@@ -178,7 +178,7 @@ class DeepseekV2ForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig, groups: ParallelGroups) -> None:
         def make_layer(layer: int) -> DecoderLayer:
             mlp = (MoE(config, groups) if is_moe_layer(config.hf_config, layer)
-                   else LlamaMLP(config, groups))
+                   else llama_mlp(config, groups))
             return DecoderLayer(config, MLAAttention(config, layer, groups), mlp)
 
         super().__init__(config, groups, make_layer)

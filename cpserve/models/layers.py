@@ -5,6 +5,7 @@ Each parameter records which slice of the checkpoint's full tensor this rank hol
 that slice from safetensors.
 
     ColumnParallelLinear   y[:, cols of rank]  = x @ W[cols of rank].T       (no communication)
+    MergedColumnParallelLinear  several column-parallel linears of one input as one GEMM
     RowParallelLinear      y = all_reduce_tp( x[:, rows of rank] @ W[:, rows of rank].T )
     VocabParallelEmbedding e = all_reduce_tp( rows of the vocab this rank holds, 0 elsewhere )
     ParallelLMHead         logits = all_gather_tp( h @ W[vocab of rank].T )
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpserve.distributed.groups import Group, all_gather, all_reduce
+from cpserve.distributed.groups import Group, ParallelGroups, all_gather, all_reduce
 
 
 def sharded_parameter(shape: tuple[int, ...], dtype: torch.dtype, shard=None) -> nn.Parameter:
@@ -54,6 +55,47 @@ class ColumnParallelLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class MergedColumnParallelLinear(nn.Module):
+    """Column-parallel linears that read the same input (q, k, v; gate, up), run as one GEMM.
+
+    The checkpoint keeps them apart, as modules beside this one; this rank's rows of each are
+    stacked in one weight, and the output is split back:
+
+        outputs = [("q_proj", rows_q, start_q), ("k_proj", rows_k, start_k), ...]
+        weight  = [ q_proj.weight[start_q : start_q + rows_q]    rows 0 .. rows_q
+                    k_proj.weight[start_k : start_k + rows_k]    next rows_k rows
+                    ... ]
+        forward(x) -> (x @ weight.T).split([rows_q, rows_k, ...])
+
+    One GEMM in place of several: decode, a few tokens against all the weights, pays per
+    kernel launch, and the small k/v projections alone reach less of the memory bandwidth.
+    """
+
+    def __init__(self, in_features: int, outputs: list[tuple[str, int, int]],
+                 dtype: torch.dtype, bias: bool = False) -> None:
+        super().__init__()
+        self.sizes = [rows for _, rows, _ in outputs]
+        self.weight = sharded_parameter((sum(self.sizes), in_features), dtype)
+        self.weight.parts = _stacked_parts(outputs, "weight")
+        self.bias = None
+        if bias:
+            self.bias = sharded_parameter((sum(self.sizes),), dtype)
+            self.bias.parts = _stacked_parts(outputs, "bias")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def _stacked_parts(outputs: list[tuple[str, int, int]], kind: str) -> list[tuple]:
+    """The loader's `parts` (see loader.py): rows `[start, start + rows)` of the sibling
+    module's tensor (`../name.kind`) go to the next `rows` rows of the stacked parameter."""
+    parts, offset = [], 0
+    for name, rows, start in outputs:
+        parts.append((f"../{name}.{kind}", (0, start, rows), (slice(offset, offset + rows),)))
+        offset += rows
+    return parts
+
+
 class RowParallelLinear(nn.Module):
     """Input features `[rank * in_local, (rank + 1) * in_local)`; partial sums all-reduced."""
 
@@ -66,6 +108,26 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(F.linear(x, self.weight), self.tp_group)
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), sharded over TP by intermediate rows; gate and up run as
+    one GEMM. `reduce=False` leaves the partial sums to the caller (a MoE layer reduces its
+    shared and routed experts together)."""
+
+    def __init__(self, hidden: int, intermediate: int, groups: ParallelGroups,
+                 dtype: torch.dtype, reduce: bool = True) -> None:
+        super().__init__()
+        local = intermediate // groups.tp
+        start = groups.tp_rank * local
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden, [("gate_proj", local, start), ("up_proj", local, start)], dtype)
+        self.down_proj = RowParallelLinear(local, hidden, groups.tp_rank,
+                                           groups.tp_group if reduce else None, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 def vocab_range(vocab_size: int, tp: int, tp_rank: int) -> tuple[int, int]:

@@ -10,7 +10,6 @@ Parameter names are the checkpoint's, so loading is a lookup.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cpserve.attention.context import AttentionContext
@@ -19,7 +18,8 @@ from cpserve.distributed.groups import ParallelGroups
 from cpserve.kv.spec import KVCacheSpec
 from cpserve.models.decoder import CausalLM, DecoderLayer
 from cpserve.models.layers import (
-    ColumnParallelLinear,
+    GatedMLP,
+    MergedColumnParallelLinear,
     RMSNorm,
     RowParallelLinear,
     sharded_parameter,
@@ -47,10 +47,10 @@ class LlamaAttention(nn.Module):
         first_kv, self.num_kv_heads = kv_heads_of_rank(config.num_kv_heads, tp, tp_rank)
         qkv_bias = config.architecture == "Qwen2ForCausalLM" or bool(hf.get("attention_bias"))
         hidden = config.hidden_size
-        self.q_proj = ColumnParallelLinear(hidden, self.num_heads * d, tp_rank * self.num_heads * d,
-                                           dtype, qkv_bias)
-        self.k_proj = ColumnParallelLinear(hidden, self.num_kv_heads * d, first_kv * d, dtype, qkv_bias)
-        self.v_proj = ColumnParallelLinear(hidden, self.num_kv_heads * d, first_kv * d, dtype, qkv_bias)
+        q_rows, kv_rows = self.num_heads * d, self.num_kv_heads * d
+        self.qkv_proj = MergedColumnParallelLinear(
+            hidden, [("q_proj", q_rows, tp_rank * q_rows), ("k_proj", kv_rows, first_kv * d),
+                     ("v_proj", kv_rows, first_kv * d)], dtype, qkv_bias)
         self.o_proj = RowParallelLinear(self.num_heads * d, hidden, tp_rank, groups.tp_group, dtype)
         if config.architecture == "LlamaForCausalLM" and hf.get("attention_bias"):
             self.o_proj.bias = sharded_parameter((hidden,), dtype)
@@ -65,9 +65,10 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
@@ -77,18 +78,9 @@ class LlamaAttention(nn.Module):
         return out + bias if bias is not None else out
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, groups: ParallelGroups) -> None:
-        super().__init__()
-        inter = int(config.hf_config["intermediate_size"]) // groups.tp
-        start = groups.tp_rank * inter
-        hidden, dtype = config.hidden_size, config.dtype
-        self.gate_proj = ColumnParallelLinear(hidden, inter, start, dtype)
-        self.up_proj = ColumnParallelLinear(hidden, inter, start, dtype)
-        self.down_proj = RowParallelLinear(inter, hidden, groups.tp_rank, groups.tp_group, dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+def llama_mlp(config: ModelConfig, groups: ParallelGroups) -> GatedMLP:
+    return GatedMLP(config.hidden_size, int(config.hf_config["intermediate_size"]), groups,
+                    config.dtype)
 
 
 class LlamaForCausalLM(CausalLM):
@@ -96,7 +88,7 @@ class LlamaForCausalLM(CausalLM):
 
     def __init__(self, config: ModelConfig, groups: ParallelGroups) -> None:
         super().__init__(config, groups, lambda layer: DecoderLayer(
-            config, LlamaAttention(config, layer, groups), LlamaMLP(config, groups)))
+            config, LlamaAttention(config, layer, groups), llama_mlp(config, groups)))
 
     def kv_cache_spec(self) -> KVCacheSpec:
         attn = self.model.layers[0].self_attn

@@ -30,15 +30,23 @@ def _reads(name: str, param: nn.Parameter) -> list[tuple[str, tuple | None, tupl
     """(checkpoint tensor, slice of it to read, where in `param` it goes) for one parameter.
 
     A parameter is one checkpoint tensor, or the slice `param.shard = (dim, start, length)` of
-    it. A parameter that stacks several tensors (a layer's experts) lists them in
-    `param.parts = [(name relative to the parameter's module, shard, index into param)]`.
+    it. A parameter that stacks several tensors (a layer's experts, merged q/k/v rows) lists
+    them in `param.parts = [(name relative to the parameter's module, shard, index into
+    param)]`; each leading "../" in a name climbs one module, to tensors of sibling modules.
     """
     parts = getattr(param, "parts", None)
     if parts is None:
         return [(name, getattr(param, "shard", None), ())]
-    module = name.rpartition(".")[0]
-    prefix = f"{module}." if module else ""
-    return [(prefix + part, shard, index) for part, shard, index in parts]
+    return [(_relative_name(name.rpartition(".")[0], part), shard, index)
+            for part, shard, index in parts]
+
+
+def _relative_name(module: str, relative: str) -> str:
+    """"model.layers.0.self_attn.qkv_proj" + "../q_proj.weight"
+    -> "model.layers.0.self_attn.q_proj.weight"."""
+    while relative.startswith("../"):
+        module, relative = module.rpartition(".")[0], relative[3:]
+    return f"{module}.{relative}" if module else relative
 
 
 def load_weights(model: nn.Module, config: ModelConfig) -> None:

@@ -32,7 +32,7 @@ from torch import nn
 
 from cpserve.config import ConfigError, ModelConfig
 from cpserve.distributed.groups import ParallelGroups, all_reduce
-from cpserve.models.layers import ColumnParallelLinear, RowParallelLinear, sharded_parameter
+from cpserve.models.layers import GatedMLP, sharded_parameter
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
@@ -205,21 +205,6 @@ class RoutedExperts(nn.Module):
         return self.impl(x, self.w13, self.w2, weights, ids)
 
 
-class SharedExperts(nn.Module):
-    """The always-on experts: a gated MLP whose partial output is reduced with the routed one."""
-
-    def __init__(self, hidden: int, inter: int, groups: ParallelGroups, dtype: torch.dtype) -> None:
-        super().__init__()
-        local = inter // groups.tp
-        start = groups.tp_rank * local
-        self.gate_proj = ColumnParallelLinear(hidden, local, start, dtype)
-        self.up_proj = ColumnParallelLinear(hidden, local, start, dtype)
-        self.down_proj = RowParallelLinear(local, hidden, groups.tp_rank, None, dtype)  # no reduce
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class MoE(nn.Module):
     """A DeepSeek MoE layer (`mlp` of layers from `first_k_dense_replace` on)."""
 
@@ -236,7 +221,8 @@ class MoE(nn.Module):
         self.experts = RoutedExperts(routing.num_experts, hidden, local, groups.tp_rank * local,
                                      dtype)
         shared = int(hf.get("n_shared_experts") or 0)
-        self.shared_experts = (SharedExperts(hidden, inter * shared, groups, dtype)
+        # The always-on experts: a gated MLP whose partial sums are reduced with the routed ones.
+        self.shared_experts = (GatedMLP(hidden, inter * shared, groups, dtype, reduce=False)
                                if shared else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
