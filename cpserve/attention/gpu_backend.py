@@ -80,6 +80,25 @@ class _PlanCache:
         return plan
 
 
+class _PlacedPlan:
+    """A step's dense plan with its index tensors already on the device. Built once per step
+    (the plan cache hands it to every layer), so the layers copy nothing from the host."""
+
+    def __init__(self, plan: DensePlan, device: torch.device) -> None:
+        self.plan = plan
+        self.key_order = (None if plan.key_order is None
+                          else plan.key_order.to(device, non_blocking=True))
+        # For one variable-length call: pieces tile all rows (varlen_causal), so the row
+        # offsets of the sequences are the run ends.
+        self.run_offsets = (torch.tensor([0] + [p.q_hi for p in plan.pieces], dtype=torch.int32,
+                                         device=device) if plan.varlen_causal else None)
+
+    @staticmethod
+    def build(q_pos, k_pos, q_seq, k_seq, device: torch.device) -> _PlacedPlan | None:
+        plan = build_dense_plan(q_pos, k_pos, q_seq, k_seq)
+        return None if plan is None else _PlacedPlan(plan, device)
+
+
 class GPUBackend:
     name = "gpu"
 
@@ -121,27 +140,25 @@ class GPUBackend:
         if q.shape[0] * k.shape[0] <= SMALL_DENSE_PAIRS or not library:
             return masked_attention_triton(q, k, v, q_pos, k_pos, q_seq, k_seq, scale)
         plan = self._plans.get((q_pos, k_pos, q_seq, k_seq),
-                               lambda: build_dense_plan(q_pos, k_pos, q_seq, k_seq))
+                               lambda: _PlacedPlan.build(q_pos, k_pos, q_seq, k_seq, q.device))
         if plan is None:
             self.fallbacks.add("dense: irregular layout, masked kernel")
             return masked_attention_triton(q, k, v, q_pos, k_pos, q_seq, k_seq, scale)
         return self._run_plan(plan, q, k, v, scale)
 
-    def _run_plan(self, plan: DensePlan, q, k, v, scale):
+    def _run_plan(self, placed: _PlacedPlan, q, k, v, scale):
+        plan = placed.plan
         out = torch.zeros(*q.shape[:2], v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         if not plan.pieces:
             return out, lse
         if plan.varlen_causal and (len(plan.pieces) > MAX_CUDNN_PIECES or not self.ops["cudnn"]) \
                 and self.ops["flash"]:
-            # Pieces tile all rows (varlen_causal), so row offsets are the run ends.
-            cu = torch.tensor([0] + [p.q_hi for p in plan.pieces], dtype=torch.int32)
             longest = max(p.q_hi - p.q_lo for p in plan.pieces)
-            return flash_varlen_attention(q, k, v, cu.to(q.device), cu.to(q.device), longest,
-                                          longest, True, scale)
-        if plan.key_order is not None:
-            order = plan.key_order.to(q.device, non_blocking=True)
-            k, v = k.index_select(0, order), v.index_select(0, order)
+            return flash_varlen_attention(q, k, v, placed.run_offsets, placed.run_offsets,
+                                          longest, longest, True, scale)
+        if placed.key_order is not None:
+            k, v = k.index_select(0, placed.key_order), v.index_select(0, placed.key_order)
         by_run: dict[int, list] = {}
         for piece in plan.pieces:
             op = self.causal_op if piece.causal else self.full_op

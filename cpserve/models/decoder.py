@@ -18,6 +18,7 @@ from cpserve.attention.context import AttentionContext
 from cpserve.config import ModelConfig
 from cpserve.distributed.groups import ParallelGroups
 from cpserve.models.layers import ParallelLMHead, RMSNorm, VocabParallelEmbedding
+from cpserve.models.rope import StepPositions
 
 
 def _eps(config: ModelConfig) -> float:
@@ -32,7 +33,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, _eps(config), config.dtype)
         self.mlp = mlp
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+    def forward(self, positions: StepPositions, x: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
         x = x + self.self_attn(positions, self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -50,8 +51,9 @@ class DecoderModel(nn.Module):
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
         x = self.embed_tokens(token_ids)
+        step_positions = StepPositions(positions)
         for layer in self.layers:
-            x = layer(positions, x, ctx)
+            x = layer(step_positions, x, ctx)
         return self.norm(x)
 
 

@@ -46,7 +46,7 @@ from cpserve.models.layers import (
 )
 from cpserve.models.llama import llama_mlp
 from cpserve.models.moe import MoE
-from cpserve.models.rope import RotaryEmbedding
+from cpserve.models.rope import RotaryEmbedding, StepPositions
 
 # transformers' and DeepSeek's q_a_layernorm / kv_a_layernorm keep the default eps.
 LATENT_NORM_EPS = 1e-6
@@ -85,10 +85,11 @@ class DeepseekRope(nn.Module):
         self.rotary = RotaryEmbedding(config.rope, rope_dim, max_pos)
         self.interleaved = interleaved
 
-    def forward(self, positions, q, k):
+    def forward(self, positions: StepPositions, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.interleaved:
             return self.rotary(positions, q, k)
-        cos, sin = self.rotary.cos_sin(positions, torch.float32)
+        cos, sin = positions.cos_sin(self.rotary, torch.float32)
         half = cos.shape[-1] // 2
         cos, sin = cos[..., :half], sin[..., :half]  # cos_sin repeats the angles twice
 
@@ -101,7 +102,8 @@ class DeepseekRope(nn.Module):
 
 
 class MLAAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, groups: ParallelGroups) -> None:
+    def __init__(self, config: ModelConfig, layer: int, groups: ParallelGroups,
+                 rope: DeepseekRope) -> None:
         super().__init__()
         hf, dtype, hidden = config.hf_config, config.dtype, config.hidden_size
         tp, tp_rank = groups.tp, groups.tp_rank
@@ -132,9 +134,7 @@ class MLAAttention(nn.Module):
                                         dtype)
         if bias:  # added once, after the all-reduce
             self.o_proj.bias = sharded_parameter((hidden,), dtype)
-        interleaved = (config.architecture == "DeepseekV2ForCausalLM"
-                       or bool(hf.get("rope_interleave", True)))
-        self.rope = DeepseekRope(config, self.rope_dim, interleaved)
+        self.rope = rope  # one for all layers (see StepPositions)
         self.scale = softmax_scale(qk, config.rope)
 
     def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +143,7 @@ class MLAAttention(nn.Module):
                                        self.kv_lora_rank)
         return w[:, : self.nope], w[:, self.nope:]
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+    def forward(self, positions: StepPositions, x: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
         tokens, latent_dim = x.shape[0], self.kv_lora_rank
         if self.q_proj is not None:
@@ -176,10 +176,14 @@ class DeepseekV2ForCausalLM(CausalLM):
     prediction layers, stored after the last layer, are not used)."""
 
     def __init__(self, config: ModelConfig, groups: ParallelGroups) -> None:
+        hf = config.hf_config
+        interleaved = (config.architecture == "DeepseekV2ForCausalLM"
+                       or bool(hf.get("rope_interleave", True)))
+        rope = DeepseekRope(config, int(hf["qk_rope_head_dim"]), interleaved)
+
         def make_layer(layer: int) -> DecoderLayer:
-            mlp = (MoE(config, groups) if is_moe_layer(config.hf_config, layer)
-                   else llama_mlp(config, groups))
-            return DecoderLayer(config, MLAAttention(config, layer, groups), mlp)
+            mlp = (MoE(config, groups) if is_moe_layer(hf, layer) else llama_mlp(config, groups))
+            return DecoderLayer(config, MLAAttention(config, layer, groups, rope), mlp)
 
         super().__init__(config, groups, make_layer)
 

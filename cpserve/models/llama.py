@@ -24,7 +24,7 @@ from cpserve.models.layers import (
     RowParallelLinear,
     sharded_parameter,
 )
-from cpserve.models.rope import RotaryEmbedding
+from cpserve.models.rope import RotaryEmbedding, StepPositions
 
 
 def kv_heads_of_rank(num_kv_heads: int, tp: int, tp_rank: int) -> tuple[int, int]:
@@ -37,7 +37,8 @@ def kv_heads_of_rank(num_kv_heads: int, tp: int, tp_rank: int) -> tuple[int, int
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, groups: ParallelGroups) -> None:
+    def __init__(self, config: ModelConfig, layer: int, groups: ParallelGroups,
+                 rotary: RotaryEmbedding) -> None:
         super().__init__()
         hf, dtype = config.hf_config, config.dtype
         tp, tp_rank = groups.tp, groups.tp_rank
@@ -60,10 +61,11 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(d, eps, dtype)
         else:
             self.q_norm = self.k_norm = None
-        self.rotary = RotaryEmbedding(config.rope, d, int(hf.get("max_position_embeddings", 2048)))
+        self.rotary = rotary  # one for all layers (see StepPositions)
         self.scale = d ** -0.5
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, positions: StepPositions, x: torch.Tensor,
+                ctx: AttentionContext) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x)
         q = q.view(tokens, self.num_heads, self.head_dim)
@@ -87,8 +89,10 @@ class LlamaForCausalLM(CausalLM):
     """Also serves Qwen2ForCausalLM and Qwen3ForCausalLM."""
 
     def __init__(self, config: ModelConfig, groups: ParallelGroups) -> None:
+        rotary = RotaryEmbedding(config.rope, config.head_dim,
+                                 int(config.hf_config.get("max_position_embeddings", 2048)))
         super().__init__(config, groups, lambda layer: DecoderLayer(
-            config, LlamaAttention(config, layer, groups), llama_mlp(config, groups)))
+            config, LlamaAttention(config, layer, groups, rotary), llama_mlp(config, groups)))
 
     def kv_cache_spec(self) -> KVCacheSpec:
         attn = self.model.layers[0].self_attn

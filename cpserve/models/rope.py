@@ -78,6 +78,27 @@ def _yarn(rope: dict[str, Any], base: float, dim: int,
     return inv_freq, float(attention_factor)
 
 
+class StepPositions:
+    """The positions of a forward pass's tokens, and the cos/sin of rotary embeddings there.
+
+    The layers of a model share one RotaryEmbedding: the first layer to ask computes its
+    cos/sin, the others reuse them (a decode step would otherwise spend a dozen small kernels
+    a layer on the same tables). A new StepPositions is made for every forward pass, so
+    nothing carries over from one step to the next, nor past a CUDA graph capture.
+    """
+
+    def __init__(self, positions: torch.Tensor) -> None:
+        self.positions = positions
+        self._tables: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin(self, rotary: RotaryEmbedding,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (id(rotary), dtype)
+        if key not in self._tables:
+            self._tables[key] = rotary.cos_sin(self.positions, dtype)
+        return self._tables[key]
+
+
 class RotaryEmbedding(nn.Module):
     """Applies rotate-half RoPE to q and k at given positions."""
 
@@ -96,9 +117,9 @@ class RotaryEmbedding(nn.Module):
         sin = (emb.sin() * self.attention_factor).to(dtype)
         return cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, rotary_dim], broadcast over heads
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor,
+    def forward(self, positions: StepPositions, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin(positions, q.dtype)
+        cos, sin = positions.cos_sin(self, q.dtype)
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
 
 
