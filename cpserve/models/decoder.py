@@ -4,7 +4,8 @@
               -> layers: x + attn(norm(x)), then x + mlp(norm(x))   (pre-norm residual)
               -> final norm -> hidden states;  compute_logits: vocab-parallel LM head
 
-Module names are the checkpoints' (`model.layers.N.self_attn...`), so loading is a lookup.
+Module names are the checkpoints' (`model.layers.N.self_attn...`), so loading is a lookup
+(merged projections name the checkpoint tensors they stack: layers.MergedColumnParallelLinear).
 """
 
 from __future__ import annotations

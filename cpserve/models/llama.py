@@ -4,7 +4,8 @@ Differences inside the family are switches, not subclasses:
   Qwen2: bias on q/k/v.   Qwen3: RMSNorm on each head of q and k, explicit head_dim.
   Llama: `attention_bias` adds bias on q/k/v/o.
 
-Parameter names are the checkpoint's, so loading is a lookup.
+Parameter names are the checkpoint's, so loading is a lookup; the merged projections
+(`qkv_proj`, `mlp.gate_up_proj`) name the checkpoint tensors they stack.
 """
 
 from __future__ import annotations
