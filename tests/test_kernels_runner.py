@@ -117,3 +117,19 @@ def test_profiled_kv_budget_is_positive(tmp_path):
     free, total = torch.cuda.mem_get_info()
     assert runner.num_blocks * runner.bytes_per_block < 0.3 * total
     assert "profiled a 256-token step" in runner.profile_report
+
+
+def test_rotary_tables_are_computed_once_per_forward_pass(tmp_path, monkeypatch):
+    """All layers share one step's cos/sin; the next step computes its own."""
+    from cpserve.models.rope import RotaryEmbedding
+
+    calls = []
+    original = RotaryEmbedding.cos_sin
+    monkeypatch.setattr(RotaryEmbedding, "cos_sin",
+                        lambda self, *a: calls.append(1) or original(self, *a))
+    runner = make_runner(tmp_path, False)
+    assert len(runner.model.model.layers) == 2
+    runner.execute(StepPlan([PlannedRequest("a", list(range(3, 12)), 0, [0, 1, 2], True, 1)]))
+    assert len(calls) == 1
+    runner.execute(StepPlan([PlannedRequest("a", [5], 9, [], False, 1)]))
+    assert len(calls) == 2
