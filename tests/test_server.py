@@ -22,6 +22,7 @@ from cpserve import LLM, SamplingParams
 from cpserve.engine.args import EngineArgs
 from cpserve.engine.async_engine import AsyncEngine
 from cpserve.entrypoints.openai.api_server import ServerThread, build_app
+from tests.prometheus import read_metric
 
 ENGINE_ARGS = dict(model="tiny", max_model_len=512, num_kv_blocks=256, max_num_seqs=64)
 MAX_MODEL_LEN = ENGINE_ARGS["max_model_len"]
@@ -47,10 +48,7 @@ class Server:
                                   timeout=60)
 
     def metric(self, name: str) -> float:
-        for line in self.http.get("/metrics").text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise KeyError(name)
+        return read_metric(self.http, name)
 
     def check_integrity(self) -> None:
         asyncio.run(self.engine.call(lambda engine: engine.check_integrity()))

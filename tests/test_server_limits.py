@@ -14,6 +14,7 @@ import pytest
 from cpserve.engine.args import EngineArgs
 from cpserve.engine.async_engine import AsyncEngine
 from cpserve.entrypoints.openai.api_server import ServerThread, build_app
+from tests.prometheus import read_metric
 
 KEY = "s3cret-key"
 MAX_MODEL_LEN = 1024
@@ -37,10 +38,7 @@ class StrictServer:
                                     timeout=60)
 
     def metric(self, name: str) -> float:
-        for line in self.http.get("/metrics").text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise KeyError(name)
+        return read_metric(self.http, name)
 
     def wait_for(self, name: str, value: float, timeout_s: float = 5.0) -> None:
         deadline = time.monotonic() + timeout_s
