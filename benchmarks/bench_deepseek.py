@@ -42,9 +42,9 @@ import torch
 
 from cpserve.attention.backend import get_backend
 from cpserve.distributed.plan import PlannedRequest, StepPlan
-from cpserve.distributed.worker_pool import WorkerPool
 from cpserve.engine.args import EngineArgs
 from cpserve.engine.executor import Executor
+from cpserve.engine.worker import start_worker_pool
 from cpserve.kv.layout import KVLayout
 
 # DeepSeek-V2-Lite's config.json (deepseek-ai/DeepSeek-V2-Lite): 15.7B parameters, 2.4B active.
@@ -134,7 +134,7 @@ class Layout:
         self.config = engine_args.create_engine_config()
         self.kv_layout = KVLayout(args.block_size, pcp * dcp, 1)
         # The pool is ours, so that a failed start (out of memory) still frees its ranks.
-        self.pool = WorkerPool(self.config.parallel, self.config.device)
+        self.pool = start_worker_pool(self.config.parallel, self.config.device)
         try:
             self.executor = Executor(self.config, self.pool)
         except BaseException:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from cpserve.engine.request import Request, RequestStatus
 from cpserve.kv.block_pool import BlockPool
 from cpserve.kv.layout import KVLayout
 from cpserve.kv.manager import KVCacheManager
+from cpserve.request import Request, RequestStatus
 from cpserve.sampling_params import SamplingParams
 
 

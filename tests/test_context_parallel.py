@@ -12,6 +12,7 @@ import torch
 from cpserve import LLM, SamplingParams
 from cpserve.config import ParallelConfig
 from cpserve.distributed.worker_pool import WorkerPool
+from cpserve.engine.worker import start_worker_pool
 from tests.checkpoints import random_prompts
 from tests.kv_placement import assert_each_rank_holds_its_shard
 
@@ -46,7 +47,7 @@ def reference():
 @pytest.fixture(scope="module", params=LAYOUTS, ids=lambda x: f"tp{x[0]}-pcp{x[1]}-dcp{x[2]}")
 def pool(request):
     tp, pcp, dcp = request.param
-    with WorkerPool(ParallelConfig(tp, pcp, dcp), "cpu") as pool:
+    with start_worker_pool(ParallelConfig(tp, pcp, dcp), "cpu") as pool:
         yield pool
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from cpserve import LLM, SamplingParams
 from cpserve.config import ConfigError, ParallelConfig
-from cpserve.distributed.worker_pool import WorkerDiedError, WorkerPool
+from cpserve.distributed.worker_pool import WorkerDiedError
+from cpserve.engine.worker import start_worker_pool
 from tests.checkpoints import make_checkpoint
 
 
@@ -38,7 +39,7 @@ def test_gqa_rules_with_more_kv_heads(tmp_path):
 def test_idle_ranks_stay_alive_and_a_killed_rank_is_named():
     params = SamplingParams(temperature=0, max_tokens=4)
     # A short collective timeout: idle ranks must be kept alive by the driver's keep-alives.
-    with WorkerPool(ParallelConfig(1, 2, 1), "cpu", timeout_s=3) as pool:
+    with start_worker_pool(ParallelConfig(1, 2, 1), "cpu", timeout_s=3) as pool:
         llm = LLM("tiny", worker_pool=pool, prefill_context_parallel_size=2, num_kv_blocks=64)
         first = llm.generate("hello there", params, use_tqdm=False)
         time.sleep(5)
@@ -58,7 +59,7 @@ def test_a_rank_that_stops_answering_is_noticed():
     import os
     import signal
 
-    with WorkerPool(ParallelConfig(2, 1, 1), "cpu", timeout_s=3) as pool:
+    with start_worker_pool(ParallelConfig(2, 1, 1), "cpu", timeout_s=3) as pool:
         llm = LLM("tiny", worker_pool=pool, tensor_parallel_size=2, num_kv_blocks=64)
         os.kill(pool._processes[0].pid, signal.SIGSTOP)
         started = time.monotonic()

@@ -14,6 +14,7 @@ import torch
 from cpserve import LLM, SamplingParams
 from cpserve.config import ParallelConfig
 from cpserve.distributed.worker_pool import WorkerPool
+from cpserve.engine.worker import start_worker_pool
 from tests.checkpoints import make_deepseek_checkpoint, random_prompts
 from tests.kv_placement import assert_each_rank_holds_its_shard
 
@@ -54,7 +55,7 @@ def reference(checkpoint):
 @pytest.fixture(scope="module", params=LAYOUTS, ids=lambda p: f"tp{p[0]}-pcp{p[1]}-dcp{p[2]}")
 def pool(request):
     tp, pcp, dcp = request.param
-    with WorkerPool(ParallelConfig(tp, pcp, dcp), "cpu") as pool:
+    with start_worker_pool(ParallelConfig(tp, pcp, dcp), "cpu") as pool:
         yield pool
 
 

@@ -12,8 +12,9 @@ import torch
 from cpserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from cpserve.distributed.groups import single_process_groups
 from cpserve.distributed.plan import PlannedRequest, StepPlan
-from cpserve.engine import model_runner
-from cpserve.engine.model_runner import DecodeGraphs, ModelRunner
+from cpserve.engine import cuda_graphs
+from cpserve.engine.cuda_graphs import DecodeGraphs
+from cpserve.engine.model_runner import ModelRunner
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=64,
@@ -33,8 +34,8 @@ class ReplayByRerun:
 
 
 def fake_capture(self, bucket):
-    ctx = model_runner.AttentionContext(self._metadata(bucket), self.runner.kv_caches,
-                                        self.runner.groups, self.runner.backend)
+    ctx = cuda_graphs.AttentionContext(self._metadata(bucket), self.runner.kv_caches,
+                                       self.runner.groups, self.runner.backend)
 
     def forward():
         return self.runner.model(self.token_ids[:bucket], self.positions[:bucket], ctx)
@@ -94,16 +95,16 @@ def test_graphs_only_for_single_rank_cuda_without_enforce_eager(tmp_path, monkey
     runner = make_runner(tmp_path, False)
     groups = single_process_groups()
     cuda = torch.device("cuda")
-    assert model_runner.graphs_enabled(runner.config, groups, cuda)
-    assert not model_runner.graphs_enabled(runner.config, groups, torch.device("cpu"))
+    assert cuda_graphs.graphs_enabled(runner.config, groups, cuda)
+    assert not cuda_graphs.graphs_enabled(runner.config, groups, torch.device("cpu"))
     eager = EngineConfig(runner.config.model, ParallelConfig(), runner.config.cache,
                          runner.config.scheduler, device=DEVICE, enforce_eager=True)
-    assert not model_runner.graphs_enabled(eager, groups, cuda)
+    assert not cuda_graphs.graphs_enabled(eager, groups, cuda)
     two = type(groups)(rank=0, tp=2, pcp=1, dcp=1)
     monkeypatch.delenv("CPSERVE_CUDA_GRAPH_COLLECTIVES", raising=False)
-    assert not model_runner.graphs_enabled(runner.config, two, cuda)
+    assert not cuda_graphs.graphs_enabled(runner.config, two, cuda)
     monkeypatch.setenv("CPSERVE_CUDA_GRAPH_COLLECTIVES", "1")
-    assert model_runner.graphs_enabled(runner.config, two, cuda)
+    assert cuda_graphs.graphs_enabled(runner.config, two, cuda)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="profiling sizes the cache from GPU memory")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from cpserve.config import SchedulerConfig
-from cpserve.engine.request import Request, RequestStatus
 from cpserve.engine.scheduler import Scheduler
 from cpserve.kv.layout import KVLayout
 from cpserve.kv.manager import KVCacheManager
+from cpserve.request import Request, RequestStatus
 from cpserve.sampling_params import SamplingParams
 
 

@@ -2,9 +2,12 @@
 
     driver (rank 0)                            worker (rank r > 0)
     ---------------                            -------------------
-    pool.send(StepPlan(load=config))  ─gloo─>  runner = ModelRunner(config)
-    pool.send(plan); runner.execute(plan)      runner.execute(plan)   <─ NCCL/gloo collectives ─>
-    pool.send(StepPlan(shutdown=True))         exit
+    pool.run(StepPlan(load=config))   ─gloo─>  worker_loop(groups, device): builds a runner
+    pool.run(plan, local_work)                 runs each plan   <─ NCCL/gloo collectives ─>
+    pool.shutdown()                            exit
+
+The pool knows nothing of models: what a worker does with plans is `worker_loop`, given by
+the engine (`cpserve.engine.worker.serve_plans`). This module is transport and launch only.
 
 Locally the driver spawns the other ranks itself; under torchrun every rank is started by
 torchrun, rank 0 becomes the driver and the others serve plans inside `WorkerPool(...)` and
@@ -19,6 +22,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
@@ -28,6 +32,9 @@ import torch.multiprocessing as mp
 from cpserve.config import ParallelConfig
 from cpserve.distributed.groups import ParallelGroups, build_groups, single_process_groups
 from cpserve.distributed.plan import StepPlan, broadcast_plan
+
+# What a non-driver rank runs until shutdown: follows the driver's plans.
+WorkerLoop = Callable[[ParallelGroups, torch.device], None]
 
 # A rank that does not answer a collective for this long is taken for dead. Steps are kept
 # short by max_num_batched_tokens; an idle driver sends keep-alive plans well within it.
@@ -72,29 +79,6 @@ def _share_cpu_threads(device: str, world: int) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
 
-def serve_plans(groups: ParallelGroups, device: torch.device) -> None:
-    """A worker's life: follow the driver's plans until told to shut down."""
-    from cpserve.distributed.config_codec import config_from_dict
-    from cpserve.engine.model_runner import ModelRunner
-
-    runner = None
-    while True:
-        plan = broadcast_plan(None, groups.cpu_group)
-        if plan.shutdown:
-            if runner is not None:
-                runner.close()
-            return
-        if plan.load is not None:
-            if runner is not None:
-                runner.close()
-            runner = None  # free the old model and cache before building the new ones
-            runner = ModelRunner(config_from_dict(plan.load), groups, device)
-        elif plan.probe_kv:
-            gather_to_driver(runner.written_slots(), groups)
-        elif plan.requests or plan.freed_request_ids:  # an empty plan only keeps us alive
-            runner.execute(plan)
-
-
 def gather_to_driver(values: torch.Tensor, groups: ParallelGroups) -> list[torch.Tensor] | None:
     """Gather a 1-D int64 tensor of any length from every rank; the list on rank 0."""
     size = torch.tensor([values.numel()])
@@ -111,7 +95,7 @@ def gather_to_driver(values: torch.Tensor, groups: ParallelGroups) -> list[torch
 
 
 def _spawned_worker(rank: int, store_port: int, parallel: dict, device: str,
-                    timeout_s: float) -> None:
+                    timeout_s: float, worker_loop: WorkerLoop) -> None:
     """Entry point of a locally spawned rank (only plain values cross the process boundary)."""
     try:
         _share_cpu_threads(device, ParallelConfig(**parallel).world_size)
@@ -120,7 +104,7 @@ def _spawned_worker(rank: int, store_port: int, parallel: dict, device: str,
                               timeout=datetime.timedelta(seconds=timeout_s))
         groups = _init_distributed(ParallelConfig(**parallel), rank, {"store": store},
                                    local_device, timeout_s)
-        serve_plans(groups, local_device)
+        worker_loop(groups, local_device)
         dist.destroy_process_group()
     except Exception as exc:  # the driver reports this rank by its exit code
         print(f"cpserve rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
@@ -162,9 +146,10 @@ class _TorchrunExitBoard:
 
 
 class WorkerPool:
-    def __init__(self, parallel: ParallelConfig, device: str,
+    def __init__(self, parallel: ParallelConfig, device: str, worker_loop: WorkerLoop,
                  timeout_s: float | None = None) -> None:
         self.parallel = parallel
+        self.worker_loop = worker_loop
         self.world_size = parallel.world_size
         self.timeout_s = timeout_s if timeout_s is not None else default_timeout_s()
         self._processes: list = []
@@ -193,7 +178,7 @@ class WorkerPool:
                                         self.timeout_s)
         self._exit_board = _TorchrunExitBoard(world, self.timeout_s)
         if rank != 0:
-            serve_plans(self.groups, self.device)
+            self.worker_loop(self.groups, self.device)
             dist.destroy_process_group()
             self._exit_board.say_done(rank)
             sys.exit(0)
@@ -207,7 +192,7 @@ class WorkerPool:
         for rank in range(1, self.world_size):
             proc = ctx.Process(target=_spawned_worker, daemon=True, name=f"cpserve-rank{rank}",
                                args=(rank, self._store.port, asdict(self.parallel), device,
-                                     self.timeout_s))
+                                     self.timeout_s, self.worker_loop))
             proc.start()
             self._processes.append(proc)
         threading.Thread(target=self._watch_workers, daemon=True).start()

@@ -9,13 +9,15 @@ from cpserve.distributed.config_codec import config_to_dict
 from cpserve.distributed.plan import StepPlan
 from cpserve.distributed.worker_pool import WorkerPool, gather_to_driver
 from cpserve.engine.model_runner import ModelRunner
+from cpserve.engine.worker import start_worker_pool
 
 
 class Executor:
     def __init__(self, config: EngineConfig, pool: WorkerPool | None = None) -> None:
         self.config = config
         self.owns_pool = pool is None
-        self.pool = pool if pool is not None else WorkerPool(config.parallel, config.device)
+        self.pool = pool if pool is not None else start_worker_pool(config.parallel,
+                                                                     config.device)
         p, q = self.pool.parallel, config.parallel
         if (p.tp, p.pcp, p.dcp) != (q.tp, q.pcp, q.dcp):
             raise ConfigError(f"the worker pool runs tp={p.tp} pcp={p.pcp} dcp={p.dcp}, the "

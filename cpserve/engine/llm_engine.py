@@ -21,12 +21,12 @@ from cpserve.distributed.worker_pool import WorkerPool
 from cpserve.engine.args import EngineArgs
 from cpserve.engine.executor import Executor
 from cpserve.engine.output import OutputProcessor, ParentRequest
-from cpserve.engine.request import Request, RequestStatus
 from cpserve.engine.sampler import Sampler, SamplingRow, make_generator, prompt_logprobs
 from cpserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from cpserve.kv.layout import KVLayout
 from cpserve.kv.manager import KVCacheManager
 from cpserve.outputs import RequestOutput
+from cpserve.request import Request, RequestStatus
 from cpserve.sampling_params import SamplingParams
 from cpserve.tokenizer import Tokenizer
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cpserve.engine.request import Request, RequestStatus
 from cpserve.engine.sampler import SampledToken
 from cpserve.outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
+from cpserve.request import Request, RequestStatus
 from cpserve.sampling_params import SamplingParams
 from cpserve.tokenizer import IncrementalDetokenizer, Tokenizer
 

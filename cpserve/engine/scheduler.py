@@ -16,8 +16,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from cpserve.config import SchedulerConfig
-from cpserve.engine.request import Request, RequestStatus
 from cpserve.kv.manager import KVCacheManager
+from cpserve.request import Request, RequestStatus
 
 
 @dataclass

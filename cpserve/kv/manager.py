@@ -18,9 +18,9 @@ import hashlib
 import os
 import struct
 
-from cpserve.engine.request import Request
 from cpserve.kv.block_pool import BlockPool
 from cpserve.kv.layout import KVLayout
+from cpserve.request import Request
 
 
 class KVCacheManager:

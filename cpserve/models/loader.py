@@ -76,9 +76,25 @@ def load_weights(model: nn.Module, config: ModelConfig) -> None:
                     target.copy_(loaded.to(target.dtype))
 
 
-def build_model(config: ModelConfig, groups: ParallelGroups, device: torch.device) -> nn.Module:
+def build_model(config: ModelConfig, groups: ParallelGroups, device: torch.device,
+                load_format: str = "auto", seed: int = 0) -> nn.Module:
+    """The model of `config` on `device`, this rank's slices loaded from the checkpoint; or,
+    with load format "dummy", random weights made directly on the device (benchmarks: speed
+    does not depend on the values, and an 8B model needs no 16 GB of files)."""
     from cpserve.models.registry import model_class
 
-    model = model_class(config.architecture)(config, groups)
-    load_weights(model, config)
-    return model.to(device).eval()
+    if load_format != "dummy":
+        model = model_class(config.architecture)(config, groups)
+        load_weights(model, config)
+        return model.to(device).eval()
+    with torch.device(device):
+        model = model_class(config.architecture)(config, groups)
+    # Seeded by TP rank: PCP ranks hold the same weights, as with a checkpoint.
+    gen = torch.Generator(device=device).manual_seed(seed + groups.tp_rank)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+    return model.eval()
