@@ -286,3 +286,18 @@ def check_engine_config(cfg: EngineConfig) -> None:
         raise ConfigError(f"load_format={cfg.load_format!r} must be 'auto' or 'dummy'")
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"device={cfg.device!r} must be 'cpu', 'cuda' or 'auto'")
+
+
+def check_kv_capacity(cfg: EngineConfig, num_blocks: int) -> None:
+    """The start-up rule that needs the cache's size, known once the model runner decided it:
+    one request of `max_model_len` tokens must fit, or it could never finish (vLLM refuses
+    such a configuration at start-up too)."""
+    capacity = num_blocks * cfg.virtual_block_size
+    max_len = cfg.model.max_model_len
+    if max_len > capacity:
+        raise ConfigError(
+            f"max_model_len={max_len} does not fit in the KV cache, which holds {capacity} "
+            f"tokens ({num_blocks} blocks of {cfg.virtual_block_size} tokens): a request of "
+            f"max_model_len tokens could never finish. Lower --max-model-len to at most "
+            f"{capacity}, or give the KV cache more room with --num-kv-blocks, "
+            "--kv-cache-memory (CPU) or --gpu-memory-utilization (GPU)")

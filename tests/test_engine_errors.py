@@ -81,3 +81,87 @@ def test_stop_strings_and_running_text_is_never_taken_back(llm):
             seen = text
     assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop
     assert seen == full[: full.index(stop)]
+
+
+# ---- KV capacity: refused at start-up ------------------------------------------------------
+
+
+def test_max_model_len_beyond_the_kv_cache_is_refused_at_start_up():
+    # 8 blocks of 16 tokens = 128 tokens of KV against tiny's 4096 positions.
+    with pytest.raises(ConfigError) as raised:
+        LLM("tiny", num_kv_blocks=8)
+    message = str(raised.value)
+    for part in ("max_model_len=4096", "holds 128 tokens", "--max-model-len",
+                 "--num-kv-blocks", "--kv-cache-memory", "--gpu-memory-utilization"):
+        assert part in message
+    with LLM("tiny", num_kv_blocks=8, max_model_len=128) as llm:  # what fits is accepted
+        out = llm.generate("x", SamplingParams(max_tokens=200, ignore_eos=True), use_tqdm=False)
+        assert out[0].outputs[0].finish_reason == "length"
+        assert len(out[0].prompt_token_ids) + len(out[0].outputs[0].token_ids) == 128
+
+
+def test_a_kv_budget_smaller_than_one_block_is_refused_not_rounded_up():
+    with pytest.raises(ConfigError, match="holds 0 tokens"):
+        LLM("tiny", kv_cache_memory=1e-9, max_model_len=16)
+
+
+# ---- a request whose logits are not finite fails alone --------------------------------------
+
+POISON = 1000  # token id whose embedding row is infinite in the poisoned checkpoint
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory):
+    from safetensors.torch import load_file, save_file
+
+    from tests.checkpoints import make_checkpoint
+
+    path = make_checkpoint(tmp_path_factory.mktemp("poisoned"), "llama3")
+    weights = load_file(path / "model.safetensors")
+    weights["model.embed_tokens.weight"][POISON] = float("inf")
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    with LLM(str(path), num_kv_blocks=64, max_model_len=256) as llm:
+        yield llm
+
+
+@pytest.mark.parametrize("prompt_logprobs", [None, 2])
+def test_non_finite_logits_fail_only_their_request(poisoned, prompt_logprobs):
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                            prompt_logprobs=prompt_logprobs)
+    good = [{"prompt_token_ids": [5, 6, 7, 8]}, {"prompt_token_ids": list(range(20, 40))}]
+    alone = poisoned.generate(good, params, use_tqdm=False)
+    together = poisoned.generate([good[0], {"prompt_token_ids": [5, POISON, 7]}, good[1]],
+                                 params, use_tqdm=False)
+    failed = together[1].outputs[0]
+    assert failed.finish_reason == "error" and "not finite" in failed.error
+    for ok, ref in zip([together[0], together[2]], alone):
+        assert ok.outputs[0].finish_reason == "length" and ok.outputs[0].error is None
+        assert ok.outputs[0].token_ids == ref.outputs[0].token_ids
+    poisoned.engine.check_integrity()
+    assert poisoned.engine.kv.pool.num_free == poisoned.engine.kv.pool.num_blocks
+
+
+# ---- prompt logprobs: logits in slices of a fixed budget -------------------------------------
+
+
+def test_prompt_logprobs_logits_are_computed_in_bounded_slices(llm, monkeypatch):
+    from cpserve.engine import model_runner
+
+    prompt = {"prompt_token_ids": list(range(10, 60))}
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=3)
+    whole = llm.generate(prompt, params, use_tqdm=False)[0]
+
+    rows_per_call = []
+    model = llm.engine.executor.runner.model
+    original = model.compute_logits
+    monkeypatch.setattr(model, "compute_logits",
+                        lambda hidden: rows_per_call.append(hidden.shape[0]) or original(hidden))
+    monkeypatch.setattr(model_runner, "LOGITS_SLICE_BYTES", 7 * 4 * 1024)  # 7 rows of 1024
+    sliced = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert max(rows_per_call) == 7 and sum(rows_per_call) >= 50
+    assert sliced.outputs[0].token_ids == whole.outputs[0].token_ids
+    assert len(sliced.prompt_logprobs) == 50
+    # fp32; a GEMM over fewer rows may sum in another order.
+    for a, b in zip(sliced.prompt_logprobs[1:], whole.prompt_logprobs[1:]):
+        assert a.keys() == b.keys()
+        assert all(abs(a[t].logprob - b[t].logprob) < 1e-5 for t in a)

@@ -7,6 +7,7 @@ driver's logits, and turns tokens into text and finished requests into outputs.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Iterable
@@ -14,21 +15,30 @@ from dataclasses import dataclass
 
 import torch
 
-from cpserve.config import EngineConfig
+from cpserve.config import ConfigError, EngineConfig, check_kv_capacity
 from cpserve.distributed.groups import layout_report
 from cpserve.distributed.plan import PlannedRequest, StepPlan
 from cpserve.distributed.worker_pool import WorkerPool
 from cpserve.engine.args import EngineArgs
 from cpserve.engine.executor import Executor
 from cpserve.engine.output import OutputProcessor, ParentRequest
-from cpserve.engine.sampler import Sampler, SamplingRow, make_generator, prompt_logprobs
+from cpserve.engine.sampler import (
+    SampledToken,
+    Sampler,
+    SamplingRow,
+    make_generator,
+    prompt_logprobs,
+)
 from cpserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from cpserve.engine.step_logits import StepLogits, num_logit_rows
 from cpserve.kv.layout import KVLayout
 from cpserve.kv.manager import KVCacheManager
 from cpserve.outputs import RequestOutput
 from cpserve.request import Request, RequestStatus
 from cpserve.sampling_params import SamplingParams
 from cpserve.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +58,11 @@ class LLMEngine:
         self.config = config
         self.tokenizer = Tokenizer.from_pretrained(config.model.path)
         self.executor = Executor(config, worker_pool)
+        try:
+            check_kv_capacity(config, self.executor.num_blocks)
+        except ConfigError:
+            self.executor.shutdown()
+            raise
         par = config.parallel
         layout = KVLayout(config.cache.block_size, par.num_kv_shards, par.interleave)
         self.kv = KVCacheManager(layout, self.executor.num_blocks,
@@ -148,58 +163,104 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
-        logits = self.executor.execute(self._plan(scheduled))
+        logits = StepLogits(scheduled.scheduled, self.config.model.vocab_size,
+                            self._collect_prompt_logprobs)
+        self.executor.execute(self._plan(scheduled), logits)
         return self._postprocess(scheduled, logits)
 
     def _plan(self, out: SchedulerOutput) -> StepPlan:
         requests = []
         for item in out.scheduled:
             r = item.request
-            num_logits = _num_logits(item)
             block_ids = self.kv.block_table(r.request_id) if item.is_new else item.new_block_ids
             requests.append(PlannedRequest(
                 r.request_id, r.all_token_ids[item.start_pos:item.start_pos + item.num_new_tokens],
-                item.start_pos, list(block_ids), item.is_new, num_logits))
+                item.start_pos, list(block_ids), item.is_new, num_logit_rows(item)))
         return StepPlan(requests, list(out.freed_request_ids))
 
-    def _postprocess(self, out: SchedulerOutput, logits: torch.Tensor | None) -> list[RequestOutput]:
+    def _postprocess(self, out: SchedulerOutput, logits: StepLogits) -> list[RequestOutput]:
+        """Sample, append and check stops. What goes wrong for one request (logits that are
+        not finite, a failure in its sampling or detokenization) fails that request only."""
         self.scheduler.update_after_step(out)
+        failures = dict(logits.failures)
         now = time.time()
-        sample_items, sample_rows, rows = [], [], []
-        row = 0
-        for item in out.scheduled:
-            r = item.request
-            num_rows = _num_logits(item)
-            if r.wants_prompt_logprobs:
-                self._collect_prompt_logprobs(r, item.start_pos, logits[row:row + num_rows])
-            if item.completes:
-                sample_items.append(item)
-                rows.append(row + num_rows - 1)
-                sample_rows.append(SamplingRow(r.params, r.generator, r.output_token_ids))
-            row += num_rows
-        sampled = self.sampler(logits[rows], sample_rows) if sample_rows else []
-        touched = {item.request.parent_id for item in out.scheduled}
-        for item, token in zip(sample_items, sampled):
+        for item, token in self._sample(logits, failures):
             r = item.request
             if r.first_token_time is None:
                 r.first_token_time = now
             r.last_token_time = now
             r.append_token(token.token_id)
             self.generation_tokens_total += 1
-            status = self.outputs.on_token(r, token)
+            try:
+                status = self.outputs.on_token(r, token)
+            except Exception as exc:
+                failures[r] = f"turning token {token.token_id} into text failed: {exc!r}"
+                continue
             if status is not None:
                 self.scheduler.finish(r, status)
+        for r, message in failures.items():
+            self._fail(r, message)
+        touched = {item.request.parent_id for item in out.scheduled}
+        touched.update(r.parent_id for r in out.failed)
         return self.outputs.make_outputs(touched, self.requests)
 
-    def _collect_prompt_logprobs(self, r: Request, start: int, logits: torch.Tensor) -> None:
-        """Row i of `logits` predicts the token at position start + i + 1."""
+    def _sample(self, logits: StepLogits,
+                failures: dict[Request, str]) -> list[tuple[ScheduledRequest, SampledToken]]:
+        """A token for each request that completed this step, except failed ones."""
+        items = logits.sampled_items
+        if not items:
+            return []
+        finite = torch.isfinite(logits.sample_logits).all(dim=1).tolist()
+        keep = []
+        for j, item in enumerate(items):
+            if item.request in failures:
+                continue
+            if not finite[j]:
+                failures[item.request] = ("the model's logits for the next token are not "
+                                          "finite (NaN or infinity)")
+                continue
+            keep.append(j)
+        rows = [SamplingRow(items[j].request.params, items[j].request.generator,
+                            items[j].request.output_token_ids) for j in keep]
+        if not rows:
+            return []
+        try:
+            tokens = self.sampler(logits.sample_logits[keep], rows)
+        except Exception:
+            # Find the rows at fault one by one (seeded rows then draw again: their stream
+            # differs from a step without the failure, which is the lesser harm).
+            logger.exception("sampling a batch failed; sampling its rows one at a time")
+            tokens = []
+            for j, row in zip(keep, rows):
+                try:
+                    tokens += self.sampler(logits.sample_logits[j:j + 1], [row])
+                except Exception as exc:
+                    failures[items[j].request] = f"sampling failed: {exc!r}"
+                    tokens.append(None)
+        return [(items[j], t) for j, t in zip(keep, tokens) if t is not None]
+
+    def _fail(self, r: Request, message: str) -> None:
+        logger.warning("request %s failed: %s", r.request_id, message)
+        r.error = message
+        self.scheduler.finish(r, RequestStatus.FINISHED_ERROR)
+
+    def _collect_prompt_logprobs(self, item: ScheduledRequest, offset: int,
+                                 logits: torch.Tensor) -> str | None:
+        """Row i of `logits` predicts the token at position item.start_pos + offset + i + 1.
+        Returns why the request must fail, if it must."""
+        r = item.request
+        start = item.start_pos + offset
         targets = r.prompt_token_ids[start + 1:start + 1 + logits.shape[0]]
         first_missing = len(r.prompt_logprobs) - (start + 1)  # rows already collected
-        if len(targets) > first_missing >= 0:
-            new = prompt_logprobs(logits[first_missing:len(targets)], targets[first_missing:],
-                                  r.params.prompt_logprobs)
-            self.outputs.decode_logprobs(new)
-            r.prompt_logprobs.extend(new)
+        if not len(targets) > first_missing >= 0:
+            return None
+        rows = logits[first_missing:len(targets)]
+        if not torch.isfinite(rows).all():
+            return "the model's logits for the prompt tokens are not finite (NaN or infinity)"
+        new = prompt_logprobs(rows, targets[first_missing:], r.params.prompt_logprobs)
+        self.outputs.decode_logprobs(new)
+        r.prompt_logprobs.extend(new)
+        return None
 
     # Introspection -------------------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -219,12 +280,6 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
-
-
-def _num_logits(item: ScheduledRequest) -> int:
-    """Logit rows a scheduled request needs: every new token while prompt logprobs are being
-    collected, else the last one if it completes the request (to sample), else none."""
-    return item.num_new_tokens if item.request.wants_prompt_logprobs else int(item.completes)
 
 
 def _copy_params(params: SamplingParams, **changes) -> SamplingParams:
