@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from cpserve import LLM, SamplingParams
@@ -95,7 +97,8 @@ def test_max_model_len_beyond_the_kv_cache_is_refused_at_start_up():
                  "--num-kv-blocks", "--kv-cache-memory", "--gpu-memory-utilization"):
         assert part in message
     with LLM("tiny", num_kv_blocks=8, max_model_len=128) as llm:  # what fits is accepted
-        out = llm.generate("x", SamplingParams(max_tokens=200, ignore_eos=True), use_tqdm=False)
+        out = llm.generate({"prompt_token_ids": list(range(10, 130))},
+                           SamplingParams(max_tokens=200, ignore_eos=True), use_tqdm=False)
         assert out[0].outputs[0].finish_reason == "length"
         assert len(out[0].prompt_token_ids) + len(out[0].outputs[0].token_ids) == 128
 
@@ -165,3 +168,26 @@ def test_prompt_logprobs_logits_are_computed_in_bounded_slices(llm, monkeypatch)
     for a, b in zip(sliced.prompt_logprobs[1:], whole.prompt_logprobs[1:]):
         assert a.keys() == b.keys()
         assert all(abs(a[t].logprob - b[t].logprob) < 1e-5 for t in a)
+
+
+def test_a_huge_text_prompt_is_refused_without_tokenizing_it_whole(llm):
+    text = "The morning train left the station. " * 280_000  # 10 MB, ~2.8M tokens
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"at least \d+ tokens, but max_model_len is 64"):
+        llm.engine.add_request("huge", text, SamplingParams())
+    assert time.monotonic() - started < 1.0  # tokenizing it whole takes about 10 s here
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_token_ids_in_sampling_params_are_checked_against_the_vocabulary(llm):
+    for params in (SamplingParams(logit_bias={1024: 1.0}), SamplingParams(stop_token_ids=[5000])):
+        with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 1024\)"):
+            llm.engine.add_request("bad-ids", "hello", params)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_seeds_at_the_top_of_the_range_work_for_n_completions(llm):
+    params = SamplingParams(seed=2**64 - 1, n=3, max_tokens=4, ignore_eos=True)
+    out = llm.generate("seeded", params, use_tqdm=False)[0]
+    again = llm.generate("seeded", params, use_tqdm=False)[0]
+    assert [c.token_ids for c in out.outputs] == [c.token_ids for c in again.outputs]

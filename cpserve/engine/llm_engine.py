@@ -36,7 +36,7 @@ from cpserve.kv.manager import KVCacheManager
 from cpserve.outputs import RequestOutput
 from cpserve.request import Request, RequestStatus
 from cpserve.sampling_params import SamplingParams
-from cpserve.tokenizer import Tokenizer
+from cpserve.tokenizer import PromptTooLongError, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +90,10 @@ class LLMEngine:
         """Validate and queue a request. Bad input raises ValueError and changes nothing."""
         if request_id in self.outputs.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, token_ids = self._tokenize(prompt)
         params.validate()
+        text, token_ids = self._tokenize(prompt)
         self._check_prompt(token_ids)
+        self._check_token_ids(params)
         params._eos_token_ids = self.config.model.eos_token_ids
         children = []
         for index in range(params.n):
@@ -102,7 +103,7 @@ class LLMEngine:
                 child_params = _copy_params(params, prompt_logprobs=None)
             generator = None
             if params.seed is not None:
-                generator = make_generator(params.seed + index, self.device)
+                generator = make_generator(params.child_seed(index), self.device)
             children.append(Request(child_id, token_ids, child_params, arrival_time,
                                     parent_id=request_id, index=index, generator=generator))
         self.outputs.add(ParentRequest(request_id, text, token_ids, params, children))
@@ -122,7 +123,10 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:  # would still tokenize to a lone BOS; refuse it like no tokens
                 raise ValueError("the prompt is empty: it must have at least one token")
-            return prompt, self.tokenizer.encode(prompt)
+            try:
+                return prompt, self.tokenizer.encode_within(prompt, self._max_prompt_tokens)
+            except PromptTooLongError as exc:
+                raise ValueError(self._too_long(exc.count)) from None
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
         raise ValueError("a prompt must be a string, a list of token ids, or a dict with "
@@ -135,15 +139,30 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        max_len = self.config.model.max_model_len
-        if len(token_ids) >= max_len:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens, but max_model_len is "
-                             f"{max_len}: at most {max_len - 1} prompt tokens leave room for "
-                             "one generated token")
+        if len(token_ids) > self._max_prompt_tokens:
+            raise ValueError(self._too_long(str(len(token_ids))))
         capacity = self.kv.capacity_tokens
         if len(token_ids) + 1 > capacity:
             raise ValueError(f"the prompt has {len(token_ids)} tokens, more than the whole KV "
                              f"cache holds ({capacity} tokens)")
+
+    @property
+    def _max_prompt_tokens(self) -> int:
+        return self.config.model.max_model_len - 1  # room for one generated token
+
+    def _too_long(self, count: str) -> str:
+        max_len = self.config.model.max_model_len
+        return (f"the prompt has {count} tokens, but max_model_len is {max_len}: at most "
+                f"{max_len - 1} prompt tokens leave room for one generated token")
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        vocab = self.config.model.vocab_size
+        for name, ids in (("stop_token_ids", params.stop_token_ids),
+                          ("logit_bias", params.logit_bias or ())):
+            bad = sorted(t for t in ids if t >= vocab)
+            if bad:
+                raise ValueError(f"{name} has token id {bad[0]}, outside the vocabulary "
+                                 f"[0, {vocab})")
 
     def abort_request(self, request_ids: Iterable[str]) -> None:
         """Stop requests (by the id given to add_request) and free their KV blocks at once."""
