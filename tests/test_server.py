@@ -138,7 +138,11 @@ def test_greedy_completions_match_offline_llm(server, offline):
 
 
 def test_stream_wire_format_and_usage(server):
-    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 7, "stream": True,
+    prompt = "A streamed request whose usage counts its cached prefix: " + "word " * 40
+    num_tokens = len(server.engine.tokenizer.encode(prompt))
+    cold = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=1)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 7, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}
     with server.http.stream("POST", "/v1/completions", json=body) as response:
         assert response.status_code == 200
@@ -150,9 +154,10 @@ def test_stream_wire_format_and_usage(server):
     assert usage_chunk["choices"] == []
     usage = usage_chunk["usage"]
     assert usage["completion_tokens"] == 7
-    assert usage["prompt_tokens"] == len(server.engine.tokenizer.encode(PROMPTS[0]))
+    assert usage["prompt_tokens"] == num_tokens
     assert usage["total_tokens"] == usage["prompt_tokens"] + 7
-    assert usage["prompt_tokens_details"]["cached_tokens"] >= 0
+    # Every full 16-token block but the one holding the last prompt token, which is computed.
+    assert usage["prompt_tokens_details"]["cached_tokens"] == (num_tokens - 1) // 16 * 16 > 0
     text_chunks = chunks[:-1]
     assert all(c["object"] == "text_completion" and "usage" not in c for c in text_chunks)
     assert len({c["id"] for c in chunks}) == 1
@@ -345,18 +350,21 @@ def test_chat_stream(server):
     chunks = list(server.client.chat.completions.create(
         model="tiny", messages=MESSAGES, max_tokens=12, n=2, temperature=0, stream=True,
         stream_options={"include_usage": True}, extra_body=NO_EOS))
-    first = chunks[0]
-    assert [(c.index, c.delta.role, c.delta.content) for c in first.choices] == [
-        (0, "assistant", ""), (1, "assistant", "")]
     texts = {0: "", 1: ""}
-    reasons = {}
-    for chunk in chunks[1:-1]:
+    reasons, roles = {}, {0: [], 1: []}
+    for chunk in chunks[:-1]:
         assert chunk.object == "chat.completion.chunk"
         for c in chunk.choices:
+            roles[c.index].append(c.delta.role)
             texts[c.index] += c.delta.content or ""
             if c.finish_reason:
                 reasons[c.index] = c.finish_reason
     assert texts == {c.index: c.message.content for c in full.choices}
+    # The role comes once, in each choice's first chunk, with its first token's text (vLLM:
+    # a client timing the first chunk measures the prefill, not an empty role chunk).
+    assert all(r[0] == "assistant" and set(r[1:]) <= {None} for r in roles.values())
+    first = {c.index: c.delta.content for chunk in reversed(chunks[:-1]) for c in chunk.choices}
+    assert all(first[k] and texts[k].startswith(first[k]) for k in (0, 1))
     assert reasons == {0: "length", 1: "length"}
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
 
@@ -417,6 +425,30 @@ BAD_COMPLETIONS = [
     ({"prompt": [1, -3]}, "prompt"),
     ({"prompt": "x", "stop_token_ids": [99999]}, "stop_token_ids"),
     ({}, "prompt"),
+    # Fields cpserve does not implement are refused by name, never ignored.
+    ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {}}},
+     "response_format"),
+    ({"prompt": "x", "guided_json": {"type": "object"}}, "guided_json"),
+    ({"prompt": "x", "guided_regex": "a+"}, "guided_regex"),
+    ({"prompt": "x", "guided_choice": ["a", "b"]}, "guided_choice"),
+    ({"prompt": "x", "guided_grammar": "root ::= x"}, "guided_grammar"),
+    ({"prompt": "x", "structured_outputs": {"json": {}}}, "structured_outputs"),
+    ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+    ({"prompt": "x", "stream_options": {"continuous_usage_stats": True}},
+     "continuous_usage_stats"),
+    # logit_bias: token ids of the vocabulary, biases in [-100, 100], at most 1024 entries.
+    ({"prompt": "x", "logit_bias": {"5000": 1}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"five": 1}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
+    # Every list and count is bounded.
+    ({"prompt": "x", "stop": ["s"] * 65}, "stop"),
+    ({"prompt": "x", "stop": "s" * 1025}, "stop"),
+    ({"prompt": "x", "stop_token_ids": list(range(1025))}, "stop_token_ids"),
+    ({"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    ({"prompt": ["x"] * 4097}, "--max-waiting-requests 4096"),
 ]
 
 
@@ -457,6 +489,14 @@ BAD_CHATS = [
     ({"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
     ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]},
      "tools"),
+    ({"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": MESSAGES, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": MESSAGES, "guided_json": {}}, "guided_json"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "1"}]}]},
+     "tool_calls"),
+    ({"messages": [{"role": "user", "content": "x", "weight": 1}]}, "weight"),
+    ({"messages": MESSAGES, "logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}] * 8193}, "messages"),
 ]
 
 
@@ -553,8 +593,79 @@ def test_metrics(server):
                  "cpserve:inter_token_latency_seconds_bucket",
                  "cpserve:e2e_request_latency_seconds_bucket"):
         assert f"\n{name}" in text, name
-    requests = server.metric("cpserve:e2e_request_latency_seconds_count")
-    assert requests >= 64
-    assert server.metric("cpserve:time_to_first_token_seconds_count") >= requests
-    assert server.metric("cpserve:inter_token_latency_seconds_count") > 0
+    names = ("e2e_request_latency_seconds_count", "time_to_first_token_seconds_count",
+             "inter_token_latency_seconds_count")
+    before = {n: server.metric(f"cpserve:{n}") for n in names}
+    for i in range(3):  # one after another: each step gives each request one token
+        server.client.completions.create(model="tiny", prompt=f"counted {i}", max_tokens=6,
+                                         extra_body=NO_EOS)
+    delta = {n: server.metric(f"cpserve:{n}") - before[n] for n in names}
+    assert delta == {"e2e_request_latency_seconds_count": 3,
+                     "time_to_first_token_seconds_count": 3,
+                     "inter_token_latency_seconds_count": 3 * 5}
     assert 0 < server.metric("cpserve:time_to_first_token_seconds_sum") < math.inf
+
+
+# ---- fields: implemented, or refused by name -----------------------------------------------
+
+
+def test_logit_bias_steers_greedy_tokens(server):
+    token = 42
+    out = server.client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=5,
+                                           temperature=0, logit_bias={str(token): 100},
+                                           extra_body=NO_EOS)
+    assert out.choices[0].text == server.engine.tokenizer.decode([token] * 5)
+    chat = server.client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=3, temperature=0, logit_bias={token: 100},
+        extra_body=NO_EOS)
+    assert chat.choices[0].message.content == server.engine.tokenizer.decode([token] * 3)
+
+
+def test_prompt_logprobs_in_the_body_as_vllm_returns_them(server, offline):
+    prompt = "The prompt whose every token is scored, as vLLM's extension does"
+    expected = offline.generate(prompt, SamplingParams(max_tokens=1, prompt_logprobs=2),
+                                use_tqdm=False)[0].prompt_logprobs
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "prompt_logprobs": 2}
+    got = server.http.post("/v1/completions", json=body).json()["choices"][0]["prompt_logprobs"]
+    assert len(got) == len(expected) and got[0] is None and expected[0] is None
+    for ours, theirs in zip(got[1:], expected[1:]):
+        assert {int(t) for t in ours} == set(theirs)
+        assert all(abs(ours[str(t)]["logprob"] - lp.logprob) < 1e-5
+                   and ours[str(t)]["rank"] == lp.rank for t, lp in theirs.items())
+    chat = server.http.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": MESSAGES, "max_tokens": 1, "prompt_logprobs": 0}).json()
+    rendered = server.http.post("/tokenize", json={"messages": MESSAGES}).json()["count"]
+    assert len(chat["prompt_logprobs"]) == rendered
+
+
+def test_neutral_values_of_unimplemented_fields_are_accepted(server):
+    out = server.client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=2, response_format={"type": "text"},
+        tool_choice="none", presence_penalty=0, frequency_penalty=0, user="u-1",
+        extra_body=NO_EOS)
+    # An assistant reply sent back as the openai client returns it (refusal, tool_calls,
+    # function_call, audio and annotations all empty).
+    history = [*MESSAGES, out.choices[0].message.model_dump(), {"role": "user", "content": "?"}]
+    again = server.client.chat.completions.create(model="tiny", messages=history, max_tokens=2,
+                                                  extra_body=NO_EOS)
+    assert again.usage.completion_tokens == 2
+
+
+def test_huge_text_prompt_is_refused_before_it_is_tokenized_whole(server):
+    text = "The morning train left the station. " * 280_000  # 10 MB: ~10 s to tokenize here
+    started = time.monotonic()
+    response = server.http.post("/v1/completions", json={"model": "tiny", "prompt": text})
+    assert time.monotonic() - started < 3.0
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "prompt" and "at least" in error["message"]
+    assert f"maximum context length is {MAX_MODEL_LEN}" in error["message"]
+    good_request_works(server)
+
+
+def test_models_root_is_no_server_path_and_ping_answers(server):
+    response = server.http.get("/v1/models")
+    assert [m["root"] for m in response.json()["data"]] == ["tiny", "tiny"]
+    assert server.engine.config.model.path not in response.text
+    assert server.http.get("/ping").status_code == 200
+    assert server.http.post("/ping").status_code == 200

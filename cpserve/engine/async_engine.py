@@ -331,11 +331,16 @@ class AsyncEngine:
             except Exception as exc:
                 command.future.set_exception(exc)
             return
-        # Counted in sequences, as the scheduler queues them (n per request); an empty queue
-        # takes any one call, so no request is refused on an idle server.
+        # Counted in sequences, as the scheduler queues them (n per request). A call bigger
+        # than the whole queue could never be admitted: that is the caller's error.
         num_waiting = engine.stats().num_waiting
         incoming = sum(params.n for _, _, params, _ in command.requests)
-        if num_waiting and num_waiting + incoming > self.max_waiting_requests:
+        if incoming > self.max_waiting_requests:
+            command.future.set_exception(ValueError(
+                f"the request asks for {incoming} sequences, more than the server queues at "
+                f"once (--max-waiting-requests {self.max_waiting_requests})"))
+            return
+        if num_waiting + incoming > self.max_waiting_requests:
             command.future.set_exception(QueueFullError(
                 f"the server is busy: {num_waiting} requests are waiting, the limit is "
                 f"{self.max_waiting_requests}; retry later"))
