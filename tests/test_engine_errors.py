@@ -191,3 +191,36 @@ def test_seeds_at_the_top_of_the_range_work_for_n_completions(llm):
     out = llm.generate("seeded", params, use_tqdm=False)[0]
     again = llm.generate("seeded", params, use_tqdm=False)[0]
     assert [c.token_ids for c in out.outputs] == [c.token_ids for c in again.outputs]
+
+
+def test_max_model_len_beyond_the_model_positions_is_refused(tmp_path, monkeypatch):
+    import json
+
+    from cpserve.config import ALLOW_LONG_ENV, ModelConfig
+
+    base = {"architectures": ["LlamaForCausalLM"], "vocab_size": 1024,
+            "max_position_embeddings": 4096}
+    cases = [({}, 4096), ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, 4096),
+             ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                "original_max_position_embeddings": 2048}}, 8192),
+             ({"rope_scaling": {"type": "linear", "factor": 2.0}}, 8192)]
+    for extra, longest in cases:
+        (tmp_path / "config.json").write_text(json.dumps({**base, **extra}))
+        assert ModelConfig.from_pretrained(tmp_path, max_model_len=longest).max_model_len == longest
+        with pytest.raises(ConfigError, match=rf"max_model_len={longest + 1} is longer than the "
+                                              rf"{longest} positions.*{ALLOW_LONG_ENV}=1"):
+            ModelConfig.from_pretrained(tmp_path, max_model_len=longest + 1)
+    monkeypatch.setenv(ALLOW_LONG_ENV, "1")  # the user's explicit choice, as in vLLM
+    assert ModelConfig.from_pretrained(tmp_path, max_model_len=10**5).max_model_len == 10**5
+
+
+def test_kv_cache_memory_help_states_the_default_the_code_uses():
+    import argparse
+
+    from cpserve.engine.args import EngineArgs
+    from cpserve.engine.model_runner import CPU_DEFAULT_KV_GIB
+
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    (action,) = [a for a in parser._actions if "--kv-cache-memory" in a.option_strings]
+    assert f"CPU default: {CPU_DEFAULT_KV_GIB} GiB" in action.help
