@@ -94,7 +94,13 @@ def build_app(engine: AsyncEngine, *, served_model_names: Sequence[str] = ("tiny
         return Response(status_code=200)
 
     # vLLM's (and SageMaker's) alias of /health.
-    app.add_api_route("/ping", health, methods=["GET", "POST"])
+    @app.get("/ping")
+    async def ping_get() -> Response:
+        return await health()
+
+    @app.post("/ping")
+    async def ping_post() -> Response:
+        return await health()
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
