@@ -139,12 +139,9 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        # Start-up made sure the KV cache holds max_model_len tokens (check_kv_capacity).
         if len(token_ids) > self._max_prompt_tokens:
             raise ValueError(self._too_long(str(len(token_ids))))
-        capacity = self.kv.capacity_tokens
-        if len(token_ids) + 1 > capacity:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens, more than the whole KV "
-                             f"cache holds ({capacity} tokens)")
 
     @property
     def _max_prompt_tokens(self) -> int:
@@ -199,7 +196,7 @@ class LLMEngine:
 
     def _postprocess(self, out: SchedulerOutput, logits: StepLogits) -> list[RequestOutput]:
         """Sample, append and check stops. What goes wrong for one request (logits that are
-        not finite, a failure in its sampling or detokenization) fails that request only."""
+        not finite, its prompt logprobs failing) fails it alone."""
         self.scheduler.update_after_step(out)
         failures = dict(logits.failures)
         now = time.time()
@@ -210,11 +207,7 @@ class LLMEngine:
             r.last_token_time = now
             r.append_token(token.token_id)
             self.generation_tokens_total += 1
-            try:
-                status = self.outputs.on_token(r, token)
-            except Exception as exc:
-                failures[r] = f"turning token {token.token_id} into text failed: {exc!r}"
-                continue
+            status = self.outputs.on_token(r, token)
             if status is not None:
                 self.scheduler.finish(r, status)
         for r, message in failures.items():
@@ -239,24 +232,14 @@ class LLMEngine:
                                           "finite (NaN or infinity)")
                 continue
             keep.append(j)
+        if not keep:
+            return []
+        # Parameters were validated when the request came, and the logits are finite: what
+        # the sampler could still raise would be a bug of the engine's, not one request's.
         rows = [SamplingRow(items[j].request.params, items[j].request.generator,
                             items[j].request.output_token_ids) for j in keep]
-        if not rows:
-            return []
-        try:
-            tokens = self.sampler(logits.sample_logits[keep], rows)
-        except Exception:
-            # Find the rows at fault one by one (seeded rows then draw again: their stream
-            # differs from a step without the failure, which is the lesser harm).
-            logger.exception("sampling a batch failed; sampling its rows one at a time")
-            tokens = []
-            for j, row in zip(keep, rows):
-                try:
-                    tokens += self.sampler(logits.sample_logits[j:j + 1], [row])
-                except Exception as exc:
-                    failures[items[j].request] = f"sampling failed: {exc!r}"
-                    tokens.append(None)
-        return [(items[j], t) for j, t in zip(keep, tokens) if t is not None]
+        tokens = self.sampler(logits.sample_logits[keep], rows)
+        return [(items[j], token) for j, token in zip(keep, tokens)]
 
     def _fail(self, r: Request, message: str) -> None:
         logger.warning("request %s failed: %s", r.request_id, message)

@@ -60,10 +60,7 @@ class StepLogits:
         for item, start, n in self.spans:
             lo, hi = max(start, first), min(start + n, end)
             if lo < hi and item.request not in self.failures:
-                try:
-                    error = self.on_prompt_rows(item, lo - start, logits[lo - first:hi - first])
-                except Exception as exc:
-                    error = f"computing prompt logprobs failed: {exc!r}"
+                error = self.on_prompt_rows(item, lo - start, logits[lo - first:hi - first])
                 if error is not None:
                     self.failures[item.request] = error
         wanted = [(j, row - first) for j, row in enumerate(self._sample_rows) if first <= row < end]
