@@ -268,6 +268,26 @@ def test_echo_scores_the_prompt(server, offline):
     assert zero.usage.completion_tokens == 0
 
 
+def test_echo_scores_every_prompt_token_when_the_prefix_is_cached(server):
+    """lm-evaluation-harness scores choices that share the question: the second request hits
+    the prefix cache, and must still get a logprob for every prompt token (it once got one)."""
+    question = "Question: which of these words ends the sentence best? " * 3
+    for choice in ("Answer: the station", "Answer: the library"):
+        body = {"model": "tiny", "prompt": question + choice, "max_tokens": 0, "echo": True,
+                "logprobs": 1}
+        lp = server.http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+        num_tokens = len(server.engine.tokenizer.encode(question + choice))
+        assert len(lp["token_logprobs"]) == num_tokens > 32
+        assert lp["token_logprobs"][0] is None
+        assert all(x is not None and x <= 0 for x in lp["token_logprobs"][1:])
+
+
+def test_seed_at_the_top_of_its_range_with_n(server):
+    out = server.client.completions.create(model="tiny", prompt="seeded", n=2, max_tokens=3,
+                                           seed=2**64 - 1, extra_body=NO_EOS)
+    assert len(out.choices) == 2
+
+
 def test_echo_streams_the_prompt_first(server):
     chunks = list(server.client.completions.create(model="tiny", prompt=PROMPTS[1], echo=True,
                                                    max_tokens=4, stream=True, temperature=0,
