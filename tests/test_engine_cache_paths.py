@@ -27,7 +27,7 @@ def test_sharded_checkpoint_with_index_file(tmp_path):
     prompts = random_prompts([5, 21])
     reference = hf_greedy(model, prompts, 8)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    with LLM(str(sharded), num_kv_blocks=64, max_model_len=1024) as llm:
+    with LLM(str(sharded), num_kv_blocks=64, max_model_len=512) as llm:
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [tokens for tokens, _ in reference]
 
