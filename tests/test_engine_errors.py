@@ -115,14 +115,9 @@ POISON = 1000  # token id whose embedding row is infinite in the poisoned checkp
 
 @pytest.fixture(scope="module")
 def poisoned(tmp_path_factory):
-    from safetensors.torch import load_file, save_file
+    from tests.checkpoints import make_poisoned_checkpoint
 
-    from tests.checkpoints import make_checkpoint
-
-    path = make_checkpoint(tmp_path_factory.mktemp("poisoned"), "llama3")
-    weights = load_file(path / "model.safetensors")
-    weights["model.embed_tokens.weight"][POISON] = float("inf")
-    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    path = make_poisoned_checkpoint(tmp_path_factory.mktemp("poisoned"), POISON)
     with LLM(str(path), num_kv_blocks=64, max_model_len=256) as llm:
         yield llm
 

@@ -1,6 +1,7 @@
 """The request fields of the OpenAI-compatible server: the ones implemented (logit_bias,
 prompt_logprobs, echo over a cached prefix, seeds), the neutral values of unimplemented ones,
-and what the server shows of itself. Same server as test_server.py (its `Server`)."""
+and what the server shows of itself. The same fixtures as test_server.py (a server of
+its own for this module)."""
 
 from __future__ import annotations
 
@@ -8,33 +9,13 @@ import time
 
 import pytest
 
-from cpserve import LLM, SamplingParams
-from tests.test_server import (
-    ENGINE_ARGS,
-    MAX_MODEL_LEN,
-    MESSAGES,
-    NO_EOS,
-    PROMPTS,
-    Server,
-    good_request_works,
-)
+from cpserve import SamplingParams
+from tests import test_server
+from tests.test_server import MAX_MODEL_LEN, MESSAGES, NO_EOS, PROMPTS, good_request_works
 
-
-@pytest.fixture(scope="module")
-def server():
-    s = Server()
-    yield s
-    try:
-        s.wait_idle()
-        s.check_integrity()
-    finally:
-        s.close()
-
-
-@pytest.fixture(scope="module")
-def offline():
-    with LLM(**ENGINE_ARGS) as llm:
-        yield llm
+# test_server.py's fixtures: module-scoped, so this module gets a server of its own.
+server = test_server.server
+offline = test_server.offline
 
 
 def test_echo_scores_every_prompt_token_when_the_prefix_is_cached(server):

@@ -1,8 +1,8 @@
 """A request the engine cannot complete fails alone: its HTTP call gets an error naming why,
 and the server goes on serving everyone else.
 
-The checkpoint has one poisoned token (an infinite embedding row), as a model overflowing in
-half precision would: any prompt holding it gives non-finite logits.
+The checkpoint has one poisoned token (`make_poisoned_checkpoint`): any prompt holding it
+gives non-finite logits.
 """
 
 from __future__ import annotations
@@ -12,22 +12,18 @@ import json
 
 import httpx
 import pytest
-from safetensors.torch import load_file, save_file
 
 from cpserve.engine.args import EngineArgs
 from cpserve.engine.async_engine import AsyncEngine
 from cpserve.entrypoints.openai.api_server import ServerThread, build_app
-from tests.checkpoints import make_checkpoint
+from tests.checkpoints import make_poisoned_checkpoint
 
 POISON = 1000
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    path = make_checkpoint(tmp_path_factory.mktemp("poisoned"), "llama3")
-    weights = load_file(path / "model.safetensors")
-    weights["model.embed_tokens.weight"][POISON] = float("inf")
-    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    path = make_poisoned_checkpoint(tmp_path_factory.mktemp("poisoned"), POISON)
     engine = AsyncEngine.from_engine_args(EngineArgs(model=str(path), max_model_len=256,
                                                      num_kv_blocks=64))
     engine.start()
