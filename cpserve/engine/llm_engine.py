@@ -46,7 +46,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig, worker_pool: WorkerPool | None = None) -> None:
         self.config = config
-        self.tokenizer = Tokenizer.from_pretrained(config.model.path)
+        self.tokenizer = Tokenizer.from_pretrained(config.model.tokenizer or config.model.path)
         self.executor = Executor(config, worker_pool)
         par = config.parallel
         layout = KVLayout(config.cache.block_size, par.num_kv_shards, par.interleave)
@@ -60,6 +60,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.last_step_num_tokens = 0  # tokens computed by the last step (a metric)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, worker_pool: WorkerPool | None = None) -> LLMEngine:
@@ -77,6 +78,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
         params.validate()
+        self._check_logprobs(params)
         self._check_prompt(token_ids)
         params._eos_token_ids = self.config.model.eos_token_ids
         children = []
@@ -113,6 +115,16 @@ class LLMEngine:
         raise ValueError("a prompt must be a string, a list of token ids, or a dict with "
                          "'prompt' or 'prompt_token_ids'")
 
+    def _check_logprobs(self, params: SamplingParams) -> None:
+        limit = self.config.max_logprobs
+        if limit == -1:
+            limit = self.config.model.vocab_size
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(params, name)
+            if asked is not None and asked > limit:
+                raise ValueError(f"{name}={asked} is more than this server returns per token: "
+                                 f"at most {limit} (--max-logprobs)")
+
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
             raise ValueError("the prompt is empty: it must have at least one token")
@@ -146,6 +158,7 @@ class LLMEngine:
     # One step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
+        self.last_step_num_tokens = scheduled.num_tokens
         if scheduled.is_empty:
             return []
         logits = self.executor.execute(self._plan(scheduled))
@@ -175,7 +188,8 @@ class LLMEngine:
             if item.completes:
                 sample_items.append(item)
                 rows.append(row + num_rows - 1)
-                sample_rows.append(SamplingRow(r.params, r.generator, r.output_token_ids))
+                sample_rows.append(SamplingRow(r.params, r.generator, r.output_token_ids,
+                                               r.prompt_token_ids))
             row += num_rows
         sampled = self.sampler(logits[rows], sample_rows) if sample_rows else []
         touched = {item.request.parent_id for item in out.scheduled}

@@ -14,7 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-MAX_LOGPROBS = 20
+# A sanity bound only: the engine refuses more than --max-logprobs (20 unless set).
+MAX_LOGPROBS = 2**20
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 
 TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
@@ -47,9 +48,10 @@ class SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Accepted so that clients sending the neutral values work; anything else is refused.
+    # (repetition_penalty is honoured.)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     user: str | None = None
 
     @property

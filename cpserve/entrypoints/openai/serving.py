@@ -66,9 +66,13 @@ class ChoiceState:
 class OpenAIServing:
     """Model-level state and helpers for the request handlers."""
 
-    def __init__(self, engine: AsyncEngine, served_model_names: Sequence[str]) -> None:
+    def __init__(self, engine: AsyncEngine, served_model_names: Sequence[str],
+                 chat_template: str | None = None) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        self.chat_template = chat_template  # --chat-template; None: the tokenizer's own
+        # Sampling fields a request leaves unset (--generation-config, as vLLM).
+        self.defaults = engine.config.sampling_defaults
         self.model_names = list(served_model_names)
         self.model_name = self.model_names[0]
         self.max_model_len = engine.config.model.max_model_len
@@ -104,13 +108,14 @@ class OpenAIServing:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} "
                                 f"tokens, but the prompt has {num_prompt_tokens} tokens, which "
                                 "leaves no room to generate", "prompt")
-        return room if requested is None else min(requested, room)
+        # The generation config's max_new_tokens caps every request, as in vLLM.
+        limits = (room, requested, self.defaults.get("max_tokens"))
+        return min(n for n in limits if n is not None)
 
     def sampling_params(self, req: SamplingFields, *, max_tokens: int, logprobs: int | None,
                         prompt_logprobs: int | None) -> SamplingParams:
-        if req.presence_penalty or req.frequency_penalty or req.repetition_penalty != 1.0:
-            raise APIError(400, "presence_penalty, frequency_penalty and repetition_penalty "
-                                "are not supported")
+        if req.presence_penalty or req.frequency_penalty:
+            raise APIError(400, "presence_penalty and frequency_penalty are not supported")
         if req.n > self.max_num_seqs:
             raise APIError(400, f"n={req.n} is more than the server runs at once "
                                 f"(--max-num-seqs {self.max_num_seqs})", "n")
@@ -119,10 +124,11 @@ class OpenAIServing:
         try:
             return SamplingParams(
                 n=req.n,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=0 if req.top_k is None else req.top_k,
-                min_p=0.0 if req.min_p is None else req.min_p,
+                temperature=self._field(req, "temperature", 1.0),
+                top_p=self._field(req, "top_p", 1.0),
+                top_k=self._field(req, "top_k", 0),
+                min_p=self._field(req, "min_p", 0.0),
+                repetition_penalty=self._field(req, "repetition_penalty", 1.0),
                 seed=req.seed,
                 max_tokens=max_tokens,
                 min_tokens=req.min_tokens,
@@ -136,6 +142,11 @@ class OpenAIServing:
             )
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
+
+    def _field(self, req: SamplingFields, name: str, builtin: float) -> float:
+        """The request's value, else the generation config's default, else vLLM's."""
+        value = getattr(req, name)
+        return value if value is not None else self.defaults.get(name, builtin)
 
     def holdback(self, params: SamplingParams) -> int:
         if params.include_stop_str_in_output or not params.stop:
@@ -167,7 +178,8 @@ class OpenAIServing:
 
         def render() -> str:
             return self.tokenizer.apply_chat_template(
-                plain, add_generation_prompt=add_generation_prompt)
+                plain, add_generation_prompt=add_generation_prompt,
+                chat_template=self.chat_template)
 
         try:
             return await self.in_tokenizer_thread(render)
