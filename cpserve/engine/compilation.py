@@ -39,6 +39,11 @@ class GraphSettings:
 
 def graph_settings(compilation_config: dict[str, Any] | None, optimization_level: int | None,
                    enforce_eager: bool, capture_sizes: list[int] | None) -> GraphSettings:
+    if compilation_config is not None and not isinstance(compilation_config, dict):
+        raise ConfigError(f"compilation_config={compilation_config!r} must be a dict (a JSON "
+                          "object on the command line)")
+    if optimization_level not in (None, 0, 1, 2, 3):
+        raise ConfigError(f"optimization_level (-O) {optimization_level!r} must be 0, 1, 2 or 3")
     cc = dict(compilation_config or {})
     unknown = sorted(set(cc) - set(_KEYS))
     if unknown:

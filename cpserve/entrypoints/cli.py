@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -191,8 +192,20 @@ def vllm_spelling(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _note_vllm_environment() -> None:
+    """vLLM's environment variables (a vLLM launch script exports some) change nothing here:
+    say so once rather than leave them looking honoured."""
+    names = sorted(name for name in os.environ if name.startswith("VLLM_"))
+    if names:
+        logging.getLogger("cpserve").warning(
+            "these vLLM environment variables mean nothing to cpserve and are ignored: %s",
+            ", ".join(names))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(vllm_spelling(sys.argv[1:] if argv is None else argv))
+    if args.command in ("serve", "generate"):
+        _note_vllm_environment()
     try:
         return args.func(args)
     except ConfigError as exc:  # a bad flag or combination: the message names it

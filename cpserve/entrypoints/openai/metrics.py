@@ -113,8 +113,8 @@ def _deprecated(name: str) -> str:
 class ServerMetrics:
     """The registry of one app; also the engine's `EngineObserver`."""
 
-    def __init__(self, get_stats: Callable[[], Any], model_name: str = "tiny",
-                 max_model_len: int = 2048) -> None:
+    def __init__(self, get_stats: Callable[[], Any], *, model_name: str,
+                 max_model_len: int) -> None:
         self._get_stats = get_stats
         self.labels = {"model_name": model_name, "engine": "0"}
         tokens = buckets_1_2_5(max_model_len)
