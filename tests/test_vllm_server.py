@@ -258,6 +258,13 @@ def test_metrics_have_vllms_names_labels_and_buckets(server):
     assert {dict(labels)["finished_reason"] for sample, labels in m["vllm:request_success"][1]
             } == {"stop", "length", "abort"}
 
+    # Names vLLM deprecated that its example Grafana dashboard reads: the same data.
+    assert value(m, "vllm:gpu_cache_usage_perc", "vllm:gpu_cache_usage_perc") == value(
+        m, "vllm:kv_cache_usage_perc", "vllm:kv_cache_usage_perc")
+    assert buckets(m, "vllm:time_per_output_token_seconds") == list(TOKEN_LATENCY_BUCKETS)
+    assert value(m, "vllm:time_per_output_token_seconds",
+                 "vllm:time_per_output_token_seconds_count") == value(
+        m, "vllm:inter_token_latency_seconds", "vllm:inter_token_latency_seconds_count")
     # The previous release's names, unlabelled, still written for this release.
     generated = value(m, "vllm:generation_tokens", "vllm:generation_tokens_total")
     assert m["cpserve:generation_tokens"][1][("cpserve:generation_tokens_total",

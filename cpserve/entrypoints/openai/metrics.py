@@ -16,6 +16,10 @@ the same series:
                 vllm:request_prompt_tokens, vllm:request_generation_tokens,
                 vllm:request_max_num_generation_tokens, vllm:request_params_n
 
+Two names vLLM has deprecated but its example Grafana dashboard still reads are written too,
+labelled: vllm:gpu_cache_usage_perc (= kv_cache_usage_perc) and
+vllm:time_per_output_token_seconds (= inter_token_latency_seconds).
+
 A request is what a client sent: one prompt with its `n` completions counts once in
 `request_success_total` (finished_reason "abort" if any completion was aborted, else "length"
 if any hit a length limit, else "stop"); its generation tokens are those of all completions.
@@ -72,11 +76,12 @@ def buckets_1_2_5(max_value: int) -> tuple[int, ...]:
 
 
 class _Histogram:
-    """Bucket counts kept once, written under the vLLM name (labelled) and maybe an alias."""
+    """Bucket counts kept once, written under the vLLM name and any `vllm_aliases` (both
+    labelled), and under a `cpserve:` alias (unlabelled) if given."""
 
     def __init__(self, name: str, doc: str, buckets: Sequence[float],
-                 alias: str | None = None) -> None:
-        self.name, self.doc, self.alias = name, doc, alias
+                 alias: str | None = None, vllm_aliases: Sequence[str] = ()) -> None:
+        self.name, self.doc, self.alias, self.vllm_aliases = name, doc, alias, vllm_aliases
         self.bounds = list(buckets)
         self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
@@ -94,9 +99,11 @@ class _Histogram:
         for bound, count in zip([*map(_le, self.bounds), "+Inf"], counts):
             running += count
             cumulative.append((bound, running))
-        family = HistogramMetricFamily(self.name, self.doc, labels=list(labels))
-        family.add_metric(list(labels.values()), cumulative, sum_value=total)
-        yield family
+        for name in (self.name, *self.vllm_aliases):
+            doc = self.doc if name == self.name else _deprecated(self.name, by="vLLM")
+            family = HistogramMetricFamily(name, doc, labels=list(labels))
+            family.add_metric(list(labels.values()), cumulative, sum_value=total)
+            yield family
         if self.alias:
             yield HistogramMetricFamily(self.alias, _deprecated(self.name), buckets=cumulative,
                                         sum_value=total)
@@ -106,7 +113,9 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
-def _deprecated(name: str) -> str:
+def _deprecated(name: str, by: str = "cpserve") -> str:
+    if by == "vLLM":
+        return f"DEPRECATED by vLLM: use {name}."
     return f"DEPRECATED alias of {name}, removed in the next release."
 
 
@@ -124,7 +133,8 @@ class ServerMetrics:
                       alias="cpserve:time_to_first_token_seconds")
         self.itl = h("vllm:inter_token_latency_seconds",
                      "Histogram of inter-token latency in seconds.", TOKEN_LATENCY_BUCKETS,
-                     alias="cpserve:inter_token_latency_seconds")
+                     alias="cpserve:inter_token_latency_seconds",
+                     vllm_aliases=["vllm:time_per_output_token_seconds"])
         self.e2e = h("vllm:e2e_request_latency_seconds",
                      "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS,
                      alias="cpserve:e2e_request_latency_seconds")
@@ -221,6 +231,12 @@ class ServerMetrics:
             family.add_metric(values, value)
             yield family
             yield GaugeMetricFamily(f"cpserve:{name}", _deprecated(f"vllm:{name}"), value=value)
+        # vLLM's name before 0.9, which its example Grafana dashboard still reads.
+        family = GaugeMetricFamily("vllm:gpu_cache_usage_perc",
+                                   _deprecated("vllm:kv_cache_usage_perc", by="vLLM"),
+                                   labels=names)
+        family.add_metric(values, s.kv_cache_usage)
+        yield family
         for name, doc, value in (
                 ("prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens_total),
                 ("generation_tokens", "Number of generation tokens processed.",
