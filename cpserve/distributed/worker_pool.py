@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -116,6 +117,26 @@ def _closed_key(rank: int) -> str:
     return f"cpserve/closed/{rank}"
 
 
+def _connect_to_node_0(store_addr: tuple[str, int], timeout_s: float) -> dist.TCPStore:
+    """The rendezvous store on node 0, which may start after this node. Until its port
+    accepts connections, plain socket probes (quiet, and a signal is handled between two)
+    rather than torch's client, which would block and log a stack trace per attempt."""
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while True:
+        try:
+            with socket.create_connection(store_addr, timeout=2):
+                break
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node 0's rendezvous store at {store_addr[0]}:"
+                                   f"{store_addr[1]} did not answer within "
+                                   f"{JOIN_TIMEOUT_S:.0f} s (--master-addr, --master-port): "
+                                   f"{exc}") from None
+            time.sleep(0.5)
+    return dist.TCPStore(*store_addr, is_master=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def _wait_for_all_ranks(store: dist.TCPStore, world: int, rank: int) -> None:
     """Start-up barrier of a multi-node launch, with the long join timeout: the process group
     is created only once every rank has reached the store."""
@@ -141,15 +162,19 @@ def _serve_as_worker(rank: int, store_addr: tuple[str, int], parallel: ParallelC
     local_ranks = launch.local_ranks(parallel.world_size)
     _share_cpu_threads(device, len(local_ranks))
     local_device = rank_device(device, rank - local_ranks.start)
-    join_timeout = JOIN_TIMEOUT_S if launch.nnodes > 1 else timeout_s
-    store = dist.TCPStore(*store_addr, is_master=False,
-                          timeout=datetime.timedelta(seconds=join_timeout))
     if launch.nnodes > 1:
+        store = _connect_to_node_0(store_addr, timeout_s)
         _wait_for_all_ranks(store, parallel.world_size, rank)
+    else:
+        store = dist.TCPStore(*store_addr, is_master=False,
+                              timeout=datetime.timedelta(seconds=timeout_s))
     groups = _init_distributed(parallel, rank, {"store": store}, local_device, timeout_s)
     worker_loop(groups, local_device)
     dist.destroy_process_group()
-    store.set(_closed_key(rank), "1")  # the driver of a multi-node pool waits for this
+    try:
+        store.set(_closed_key(rank), "1")  # the driver of a multi-node pool waits for this
+    except Exception:  # the driver is gone already: nobody is waiting
+        pass
 
 
 def _spawned_worker(rank: int, store_addr: tuple[str, int], parallel: dict, launch: dict,
@@ -189,28 +214,29 @@ def run_node_ranks(parallel: ParallelConfig, launch: LaunchConfig, device: str,
     timeout_s = timeout_s if timeout_s is not None else default_timeout_s()
     ranks = launch.local_ranks(parallel.world_size)
     store_addr = (launch.master_addr, launch.master_port)
-    # SIGTERM (a scheduler stopping the node) unwinds through `finally`, so the spawned ranks
-    # are stopped with this one instead of left running. Python runs the handler between two
+    # SIGTERM (a scheduler stopping the node) becomes SystemExit, so the spawned ranks are
+    # stopped with this one instead of left running. Python runs the handler between two
     # collectives, which the driver's keep-alive plans make seconds apart.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     processes = _spawn_ranks(ranks[1:], store_addr, parallel, launch, device, timeout_s,
                              worker_loop)
-    code = 0
     try:
         _serve_as_worker(ranks[0], store_addr, parallel, launch, device, timeout_s,
                          worker_loop)
+        code = 0
     except Exception as exc:
         print(f"cpserve rank {ranks[0]}: {type(exc).__name__}: {exc}", file=sys.stderr,
               flush=True)
         code = 1
-    finally:
-        for proc in processes:
-            proc.join(timeout=60 if code == 0 else 5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=5)
-    failed = [p.name for p in processes if p.exitcode != 0]
-    return 1 if code or failed else 0
+    except (SystemExit, KeyboardInterrupt) as stop:  # SIGTERM or Ctrl-C: stop this node
+        code = stop.code if isinstance(stop, SystemExit) else 130
+    # After a shutdown by the driver the other ranks are exiting too; otherwise stop them.
+    for proc in processes:
+        proc.join(timeout=60 if code == 0 else 1)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+    return code or (1 if any(p.exitcode != 0 for p in processes) else 0)
 
 
 class _TorchrunExitBoard:
