@@ -57,10 +57,12 @@ class ModelConfig:
     dtype: torch.dtype
     max_model_len: int
     eos_token_ids: tuple[int, ...]
+    tokenizer: str = ""  # the tokenizer's directory: the checkpoint's unless --tokenizer
 
     @staticmethod
     def from_pretrained(path: str | Path, dtype: str | torch.dtype = "auto",
-                        max_model_len: int | None = None) -> ModelConfig:
+                        max_model_len: int | None = None,
+                        tokenizer: str | None = None) -> ModelConfig:
         path = Path(path)
         config_file = path / "config.json"
         if not config_file.is_file():
@@ -89,6 +91,7 @@ class ModelConfig:
             dtype=_resolve_dtype(dtype, hf),
             max_model_len=int(max_model_len),
             eos_token_ids=_eos_token_ids(path, hf),
+            tokenizer=str(tokenizer) if tokenizer is not None else str(path),
         )
 
     # Shape, read through properties so the raw dict stays the single source.
@@ -234,6 +237,34 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LaunchConfig:
+    """Where the ranks of a layout run: one node, several nodes, or as torchrun started them.
+
+    With `nnodes = N`, the `world_size` ranks are split evenly, node `r` running global ranks
+    `[r * per_node, (r + 1) * per_node)`; node 0 holds rank 0 (the driver) and the rendezvous
+    store at `master_addr:master_port`. `executor_backend` is vLLM's
+    `--distributed-executor-backend`: None picks by itself (torchrun's environment, else "mp").
+    """
+
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29501
+    executor_backend: str | None = None
+
+    def ranks_per_node(self, world_size: int) -> int:
+        return world_size // self.nnodes
+
+    def local_ranks(self, world_size: int) -> range:
+        """Global ranks that run on this node."""
+        per_node = self.ranks_per_node(world_size)
+        return range(self.node_rank * per_node, (self.node_rank + 1) * per_node)
+
+
+EXECUTOR_BACKENDS = ("mp", "uni", "external_launcher")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     parallel: ParallelConfig
@@ -243,6 +274,15 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False  # no CUDA graphs
     load_format: str = "auto"  # "dummy": random weights made on the device (benchmarks)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    # Decode CUDA graph batch sizes (vLLM's cudagraph_capture_sizes); None: the built-in list.
+    cudagraph_capture_sizes: tuple[int, ...] | None = None
+    # Most logprobs a request may ask for, per token (vLLM's --max-logprobs; -1: the vocabulary).
+    max_logprobs: int = 20
+    # Sampling fields a request leaves unset take these values (from generation_config.json,
+    # as vLLM's --generation-config auto does): temperature, top_p, top_k, min_p,
+    # repetition_penalty, max_tokens (from max_new_tokens, a cap for every request).
+    sampling_defaults: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         check_engine_config(self)
@@ -313,6 +353,14 @@ def check_engine_config(cfg: EngineConfig) -> None:
         raise ConfigError(f"load_format={cfg.load_format!r} must be 'auto' or 'dummy'")
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"device={cfg.device!r} must be 'cpu', 'cuda' or 'auto'")
+    _check_launch(cfg.launch, par)
+    sizes = cfg.cudagraph_capture_sizes
+    if sizes is not None and (not sizes or any(not isinstance(n, int) or n < 1 for n in sizes)):
+        raise ConfigError(f"cudagraph_capture_sizes={list(sizes)} must be a non-empty list of "
+                          "positive batch sizes")
+    if not isinstance(cfg.max_logprobs, int) or cfg.max_logprobs < -1:
+        raise ConfigError(f"--max-logprobs {cfg.max_logprobs!r} must be -1 (the whole "
+                          "vocabulary) or a non-negative integer")
 
 
 def check_kv_capacity(cfg: EngineConfig, num_blocks: int) -> None:
@@ -328,3 +376,46 @@ def check_kv_capacity(cfg: EngineConfig, num_blocks: int) -> None:
             f"max_model_len tokens could never finish. Lower --max-model-len to at most "
             f"{capacity}, or give the KV cache more room with --num-kv-blocks, "
             "--kv-cache-memory (CPU) or --gpu-memory-utilization (GPU)")
+
+
+def _check_launch(launch: LaunchConfig, par: ParallelConfig) -> None:
+    if launch.executor_backend == "ray":
+        raise ConfigError("--distributed-executor-backend ray: cpserve has no Ray executor; "
+                          "use mp (cpserve starts the ranks, on several nodes with --nnodes) or "
+                          "external_launcher (ranks started by torchrun)")
+    if launch.executor_backend not in (None, *EXECUTOR_BACKENDS):
+        raise ConfigError(f"--distributed-executor-backend {launch.executor_backend!r} must be "
+                          f"one of {', '.join(EXECUTOR_BACKENDS)}")
+    if launch.executor_backend == "uni" and par.world_size > 1:
+        raise ConfigError(f"--distributed-executor-backend uni runs one process, but "
+                          f"tensor_parallel_size * prefill_context_parallel_size = "
+                          f"{par.world_size}; use mp")
+    if not isinstance(launch.nnodes, int) or launch.nnodes < 1:
+        raise ConfigError(f"--nnodes {launch.nnodes!r} must be a positive integer")
+    if not isinstance(launch.node_rank, int) or not 0 <= launch.node_rank < launch.nnodes:
+        raise ConfigError(f"--node-rank {launch.node_rank!r} must be in [0, --nnodes "
+                          f"{launch.nnodes})")
+    if par.world_size % launch.nnodes:
+        raise ConfigError(f"tensor_parallel_size * prefill_context_parallel_size = "
+                          f"{par.world_size} ranks cannot be split evenly over --nnodes "
+                          f"{launch.nnodes}")
+    if launch.nnodes > 1 and launch.executor_backend in ("uni", "external_launcher"):
+        raise ConfigError(f"--nnodes {launch.nnodes} starts ranks on several nodes itself (the "
+                          f"mp backend); with --distributed-executor-backend "
+                          f"{launch.executor_backend} leave --nnodes at 1 (torchrun takes "
+                          "the node flags)")
+    if not 0 < launch.master_port < 65536:
+        raise ConfigError(f"--master-port {launch.master_port} must be in [1, 65535]")
+
+
+def check_server_flags(api_server_count: int, headless: bool, node_rank: int) -> None:
+    """`cpserve serve` flags about its processes (vLLM's --api-server-count, --headless)."""
+    if api_server_count != 1:
+        raise ConfigError(f"--api-server-count {api_server_count}: cpserve runs one API server "
+                          "process per engine; only 1 is supported")
+    if headless and node_rank == 0:
+        raise ConfigError("--headless is for the nodes other than node 0 (--node-rank 1 and "
+                          "up): node 0 runs the driver and serves the API")
+    if not headless and node_rank != 0:
+        raise ConfigError(f"--node-rank {node_rank}: only node 0 serves the API; start this "
+                          "node with --headless")
