@@ -51,6 +51,16 @@ ARCHITECTURES.update({
         topk_group=2, norm_topk_prob=False, routed_scaling_factor=1.0)),
 })
 
+# Qwen-MoE: 8 experts, 2 per token. Qwen2-MoE: a gated shared expert, layer 1 dense
+# (mlp_only_layers). Qwen3-MoE: q/k norms, renormalised top-k weights, every layer sparse.
+_QWEN_MOE = dict(moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
+ARCHITECTURES.update({
+    "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        _QWEN_MOE, shared_expert_intermediate_size=48, mlp_only_layers=[1])),
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        _QWEN_MOE, head_dim=32, norm_topk_prob=True)),
+})
+
 
 def make_checkpoint(path: Path, kind: str, seed: int = 0, dtype=torch.float32, **overrides) -> Path:
     """Save a random `kind` model (see ARCHITECTURES) with the demo tokenizer; return its path."""

@@ -33,11 +33,14 @@ class DecoderLayer(nn.Module):
         self.self_attn = self_attn
         self.post_attention_layernorm = RMSNorm(config.hidden_size, _eps(config), config.dtype)
         self.mlp = mlp
+        # MoE layers with expert parallelism need the step's token layout (moe.py).
+        self.mlp_takes_context = getattr(mlp, "takes_step_context", False)
 
     def forward(self, positions: StepPositions, x: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
         x = x + self.self_attn(positions, self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, ctx) if self.mlp_takes_context else self.mlp(h))
 
 
 class DecoderModel(nn.Module):
