@@ -5,6 +5,8 @@ routing with a routed scaling factor; V2 with q_lora, greedy routing and YaRN (m
 from mscale_all_dim, so both the rope factor and the softmax scale matter); V3 with q_lora,
 noaux_tc routing with random correction biases, norm_topk_prob and YaRN; V3 rotating halves
 (`rope_interleave=false`) with attention biases (q_a_proj, kv_a_proj_with_mqa, o_proj).
+MLA runs absorbed, and (`-expanded`) with every prefill step's own tokens in the expanded form
+(the cached prefix of a chunk still absorbed).
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ def checkpoint(request, tmp_path_factory):
     return path, prompts, reference
 
 
-@pytest.mark.parametrize("block_size,max_batched", [(16, 8192), (1, 8)],
-                         ids=["bs16", "bs1-chunked"])
-def test_greedy_matches_transformers(checkpoint, block_size, max_batched):
+@pytest.mark.parametrize("block_size,max_batched,expanded", [
+    (16, 8192, False), (1, 8, False), (16, 8192, True), (1, 8, True)],
+    ids=["bs16", "bs1-chunked", "bs16-expanded", "bs1-chunked-expanded"])
+def test_greedy_matches_transformers(checkpoint, block_size, max_batched, expanded,
+                                     monkeypatch):
     path, prompts, reference = checkpoint
+    monkeypatch.setenv("CPSERVE_MLA_EXPANDED_MIN_TOKENS", "1" if expanded else "1000000")
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
     with LLM(str(path), block_size=block_size, max_num_batched_tokens=max_batched,
              num_kv_blocks=4096 // block_size, enable_prefix_caching=False) as llm:

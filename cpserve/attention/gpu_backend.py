@@ -11,8 +11,10 @@ as `TorchReferenceBackend` (the tests hold it to that).
 
 Latent attention (DeepSeek MLA, absorbed: keys 576 = 512 + 64, values = the keys' first 512
 channels) runs in the Triton kernels, which read keys over 256 channels in 64-wide chunks
-(kernels/scores.py). Its dense steps take the masked kernel at every size, as the library ops
-need equal key and value dims. Shapes the kernels do not cover go to the reference, and say
+(kernels/scores.py). Its dense steps take the masked kernel at every size: the library ops
+take head dims up to LIBRARY_MAX_HEAD_DIM. MLA's expanded form (keys 192, values 128) does go
+to the library ops, its values zero-padded to the key width (the ops take one head dim for
+q, k and v; the padding's output channels are 0 and dropped). Shapes the kernels do not cover go to the reference, and say
 so in `fallbacks`: key dims over MAX_KERNEL_KEY_DIM or value dims over MAX_KERNEL_VALUE_DIM.
 """
 
@@ -22,6 +24,7 @@ import weakref
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 
 from cpserve.attention.backend import TorchReferenceBackend
 from cpserve.attention.kernels import (
@@ -47,6 +50,8 @@ MAX_KERNEL_VALUE_DIM = 512
 # cuDNN is called once per piece; with more pieces than this, one FlashAttention varlen
 # call is cheaper.
 MAX_CUDNN_PIECES = 8
+# cuDNN and FlashAttention-2 take head dims up to 256.
+LIBRARY_MAX_HEAD_DIM = 256
 
 
 def _kernel_dims(dk: int, dv: int) -> bool:
@@ -135,7 +140,7 @@ class GPUBackend:
         if not _kernel_dims(dk, dv):
             self.fallbacks.add(f"dense: head dims {dk}/{dv}")
             return self.reference.dense_attention(q, k, v, q_pos, k_pos, q_seq, k_seq, scale)
-        library = ((self.ops["cudnn"] or self.ops["flash"]) and dk == dv
+        library = ((self.ops["cudnn"] or self.ops["flash"]) and dv <= dk <= LIBRARY_MAX_HEAD_DIM
                    and q.dtype in (torch.float16, torch.bfloat16))
         if q.shape[0] * k.shape[0] <= SMALL_DENSE_PAIRS or not library:
             return masked_attention_triton(q, k, v, q_pos, k_pos, q_seq, k_seq, scale)
@@ -144,6 +149,9 @@ class GPUBackend:
         if plan is None:
             self.fallbacks.add("dense: irregular layout, masked kernel")
             return masked_attention_triton(q, k, v, q_pos, k_pos, q_seq, k_seq, scale)
+        if dv < dk:
+            out, lse = self._run_plan(plan, q, k, F.pad(v, (0, dk - dv)), scale)
+            return out[..., :dv], lse
         return self._run_plan(plan, q, k, v, scale)
 
     def _run_plan(self, placed: _PlacedPlan, q, k, v, scale):

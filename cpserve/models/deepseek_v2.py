@@ -28,12 +28,14 @@ permutation of their rope channels, so the scores do not depend on it.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cpserve.attention.context import AttentionContext
+from cpserve.attention.forms import LatentForms, absorb_query, latent_to_values
 from cpserve.config import ModelConfig
 from cpserve.distributed.groups import ParallelGroups
 from cpserve.kv.spec import KVCacheSpec
@@ -50,6 +52,21 @@ from cpserve.models.rope import RotaryEmbedding, StepPositions
 
 # transformers' and DeepSeek's q_a_layernorm / kv_a_layernorm keep the default eps.
 LATENT_NORM_EPS = 1e-6
+# Tuning constant: steps with at least this many new tokens attend to them in the expanded
+# form (benchmarks/bench_moe.py measures the crossover and prints it). The environment
+# variable overrides it (tests use it to put short prompts through the expanded path).
+MLA_EXPANDED_MIN_TOKENS = 1024
+
+
+def expanded_min_tokens() -> int:
+    return int(os.environ.get("CPSERVE_MLA_EXPANDED_MIN_TOKENS", MLA_EXPANDED_MIN_TOKENS))
+
+
+def step_new_tokens(ctx: AttentionContext) -> int:
+    """New tokens of the step, the same count on every rank (replicated rows plus every PCP
+    rank's padded share of the split ones), so all ranks pick the same form."""
+    meta = ctx.metadata
+    return meta.rep_index.numel() + ctx.groups.pcp * meta.pad
 
 
 class ReplicatedLinear(nn.Module):
@@ -155,12 +172,17 @@ class MLAAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)
         q_rope, k_rope = self.rope(positions, q_rope, k_rope.unsqueeze(1))
 
-        w_uk, w_uv = self._up_projections()
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, L]
-        query = torch.cat([q_latent, q_rope], -1)
-        key = torch.cat([latent.unsqueeze(1), k_rope], -1)  # [T, 1, L + R]
-        out = ctx.attention(self.layer, query, key, None, self.scale, v_dim=latent_dim)
-        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
+        key = torch.cat([latent.unsqueeze(1), k_rope], -1)  # [T, 1, L + R]: what is cached
+        if not ctx.metadata.rep_decode_only and step_new_tokens(ctx) >= expanded_min_tokens():
+            forms = LatentForms(self.kv_b_proj.weight, self.num_heads, self.nope,
+                                self.v_head_dim, latent_dim)
+            out = ctx.attention(self.layer, torch.cat([q_nope, q_rope], -1), key, None,
+                                self.scale, v_dim=latent_dim, forms=forms)  # [T, H, v]
+        else:
+            w_uk, w_uv = self._up_projections()
+            out = ctx.attention(self.layer, absorb_query(q_nope, q_rope, w_uk), key, None,
+                                self.scale, v_dim=latent_dim)  # [T, H, L]
+            out = latent_to_values(out, w_uv)  # [T, H, v]
         out = self.o_proj(out.reshape(tokens, -1))
         bias = getattr(self.o_proj, "bias", None)
         return out + bias if bias is not None else out
