@@ -41,6 +41,9 @@ ARCHITECTURES.update({
     "deepseek-v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
         _DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy", n_group=4, topk_group=2,
         routed_scaling_factor=1.5)),
+    # Without q_lora, a kv_a bias keeps q_proj and kv_a_proj_with_mqa apart (two GEMMs).
+    "deepseek-v2-bias": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        _DEEPSEEK, q_lora_rank=None, attention_bias=True, topk_method="greedy")),
     "deepseek-v2-qlora": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
         _DEEPSEEK, q_lora_rank=48, topk_method="greedy", rope_parameters=_DEEPSEEK_YARN)),
     "deepseek-v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(

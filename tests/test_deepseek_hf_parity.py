@@ -1,7 +1,8 @@
 """Single-process cpserve against transformers' DeepseekV2/V3ForCausalLM on random checkpoints.
 
 The checkpoints (tests/checkpoints.py) cover: V2 without q_lora and group-limited greedy
-routing with a routed scaling factor; V2 with q_lora, greedy routing and YaRN (mscale differing
+routing with a routed scaling factor; V2 without q_lora with a kv_a bias (q and kv_a
+projections apart); V2 with q_lora, greedy routing and YaRN (mscale differing
 from mscale_all_dim, so both the rope factor and the softmax scale matter); V3 with q_lora,
 noaux_tc routing with random correction biases, norm_topk_prob and YaRN; V3 rotating halves
 (`rope_interleave=false`) with attention biases (q_a_proj, kv_a_proj_with_mqa, o_proj).
@@ -24,7 +25,8 @@ LOGPROB_TOL = 1e-4
 
 
 @pytest.fixture(scope="module",
-                params=["deepseek-v2", "deepseek-v2-qlora", "deepseek-v3", "deepseek-v3-halves"])
+                params=["deepseek-v2", "deepseek-v2-bias", "deepseek-v2-qlora", "deepseek-v3",
+                        "deepseek-v3-halves"])
 def checkpoint(request, tmp_path_factory):
     path = make_deepseek_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
     prompts = random_prompts(PROMPT_LENGTHS)

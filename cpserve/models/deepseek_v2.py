@@ -42,6 +42,7 @@ from cpserve.kv.spec import KVCacheSpec
 from cpserve.models.decoder import CausalLM, DecoderLayer
 from cpserve.models.layers import (
     ColumnParallelLinear,
+    MergedColumnParallelLinear,
     RMSNorm,
     RowParallelLinear,
     sharded_parameter,
@@ -133,16 +134,25 @@ class MLAAttention(nn.Module):
         qk = self.nope + self.rope_dim
         bias = bool(hf.get("attention_bias", False))
         first_head = tp_rank * h
-        q_lora_rank = hf.get("q_lora_rank")
-        self.q_proj = None
+        q_lora_rank = int(hf.get("q_lora_rank") or 0)
+        latent_rows = self.kv_lora_rank + self.rope_dim
         if q_lora_rank:
-            self.q_a_proj = ReplicatedLinear(hidden, int(q_lora_rank), dtype, bias)
-            self.q_a_layernorm = RMSNorm(int(q_lora_rank), LATENT_NORM_EPS, dtype)
-            self.q_b_proj = ColumnParallelLinear(int(q_lora_rank), h * qk, first_head * qk, dtype)
+            q_part = ("q_a_proj", q_lora_rank, 0)
+            self.q_a_layernorm = RMSNorm(q_lora_rank, LATENT_NORM_EPS, dtype)
+            self.q_b_proj = ColumnParallelLinear(q_lora_rank, h * qk, first_head * qk, dtype)
+        else:
+            q_part = ("q_proj", h * qk, first_head * qk)
+        self.q_lora = bool(q_lora_rank)
+        # The projections that read x run as one GEMM (decode pays per launch): q_a (or this
+        # rank's rows of q) stacked on kv_a. Without q_lora, a kv_a bias (q_proj has none)
+        # keeps them apart.
+        self.fused_qkv_a_proj = self.q_proj = self.kv_a_proj_with_mqa = None
+        if q_lora_rank or not bias:
+            self.fused_qkv_a_proj = MergedColumnParallelLinear(
+                hidden, [q_part, ("kv_a_proj_with_mqa", latent_rows, 0)], dtype, bias)
         else:
             self.q_proj = ColumnParallelLinear(hidden, h * qk, first_head * qk, dtype)
-        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.rope_dim,
-                                                   dtype, bias)
+            self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, latent_rows, dtype, bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS, dtype)
         per_head = self.nope + self.v_head_dim
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, h * per_head,
@@ -163,12 +173,14 @@ class MLAAttention(nn.Module):
     def forward(self, positions: StepPositions, x: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
         tokens, latent_dim = x.shape[0], self.kv_lora_rank
-        if self.q_proj is not None:
-            q = self.q_proj(x)
+        if self.fused_qkv_a_proj is not None:
+            q, latent_and_rope = self.fused_qkv_a_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q, latent_and_rope = self.q_proj(x), self.kv_a_proj_with_mqa(x)
+        if self.q_lora:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q_nope, q_rope = q.view(tokens, self.num_heads, -1).split([self.nope, self.rope_dim], -1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([latent_dim, self.rope_dim], -1)
+        latent, k_rope = latent_and_rope.split([latent_dim, self.rope_dim], -1)
         latent = self.kv_a_layernorm(latent)
         q_rope, k_rope = self.rope(positions, q_rope, k_rope.unsqueeze(1))
 
