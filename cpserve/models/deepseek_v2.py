@@ -49,7 +49,7 @@ from cpserve.models.layers import (
 )
 from cpserve.models.llama import llama_mlp
 from cpserve.models.moe import MoE
-from cpserve.models.rope import RotaryEmbedding, StepPositions
+from cpserve.models.rope import RotaryEmbedding, StepPositions, apply_rope
 
 # transformers' and DeepSeek's q_a_layernorm / kv_a_layernorm keep the default eps.
 LATENT_NORM_EPS = 1e-6
@@ -107,16 +107,10 @@ class DeepseekRope(nn.Module):
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.interleaved:
             return self.rotary(positions, q, k)
+        # Pair i = channels (2i, 2i+1), rotated by angle i; output [all firsts, all seconds].
         cos, sin = positions.cos_sin(self.rotary, torch.float32)
-        half = cos.shape[-1] // 2
-        cos, sin = cos[..., :half], sin[..., :half]  # cos_sin repeats the angles twice
-
-        def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-            # Pair i = channels (2i, 2i+1), rotated by angle i; output [all firsts, all seconds].
-            even, odd = x[..., 0::2].float(), x[..., 1::2].float()
-            return torch.cat([even * cos - odd * sin, odd * cos + even * sin], -1).to(x.dtype)
-
-        return rotate_pairs(q), rotate_pairs(k)
+        dim = self.rotary.rotary_dim
+        return apply_rope(q, cos, sin, dim, True), apply_rope(k, cos, sin, dim, True)
 
 
 class MLAAttention(nn.Module):
