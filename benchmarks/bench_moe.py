@@ -10,10 +10,10 @@ Sections, in this order (`--only` picks some); each is bounded by what is left o
   tests   kernel-versus-reference tests on this GPU (bf16 included) and the bf16 MoE / MLA
           parity tests against transformers (pytest, in a subprocess)
   moe     the routed experts of one layer: the reference loop, torch._grouped_mm, and the
-          Triton kernel with its constants and with candidate tiles, at decode (1 and 16
+          Triton kernel with its constants and with candidate tiles, at decode (1, 4 and 16
           tokens) and prefill (8k, 32k) sizes of both models. Decides SORTED_CONFIG,
-          BY_EXPERT_CONFIG, BY_EXPERT_MAX_PAIRS (kernels/fused_moe.py) and CUDA_EXPERTS
-          (experts.py).
+          SORTED_SMALL_CONFIG, BY_EXPERT_CONFIG, BY_EXPERT_MAX_PAIRS (kernels/fused_moe.py)
+          and CUDA_EXPERTS (experts.py).
   mla     one DeepSeek-V2-Lite attention layer prefilling n tokens, absorbed and expanded:
           decides MLA_EXPANDED_MIN_TOKENS (deepseek_v2.py); and cuDNN with values narrower
           than keys against values padded (gpu_backend.py pads today).
@@ -246,6 +246,9 @@ def decide_moe(rows, experts_module, fm) -> dict:
     best_sorted = _best(prefill, "sorted")
     if best_sorted:
         decisions["SORTED_CONFIG"] = asdict(_config_of(best_sorted, fm))
+    best_small = _best(decode, "sorted")
+    if best_small:
+        decisions["SORTED_SMALL_CONFIG"] = asdict(_config_of(best_small, fm))
     best_by_expert = _best(decode, "by_expert")
     if best_by_expert:
         decisions["BY_EXPERT_CONFIG"] = asdict(_config_of(best_by_expert, fm))
@@ -268,6 +271,7 @@ def decide_moe(rows, experts_module, fm) -> dict:
     timed = sum(1 for r in rows if r["ms"].get("grouped_mm"))
     decisions["CUDA_EXPERTS"] = "grouped_mm" if timed and faster > timed / 2 else "triton"
     decisions["current"] = dict(SORTED_CONFIG=asdict(fm.SORTED_CONFIG),
+                                SORTED_SMALL_CONFIG=asdict(fm.SORTED_SMALL_CONFIG),
                                 BY_EXPERT_CONFIG=asdict(fm.BY_EXPERT_CONFIG),
                                 BY_EXPERT_MAX_PAIRS=fm.BY_EXPERT_MAX_PAIRS,
                                 CUDA_EXPERTS=experts_module.CUDA_EXPERTS)
@@ -280,6 +284,8 @@ def apply_moe(decisions: dict) -> None:
 
     if "SORTED_CONFIG" in decisions:
         fm.SORTED_CONFIG = fm.MoEKernelConfig(**decisions["SORTED_CONFIG"])
+    if "SORTED_SMALL_CONFIG" in decisions:
+        fm.SORTED_SMALL_CONFIG = fm.MoEKernelConfig(**decisions["SORTED_SMALL_CONFIG"])
     if "BY_EXPERT_CONFIG" in decisions:
         fm.BY_EXPERT_CONFIG = fm.MoEKernelConfig(**decisions["BY_EXPERT_CONFIG"])
     fm.BY_EXPERT_MAX_PAIRS = decisions.get("BY_EXPERT_MAX_PAIRS", fm.BY_EXPERT_MAX_PAIRS)

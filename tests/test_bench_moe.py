@@ -31,7 +31,8 @@ def test_tiny_run_decides_and_records(tmp_path, capsys, monkeypatch):
 
     bench = _load_script()
     # The run applies its decisions to the module constants: put them back afterwards.
-    for module, name in ((fused_moe, "SORTED_CONFIG"), (fused_moe, "BY_EXPERT_CONFIG"),
+    for module, name in ((fused_moe, "SORTED_CONFIG"), (fused_moe, "SORTED_SMALL_CONFIG"),
+                         (fused_moe, "BY_EXPERT_CONFIG"),
                          (fused_moe, "BY_EXPERT_MAX_PAIRS"),
                          (deepseek_v2, "MLA_EXPANDED_MIN_TOKENS")):
         monkeypatch.setattr(module, name, getattr(module, name))

@@ -48,6 +48,10 @@ class MoEKernelConfig:
 
 # Tuning constants, measured by benchmarks/bench_moe.py (which prints the best candidates).
 SORTED_CONFIG = MoEKernelConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
+# Sorted with few pairs per expert (decode batches): each expert's run is padded to block_m.
+SORTED_SMALL_CONFIG = MoEKernelConfig(block_m=16, block_n=64, block_k=128, num_warps=4,
+                                      num_stages=3)
+SORTED_SMALL_MAX_PAIRS_PER_EXPERT = 8
 # By expert: block_m is the pair count rounded up to a power of two (at least 16).
 BY_EXPERT_CONFIG = MoEKernelConfig(block_m=16, block_n=64, block_k=128, num_warps=4,
                                    num_stages=3)
@@ -187,7 +191,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
         rows = (None, None)
         y = torch.zeros(num_pairs, hidden, dtype=x.dtype, device=x.device)  # small
     else:
-        config = sorted_config or SORTED_CONFIG
+        small = num_pairs <= SORTED_SMALL_MAX_PAIRS_PER_EXPERT * num_experts
+        config = sorted_config or (SORTED_SMALL_CONFIG if small else SORTED_CONFIG)
         block_m = config.block_m
         rows = align_pairs(flat_ids, num_experts, block_m)
         y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)  # all written
