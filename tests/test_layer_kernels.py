@@ -1,4 +1,5 @@
-"""The RMSNorm and RoPE Triton kernels against their PyTorch references, on random inputs.
+"""The RMSNorm, RoPE and routing Triton kernels against their PyTorch references, on random
+inputs.
 
 On a machine without CUDA they run in Triton's interpreter. Tolerances: fp32, the reductions'
 order only (1e-5 relative). fp16 / bf16 (bf16 on CUDA only: the interpreter's bf16 is wrong):
@@ -20,7 +21,9 @@ pytest.importorskip("triton")
 
 from cpserve.models.kernels.rms_norm import rms_norm_triton  # noqa: E402
 from cpserve.models.kernels.rope import rope_triton  # noqa: E402
+from cpserve.models.kernels.routing import softmax_topk_triton  # noqa: E402
 from cpserve.models.layers import rms_norm_reference  # noqa: E402
+from cpserve.models.moe import RoutingConfig, select_experts  # noqa: E402
 from cpserve.models.rope import RotaryEmbedding, rope_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,3 +75,19 @@ def test_rope_matches_the_reference(dtype, interleaved, heads, dim, rotary_dim):
     assert got.shape == want.shape and got.dtype == want.dtype
     torch.testing.assert_close(got, want, atol=2 * TOL[dtype], rtol=2 * TOL[dtype])
     assert torch.equal(got[..., rotary_dim:], x[..., rotary_dim:])
+
+
+@pytest.mark.parametrize("experts,top_k,normalize,scaling", [
+    (64, 6, False, 1.0), (128, 8, True, 1.0), (60, 4, False, 2.5), (8, 2, True, 1.5)])
+def test_softmax_routing_matches_select_experts(experts, top_k, normalize, scaling):
+    """The same experts and weights per token as the PyTorch routing (whose order within a
+    token is unspecified, so both are compared sorted by expert)."""
+    logits = rand(33, experts, dtype=torch.float32, seed=4) * 3
+    routing = RoutingConfig(experts, top_k, "greedy", "softmax", 1, 1, scaling, normalize)
+    weights, ids = softmax_topk_triton(logits, top_k, normalize, scaling)
+    want_w, want_ids = select_experts(logits.cpu(), routing)
+    order, want_order = ids.cpu().argsort(1), want_ids.argsort(1)
+    assert torch.equal(ids.cpu().gather(1, order), want_ids.gather(1, want_order))
+    torch.testing.assert_close(weights.cpu().gather(1, order), want_w.gather(1, want_order),
+                               atol=1e-6, rtol=1e-5)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32

@@ -114,7 +114,16 @@ def select_experts(router_logits: torch.Tensor, routing: RoutingConfig,
     noaux_tc              (V3) experts are *chosen* by score + correction bias, among the groups
                           whose two best biased scores sum highest; their *weights* are the
                           unbiased scores.
+
+    On CUDA, greedy softmax routing (DeepSeek-V2-Lite, Qwen-MoE) is one Triton kernel
+    (kernels/routing.py), which this code is the reference of.
     """
+    if (router_logits.is_cuda and routing.method == "greedy" and routing.scoring == "softmax"
+            and correction_bias is None):
+        from cpserve.models.kernels.routing import softmax_topk_triton  # needs Triton
+
+        return softmax_topk_triton(router_logits, routing.top_k, routing.normalize,
+                                   routing.scaling_factor)
     scores = router_logits.softmax(-1) if routing.scoring == "softmax" else router_logits.sigmoid()
     choice = scores if correction_bias is None else scores + correction_bias.float()
     if routing.method == "greedy":
