@@ -55,5 +55,6 @@ def test_tiny_run_decides_and_records(tmp_path, capsys, monkeypatch):
     for batch in (1, 2):
         assert engine[f"decode_ms_{batch}"] > 0 and len(engine[f"decode_steps_ms_{batch}"]) == 2
     assert engine["profile"]["prefill"]["top"] and engine["profile"]["decode"]["batch"] == 2
+    assert engine["ttft_chunked_s"] > 0 and engine["chunk_tokens"] == 16
     out = capsys.readouterr().out
     assert "qwen3moe  ttft_s" in out and "mla decisions" in out
