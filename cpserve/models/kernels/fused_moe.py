@@ -22,10 +22,10 @@ a program takes, two ways:
              last group, "E", holds the pairs of experts on other ranks (expert parallelism,
              id -1): the down kernel writes zeros there, the gate/up kernel skips them.
 
-  by expert  (decode, pairs <= BLOCK_M) a program row per expert; its tile holds every pair
-             and masks those routed elsewhere, and an expert nobody chose exits before reading
-             a weight. Nothing is sorted: at batch 1 the small kernels of `align_pairs` would
-             cost more than the GEMMs.
+  by expert  (decode, pairs <= BLOCK_M) a program row per expert, and row E for pairs held
+             elsewhere; its tile holds every pair and masks those routed elsewhere, and an
+             expert nobody chose exits before reading a weight. Nothing is sorted: at batch 1
+             the small kernels of `align_pairs` would cost more than the GEMMs.
 """
 
 from __future__ import annotations
@@ -83,11 +83,12 @@ def _moe_gemm_kernel(a, w, out, pair_weights, sorted_pairs, block_expert, ids,
         expert = tl.load(block_expert + pid_m)
         pairs = tl.load(sorted_pairs + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
         row_ok = pairs < num_pairs
-    else:
+    else:  # program row E takes the pairs held elsewhere (id -1), as the last sorted group
         expert = pid_m
         pairs = tl.arange(0, BLOCK_M)
-        chosen = tl.load(ids + pairs, mask=pairs < num_pairs, other=-1)
-        row_ok = chosen == expert
+        real = pairs < num_pairs
+        chosen = tl.load(ids + pairs, mask=real, other=-1)
+        row_ok = real & ((chosen == expert) | ((chosen < 0) & (expert == num_experts)))
         if tl.max(row_ok.to(tl.int32), axis=0) == 0:
             expert = -1
     pairs = pairs.to(tl.int64)
@@ -158,7 +159,7 @@ def _launch(a, w, out, pair_weights, rows, flat_ids, num_experts, rows_per_a, ga
     sorted_pairs, block_expert = rows
     n = out.shape[1]
     k = a.shape[1]
-    grid_m = block_expert.numel() if block_expert is not None else num_experts
+    grid_m = block_expert.numel() if block_expert is not None else num_experts + 1
     grid = (grid_m, triton.cdiv(n, config.block_n))
     _moe_gemm_kernel[grid](
         a, w, out, pair_weights,
@@ -182,20 +183,19 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     if num_pairs == 0:
         return torch.zeros_like(x)
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
-    flat_ids = ids.reshape(-1).to(torch.int32)
+    flat_ids = ids.reshape(-1)
     pair_weights = weights.reshape(-1).to(torch.float32).contiguous()
     max_pairs = BY_EXPERT_MAX_PAIRS if by_expert_max_pairs is None else by_expert_max_pairs
     if num_pairs <= max_pairs:
         config = by_expert_config or BY_EXPERT_CONFIG
         block_m = max(config.block_m, triton.next_power_of_2(num_pairs))
         rows = (None, None)
-        y = torch.zeros(num_pairs, hidden, dtype=x.dtype, device=x.device)  # small
     else:
         small = num_pairs <= SORTED_SMALL_MAX_PAIRS_PER_EXPERT * num_experts
         config = sorted_config or (SORTED_SMALL_CONFIG if small else SORTED_CONFIG)
         block_m = config.block_m
         rows = align_pairs(flat_ids, num_experts, block_m)
-        y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)  # all written
+    y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)  # every row written
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
     _launch(x, w13, h, pair_weights, rows, flat_ids, num_experts, top_k, True, False, config,
             block_m)
