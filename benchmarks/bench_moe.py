@@ -123,7 +123,7 @@ def bench_engine(args, name: str, tmp: Path) -> dict:
     shape = (TINY_MODELS if args.tiny else MODELS)[name]
     ctx = args.context
     batches = [1, 2] if args.tiny else BATCHES[name]
-    extra = args.steps + 8
+    extra = args.steps + 24
     block = 16
     # Distinct prompts for the TTFT runs, then one shared prefix and a tail per request.
     blocks = (args.repeats + 2) * (ctx // block + 2) + max(batches) * (extra // block + 4)
@@ -176,7 +176,7 @@ def decode_ms(engine, prefix, tokens, batch: int, args) -> tuple[float, list[flo
     from cpserve import SamplingParams
 
     rids = [f"decode-{batch}-{i}" for i in range(batch)]
-    params = SamplingParams(max_tokens=args.steps + 6, ignore_eos=True)
+    params = SamplingParams(max_tokens=args.steps + 16, ignore_eos=True)  # admission slack
     for rid in rids:
         engine.add_request(rid, prefix + tokens(16), params)
     times, decoding = [], 0
