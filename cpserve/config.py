@@ -26,7 +26,8 @@ _DTYPES = {
 }
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+                           "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM",
+                           "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 
 # vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN: run past the model's positions, knowingly.
@@ -132,6 +133,24 @@ class ModelConfig:
     def rope(self) -> dict[str, Any]:
         return _rope_parameters(self.hf_config)
 
+    @property
+    def num_experts(self) -> int:
+        """Routed experts of a mixture-of-experts layer; 0 for dense models. DeepSeek names
+        them `n_routed_experts`, Qwen-MoE `num_experts` (transformers 5 writes
+        `num_local_experts`)."""
+        hf = self.hf_config
+        return int(hf.get("n_routed_experts") or hf.get("num_experts")
+                   or hf.get("num_local_experts") or 0)
+
+    @property
+    def shared_expert_intermediate_size(self) -> int:
+        """Width of the always-on experts' MLP: DeepSeek's n_shared_experts stacked, or
+        Qwen2-MoE's shared expert; 0 when there is none."""
+        hf = self.hf_config
+        if hf.get("shared_expert_intermediate_size"):
+            return int(hf["shared_expert_intermediate_size"])
+        return int(hf.get("n_shared_experts") or 0) * int(hf.get("moe_intermediate_size") or 0)
+
 
 def _longest_context(hf: dict[str, Any]) -> int:
     """The longest context the checkpoint supports, derived as vLLM derives it:
@@ -186,6 +205,9 @@ class ParallelConfig:
     kv_exchange: str = "allgather"
     # Prefill chunks shorter than this run replicated on every PCP rank instead of split.
     pcp_min_split_tokens: int = 0
+    # Routed experts partitioned over the tp * pcp ranks (whole experts per rank) instead of
+    # every rank holding a TP slice of each (vLLM's --enable-expert-parallel).
+    enable_expert_parallel: bool = False
 
     @property
     def tp(self) -> int:
@@ -322,11 +344,6 @@ def check_engine_config(cfg: EngineConfig) -> None:
         if par.tp % par.dcp:
             raise ConfigError(f"decode_context_parallel_size={par.dcp} must divide "
                               f"tensor_parallel_size={par.tp} for this MLA model")
-        for key in ("intermediate_size", "moe_intermediate_size"):
-            size = model.hf_config.get(key)
-            if size and int(size) % par.tp:
-                raise ConfigError(f"tensor_parallel_size={par.tp} must divide {key}={size}: "
-                                  "each rank holds an equal slice of every MLP and expert")
     elif par.tp >= kv:
         if par.tp % kv:
             raise ConfigError(f"num_key_value_heads={kv} must divide tensor_parallel_size="
@@ -343,6 +360,12 @@ def check_engine_config(cfg: EngineConfig) -> None:
             raise ConfigError(
                 f"decode_context_parallel_size={par.dcp} must be 1 when tensor_parallel_size="
                 f"{par.tp} < num_key_value_heads={kv}: no rank holds a copy of another's KV heads")
+    hf = model.hf_config
+    if hf.get("use_sliding_window") or any(t != "full_attention"
+                                           for t in hf.get("layer_types") or []):
+        raise ConfigError("use_sliding_window / layer_types: sliding-window attention is not "
+                          "supported, only full attention")
+    _check_mlp_shapes(model, par)
     if cache.num_blocks is not None and cache.num_blocks < 1:
         raise ConfigError(f"num_blocks={cache.num_blocks} must be >= 1")
     if cache.kv_cache_memory_gib is not None and cache.kv_cache_memory_gib <= 0:
@@ -419,3 +442,27 @@ def check_server_flags(api_server_count: int, headless: bool, node_rank: int) ->
     if not headless and node_rank != 0:
         raise ConfigError(f"--node-rank {node_rank}: only node 0 serves the API; start this "
                           "node with --headless")
+
+
+def _check_mlp_shapes(model: ModelConfig, par: ParallelConfig) -> None:
+    """TP slices every dense MLP, shared expert and (without expert parallelism) routed
+    expert into equal parts; expert parallelism gives each rank whole experts instead."""
+    hf = model.hf_config
+    sizes = {"intermediate_size": hf.get("intermediate_size")}
+    if not par.enable_expert_parallel:
+        sizes["moe_intermediate_size"] = hf.get("moe_intermediate_size")
+    sizes["the shared experts' intermediate size"] = model.shared_expert_intermediate_size
+    for key, size in sizes.items():
+        if size and int(size) % par.tp:
+            raise ConfigError(f"tensor_parallel_size={par.tp} must divide {key}={size}: "
+                              "each rank holds an equal slice of every MLP and expert")
+    if not par.enable_expert_parallel:
+        return
+    experts = model.num_experts
+    if not experts:
+        raise ConfigError(f"enable_expert_parallel: {model.architecture} has no experts to "
+                          "partition")
+    if experts % par.world_size:
+        raise ConfigError(f"enable_expert_parallel: tensor_parallel_size * "
+                          f"prefill_context_parallel_size = {par.world_size} must divide the "
+                          f"{experts} routed experts (each rank holds an equal share)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from cpserve.attention.backend import AttentionBackend
+from cpserve.attention.forms import SAME_FORMS, SameForms
 from cpserve.attention.merge import merge_two
 from cpserve.attention.metadata import StepAttentionMetadata
 from cpserve.attention.pcp import pcp_split_attention
@@ -29,40 +30,45 @@ class AttentionContext:
     kv_exchange: str = "allgather"
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
-                  scale: float, v_dim: int | None = None) -> torch.Tensor:
+                  scale: float, v_dim: int | None = None,
+                  forms: SameForms = SAME_FORMS) -> torch.Tensor:
         """q [T, H, D], k [T, H_kv, D], v [T, H_kv, D_v] for the local tokens; returns
         [T, H, D_v]. Latent attention passes `v=None` and `v_dim`: the values are the first
-        `v_dim` channels of the keys, and the layer's cache holds them once."""
+        `v_dim` channels of the keys, and the layer's cache holds them once. `forms` (see
+        forms.py) may give the paged and the dense parts different forms of q, k and v (MLA
+        expanded: q is expanded, the output [T, H, forms.output_dim(v_dim)])."""
         meta, backend = self.metadata, self.backend
         k_cache, v_cache = self.kv_caches[layer]
         v_dim = v.shape[-1] if v is not None else v_dim
         if not meta.has_split:  # the common case: decodes and unsplit chunks only
-            return self._replicated(q, k, v, k_cache, v_cache, scale, v_dim)
-        out = q.new_empty(*q.shape[:2], v_dim)
+            return self._replicated(q, k, v, k_cache, v_cache, scale, v_dim, forms)
+        out = q.new_empty(*q.shape[:2], forms.output_dim(v_dim))
         if meta.has_replicated:
             rows = meta.rep_index
             out[rows] = self._replicated(q[rows], k[rows], _rows(v, rows), k_cache, v_cache,
-                                         scale, v_dim)
+                                         scale, v_dim, forms)
         rows = meta.split_index
         out[rows] = pcp_split_attention(q[rows], k[rows], _rows(v, rows), k_cache, v_cache,
                                         meta, scale, self.groups, backend, self.kv_exchange,
-                                        v_dim)
+                                        v_dim, forms)
         return out
 
-    def _replicated(self, q, k, v, k_cache, v_cache, scale, v_dim) -> torch.Tensor:
+    def _replicated(self, q, k, v, k_cache, v_cache, scale, v_dim, forms) -> torch.Tensor:
         meta, backend = self.metadata, self.backend
         backend.write_kv(k, v, k_cache, v_cache, meta.rep_slots)
         if meta.rep_decode_only:
-            out, _ = sharded_kv_attention(q, k_cache, v_cache, meta.block_tables, meta.rep_seq,
-                                          meta.rep_kv_len, scale, self.groups, backend, v_dim)
-            return out
-        values = v if v is not None else k[..., :v_dim]
-        out, lse = backend.dense_attention(q, k, values, meta.rep_pos, meta.rep_pos,
+            out, _ = sharded_kv_attention(forms.cached_query(q), k_cache, v_cache,
+                                          meta.block_tables, meta.rep_seq, meta.rep_kv_len,
+                                          scale, self.groups, backend, v_dim)
+            return forms.cached_output(out)
+        keys, values = forms.new_kv(k, v, v_dim)
+        out, lse = backend.dense_attention(q, keys, values, meta.rep_pos, meta.rep_pos,
                                            meta.rep_seq, meta.rep_seq, scale)
         if meta.has_rep_prefix:
-            prefix_out, prefix_lse = sharded_kv_attention(q, k_cache, v_cache, meta.block_tables, meta.rep_seq,
-                                        meta.rep_prefix_len, scale, self.groups, backend, v_dim)
-            out, _ = merge_two(out, lse, prefix_out, prefix_lse)
+            prefix_out, prefix_lse = sharded_kv_attention(
+                forms.cached_query(q), k_cache, v_cache, meta.block_tables, meta.rep_seq,
+                meta.rep_prefix_len, scale, self.groups, backend, v_dim)
+            out, _ = merge_two(out, lse, forms.cached_output(prefix_out), prefix_lse)
         return out
 
 

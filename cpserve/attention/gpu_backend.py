@@ -11,8 +11,10 @@ as `TorchReferenceBackend` (the tests hold it to that).
 
 Latent attention (DeepSeek MLA, absorbed: keys 576 = 512 + 64, values = the keys' first 512
 channels) runs in the Triton kernels, which read keys over 256 channels in 64-wide chunks
-(kernels/scores.py). Its dense steps take the masked kernel at every size, as the library ops
-need equal key and value dims. Shapes the kernels do not cover go to the reference, and say
+(kernels/scores.py). Its dense steps take the masked kernel at every size: the library ops
+take head dims up to LIBRARY_MAX_HEAD_DIM. MLA's expanded form (keys 192, values 128) does go
+to the library ops, its values zero-padded to the key width (the ops take one head dim for
+q, k and v; the padding's output channels are 0 and dropped). Shapes the kernels do not cover go to the reference, and say
 so in `fallbacks`: key dims over MAX_KERNEL_KEY_DIM or value dims over MAX_KERNEL_VALUE_DIM.
 """
 
@@ -22,6 +24,7 @@ import weakref
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 
 from cpserve.attention.backend import TorchReferenceBackend
 from cpserve.attention.kernels import (
@@ -47,6 +50,8 @@ MAX_KERNEL_VALUE_DIM = 512
 # cuDNN is called once per piece; with more pieces than this, one FlashAttention varlen
 # call is cheaper.
 MAX_CUDNN_PIECES = 8
+# cuDNN and FlashAttention-2 take head dims up to 256.
+LIBRARY_MAX_HEAD_DIM = 256
 
 
 def _kernel_dims(dk: int, dv: int) -> bool:
@@ -109,6 +114,9 @@ class GPUBackend:
         self.ops = probe_ops(self.device) if on_cuda and probe else {"cudnn": False,
                                                                      "flash": False}
         self.fallbacks: set[str] = set()  # which reference fallbacks were taken
+        # `ops` holds at head dim 128; other dims (MLA expanded: 192) are probed on first use.
+        self._probe_dims = on_cuda and probe
+        self._ops_by_dim: dict[int, dict[str, bool]] = {}
         self._plans = _PlanCache()
         # Library calls, replaceable (the CPU tests plan with reference pieces).
         self.causal_op = self._library_piece
@@ -135,7 +143,8 @@ class GPUBackend:
         if not _kernel_dims(dk, dv):
             self.fallbacks.add(f"dense: head dims {dk}/{dv}")
             return self.reference.dense_attention(q, k, v, q_pos, k_pos, q_seq, k_seq, scale)
-        library = ((self.ops["cudnn"] or self.ops["flash"]) and dk == dv
+        ops = self.ops_for(dk) if dv <= dk <= LIBRARY_MAX_HEAD_DIM else {}
+        library = ((ops.get("cudnn") or ops.get("flash"))
                    and q.dtype in (torch.float16, torch.bfloat16))
         if q.shape[0] * k.shape[0] <= SMALL_DENSE_PAIRS or not library:
             return masked_attention_triton(q, k, v, q_pos, k_pos, q_seq, k_seq, scale)
@@ -144,16 +153,27 @@ class GPUBackend:
         if plan is None:
             self.fallbacks.add("dense: irregular layout, masked kernel")
             return masked_attention_triton(q, k, v, q_pos, k_pos, q_seq, k_seq, scale)
+        if dv < dk:
+            out, lse = self._run_plan(plan, q, k, F.pad(v, (0, dk - dv)), scale)
+            return out[..., :dv], lse
         return self._run_plan(plan, q, k, v, scale)
 
+    def ops_for(self, head_dim: int) -> dict[str, bool]:
+        """Which library ops take this head dim."""
+        if not self._probe_dims or head_dim == 128:
+            return self.ops
+        if head_dim not in self._ops_by_dim:
+            self._ops_by_dim[head_dim] = probe_ops(self.device, head_dim=head_dim)
+        return self._ops_by_dim[head_dim]
+
     def _run_plan(self, placed: _PlacedPlan, q, k, v, scale):
-        plan = placed.plan
+        plan, ops = placed.plan, self.ops_for(q.shape[-1])
         out = torch.zeros(*q.shape[:2], v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         if not plan.pieces:
             return out, lse
-        if plan.varlen_causal and (len(plan.pieces) > MAX_CUDNN_PIECES or not self.ops["cudnn"]) \
-                and self.ops["flash"]:
+        if plan.varlen_causal and (len(plan.pieces) > MAX_CUDNN_PIECES or not ops["cudnn"]) \
+                and ops["flash"]:
             longest = max(p.q_hi - p.q_lo for p in plan.pieces)
             return flash_varlen_attention(q, k, v, placed.run_offsets, placed.run_offsets,
                                           longest, longest, True, scale)
@@ -178,7 +198,7 @@ class GPUBackend:
 
     def _library_piece(self, q, k, v, causal: bool, scale: float):
         """One contiguous piece: causal pieces are square (see dense_plan.py)."""
-        if self.ops["cudnn"]:
+        if self.ops_for(q.shape[-1])["cudnn"]:
             return cudnn_attention(q, k, v, causal, scale)
         cu_q = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
         cu_k = torch.tensor([0, k.shape[0]], dtype=torch.int32, device=q.device)

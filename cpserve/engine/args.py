@@ -56,6 +56,7 @@ class EngineArgs:
     decode_context_parallel_size: int = 1
     cp_kv_cache_interleave_size: int = 1
     pcp_kv_exchange: str = "allgather"
+    enable_expert_parallel: bool = False
     enforce_eager: bool = False
     load_format: str = "auto"
     # vLLM's flags (see "Coming from vLLM" in the README for what each maps to).
@@ -109,6 +110,7 @@ class EngineArgs:
                 decode_context_parallel_size=self.decode_context_parallel_size,
                 cp_kv_cache_interleave_size=self.cp_kv_cache_interleave_size,
                 kv_exchange=self.pcp_kv_exchange,
+                enable_expert_parallel=self.enable_expert_parallel,
             ),
             cache=CacheConfig(
                 block_size=self.block_size,
@@ -199,6 +201,9 @@ class EngineArgs:
         g.add_argument("-dcp", "--decode-context-parallel-size", type=int, default=1)
         g.add_argument("--cp-kv-cache-interleave-size", type=int, default=1)
         g.add_argument("--pcp-kv-exchange", default="allgather", choices=["allgather", "ring"])
+        g.add_argument("-ep", "--enable-expert-parallel", action="store_true",
+                       help="MoE models: partition the routed experts over the tp * pcp ranks "
+                            "(whole experts per rank) instead of slicing every expert over TP")
         g.add_argument("--enforce-eager", action="store_true",
                        help="no CUDA graphs for decode steps")
         g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],

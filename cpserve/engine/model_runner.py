@@ -9,6 +9,7 @@ of the largest step, and decode steps replay CUDA graphs (see `DecodeGraphs`).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 
@@ -40,7 +41,10 @@ class ModelRunner:
         self.device = device
         par, cache, model_cfg = config.parallel, config.cache, config.model
         self.layout = KVLayout(cache.block_size, par.num_kv_shards, par.interleave)
-        self.model = build_model(config.model, groups, device, config.load_format, config.seed)
+        model_groups = dataclasses.replace(groups,
+                                           expert_parallel=par.enable_expert_parallel)
+        self.model = build_model(config.model, model_groups, device, config.load_format,
+                                 config.seed)
         self.backend = get_backend("auto", device)
         self.kv_spec = self.model.kv_cache_spec()
         self.block_tables: dict[str, list[int]] = {}

@@ -43,16 +43,18 @@ def flash_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, lse[seq_of_row, :, index_in_seq]
 
 
-def probe_ops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, bool]:
+def probe_ops(device: torch.device, dtype: torch.dtype = torch.bfloat16,
+              head_dim: int = 128) -> dict[str, bool]:
     """Which library ops run here and agree with the reference (output and LSE), on a small
-    GQA problem: causal square, full rectangular, and varlen causal over a prefix."""
+    GQA problem with this head dim: causal square, full rectangular, and varlen causal over
+    a prefix."""
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
     ref = TorchReferenceBackend()
-    heads, kv_heads, dim, t_q, t_k = 8, 2, 128, 96, 160
+    heads, kv_heads, dim, t_q, t_k = 8, 2, head_dim, 96, 160
     q, k, v = rand(t_q, heads, dim), rand(t_k, kv_heads, dim), rand(t_k, kv_heads, dim)
     zeros_q = torch.zeros(t_q, dtype=torch.long, device=device)
     zeros_k = torch.zeros(t_k, dtype=torch.long, device=device)
