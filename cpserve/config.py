@@ -10,9 +10,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from cpserve.spec_decode.config import SpeculativeConfig
 
 _DTYPES = {
     "float32": torch.float32,
@@ -305,6 +308,8 @@ class EngineConfig:
     # as vLLM's --generation-config auto does): temperature, top_p, top_k, min_p,
     # repetition_penalty, max_tokens (from max_new_tokens, a cap for every request).
     sampling_defaults: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # Speculative decoding (vLLM's --speculative-config), None when off.
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         check_engine_config(self)
@@ -384,6 +389,8 @@ def check_engine_config(cfg: EngineConfig) -> None:
     if not isinstance(cfg.max_logprobs, int) or cfg.max_logprobs < -1:
         raise ConfigError(f"--max-logprobs {cfg.max_logprobs!r} must be -1 (the whole "
                           "vocabulary) or a non-negative integer")
+    if cfg.speculative is not None:
+        cfg.speculative.check(cfg)  # its rules live with it, in spec_decode/config.py
 
 
 def check_kv_capacity(cfg: EngineConfig, num_blocks: int) -> None:

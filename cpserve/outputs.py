@@ -29,6 +29,9 @@ class CompletionOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     error: str | None = None  # why the engine failed this completion (finish_reason "error")
+    # Speculative decoding: drafts verified for this completion, and how many were accepted.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -56,3 +59,13 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def num_draft_tokens(self) -> int:
+        """Speculative decoding: drafts verified over all completions."""
+        return sum(c.num_draft_tokens for c in self.outputs)
+
+    @property
+    def num_accepted_tokens(self) -> int:
+        """Speculative decoding: drafts accepted over all completions."""
+        return sum(c.num_accepted_tokens for c in self.outputs)

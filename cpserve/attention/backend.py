@@ -28,11 +28,14 @@ class AttentionBackend(Protocol):
     def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor | None, block_tables: torch.Tensor,
                         query_seq: torch.Tensor, query_kv_len: torch.Tensor, scale: float,
-                        v_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        v_dim: int | None = None,
+                        queries_per_seq: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Each query i attends to the first `query_kv_len[i]` slots of sequence
         `query_seq[i]`, whose blocks are `block_tables[query_seq[i]]` (the local slots of
         one shard, in position order; causality is expressed by the lengths). With
-        `v_cache=None` the values are `k_cache[..., :v_dim]`."""
+        `v_cache=None` the values are `k_cache[..., :v_dim]`. `queries_per_seq > 1`: the
+        queries are runs of exactly that many rows per sequence (a layout hint; the result
+        is the same without it)."""
 
     def dense_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         q_pos: torch.Tensor, k_pos: torch.Tensor, q_seq: torch.Tensor,
@@ -68,7 +71,7 @@ class TorchReferenceBackend:
             v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep].to(v_cache.dtype))
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, query_seq, query_kv_len, scale,
-                        v_dim=None):
+                        v_dim=None, queries_per_seq=1):
         if v_cache is None:
             v_cache = k_cache[..., :v_dim]
         out = q.new_zeros(*q.shape[:2], v_cache.shape[-1])

@@ -59,7 +59,8 @@ class AttentionContext:
         if meta.rep_decode_only:
             out, _ = sharded_kv_attention(forms.cached_query(q), k_cache, v_cache,
                                           meta.block_tables, meta.rep_seq, meta.rep_kv_len,
-                                          scale, self.groups, backend, v_dim)
+                                          scale, self.groups, backend, v_dim,
+                                          meta.rep_queries_per_seq)
             return forms.cached_output(out)
         keys, values = forms.new_kv(k, v, v_dim)
         out, lse = backend.dense_attention(q, keys, values, meta.rep_pos, meta.rep_pos,

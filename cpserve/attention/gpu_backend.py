@@ -128,14 +128,15 @@ class GPUBackend:
 
     # paged ----------------------------------------------------------------------------------
     def paged_attention(self, q, k_cache, v_cache, block_tables, query_seq, query_kv_len, scale,
-                        v_dim=None):
+                        v_dim=None, queries_per_seq=1):
         dv = v_dim if v_cache is None else v_cache.shape[-1]
         if not _kernel_dims(q.shape[-1], dv):
             self.fallbacks.add(f"paged: head dims {q.shape[-1]}/{dv}")
             return self.reference.paged_attention(q, k_cache, v_cache, block_tables, query_seq,
                                                   query_kv_len, scale, v_dim)
         return paged_attention_triton(q, k_cache, v_cache, block_tables, query_seq,
-                                      query_kv_len, scale, v_dim)
+                                      query_kv_len, scale, v_dim,
+                                      queries_per_seq=queries_per_seq)
 
     # dense ----------------------------------------------------------------------------------
     def dense_attention(self, q, k, v, q_pos, k_pos, q_seq, k_seq, scale):

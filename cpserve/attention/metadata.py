@@ -18,6 +18,20 @@ Every query's attention has two parts, merged by LSE:
                (replicated: all are here; split: exchanged across the PCP group);
   prefix part: over the tokens cached before this step, through the sharded-KV primitive
                (only when the request has any: a decode, a later chunk, a prefix-cache hit).
+
+A step of few new tokens per request, none split (a decode step: one; a verification step of
+speculative decoding: the last token and K drafts) skips the new part: its KV is written
+first and each query attends through the paged cache alone, query j of a request seeing
+`local_count(start + j + 1)` tokens on this shard (DESIGN.md, "Speculative decoding"). When
+such a step has requests of more than one token, each request gets exactly `q` rows, the
+rows past its tokens padding (no KV written, nothing visible), so that the paged kernel
+reads each request's KV once for all its queries and CUDA graphs see fixed shapes:
+
+    q = 3, requests of 1 and 3 tokens at positions 9 and 20..22
+    rows      0   1   2  | 3   4   5
+    seq       0   0   0  | 1   1   1
+    position  9   9   9  | 20  21  22
+    padding   .   x   x  | .   .   .
 """
 
 from __future__ import annotations
@@ -59,8 +73,9 @@ class StepAttentionMetadata:
     rep_pos: torch.Tensor
     rep_prefix_len: torch.Tensor  # cached tokens visible on this shard: local_count(start)
     has_rep_prefix: bool  # some replicated request continues after cached tokens
-    # A decode-only step (one new token per request): write its KV first and let the paged
-    # attention see the cache up to and including it: local_count(pos + 1). One call.
+    # A decode or verification step (few new tokens per request, none split): write their
+    # KV first and let each query see the cache up to and including it: local_count(pos + 1)
+    # (0 for a padding row). One paged call; no dense part.
     rep_kv_len: torch.Tensor
     rep_decode_only: bool
     # Split tokens: this rank's rows, and the split tokens of every PCP rank, `pad` rows each.
@@ -73,6 +88,9 @@ class StepAttentionMetadata:
     gathered_slots: torch.Tensor  # [pcp * pad], this rank's cache slots, -1 elsewhere
     gathered_prefix_len: torch.Tensor  # [pcp * pad], cached tokens visible on this shard
     has_prefix: bool  # some split request continues after cached tokens
+    # > 1: the replicated rows are `rep_queries_per_seq` consecutive rows per request (the
+    # padded layout above), which the paged kernel reads as one tile per request.
+    rep_queries_per_seq: int = 1
 
     @property
     def has_replicated(self) -> bool:
@@ -88,17 +106,25 @@ class StepTokens:
     """The local tokens of a step on one rank."""
 
     seq: torch.Tensor  # which planned request each local token belongs to
-    offset: torch.Tensor  # its index among that request's new tokens
+    offset: torch.Tensor  # its index among that request's new tokens (>= num_new: padding)
     positions: torch.Tensor
     metadata: StepAttentionMetadata
 
 
 def build_step_tokens(seqs: list[PlannedSeq], block_tables: torch.Tensor, layout: KVLayout,
-                      groups: ParallelGroups) -> StepTokens:
+                      groups: ParallelGroups, max_paged_queries: int = 1) -> StepTokens:
+    """`max_paged_queries`: requests of at most this many new tokens (none split) make a
+    paged-only step (the module docstring); 1 unless speculative decoding is on."""
     pcp, me = groups.pcp, groups.pcp_rank
+    paged_only = bool(seqs) and all(not s.split and s.num_new <= max_paged_queries
+                                    for s in seqs)
+    # Rows per request of a padded paged-only step; 1 keeps a decode step as it is.
+    rows_per_seq = max_paged_queries if paged_only and any(s.num_new > 1 for s in seqs) else 0
 
     def offsets_of(seq: PlannedSeq, pcp_rank: int) -> torch.Tensor:
-        return head_tail_offsets(seq.num_new, pcp, pcp_rank) if seq.split else torch.arange(seq.num_new)
+        if seq.split:
+            return head_tail_offsets(seq.num_new, pcp, pcp_rank)
+        return torch.arange(rows_per_seq or seq.num_new)
 
     def gather_rows(pcp_rank: int, only_split: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(seq index, offset) of the tokens `pcp_rank` computes, in local order."""
@@ -112,9 +138,12 @@ def build_step_tokens(seqs: list[PlannedSeq], block_tables: torch.Tensor, layout
         return torch.cat(seq_ids), torch.cat(offsets)
 
     starts = torch.tensor([s.start for s in seqs] or [0], dtype=torch.long)
+    num_new = torch.tensor([s.num_new for s in seqs] or [1], dtype=torch.long)
     split_flags = torch.tensor([s.split for s in seqs] or [False])
     local_seq, local_offset = gather_rows(me, only_split=False)
-    positions = starts[local_seq] + local_offset
+    padding = local_offset >= num_new[local_seq]
+    # A padding row sits at its request's last position: its rope stays in range.
+    positions = starts[local_seq] + torch.minimum(local_offset, num_new[local_seq] - 1)
     is_split = split_flags[local_seq]
 
     def slots_of(seq_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -140,16 +169,17 @@ def build_step_tokens(seqs: list[PlannedSeq], block_tables: torch.Tensor, layout
     prefix_len = layout.local_count(starts[safe_seq], groups.cp_rank)
     gathered_prefix_len = torch.where(real, prefix_len, torch.zeros_like(prefix_len))
 
+    rep_padding = padding[rep_index]
     meta = StepAttentionMetadata(
         block_tables=block_tables,
         rep_index=rep_index,
-        rep_slots=slots_of(rep_seq, rep_pos),
+        rep_slots=torch.where(rep_padding, -1, slots_of(rep_seq, rep_pos)),
         rep_seq=rep_seq,
         rep_pos=rep_pos,
         rep_prefix_len=layout.local_count(starts[rep_seq], groups.cp_rank),
         has_rep_prefix=any(not s.split and s.start > 0 for s in seqs),
-        rep_kv_len=layout.local_count(rep_pos + 1, groups.cp_rank),
-        rep_decode_only=bool(seqs) and all(not s.split and s.num_new == 1 for s in seqs),
+        rep_kv_len=torch.where(rep_padding, 0, layout.local_count(rep_pos + 1, groups.cp_rank)),
+        rep_decode_only=paged_only,
         split_index=split_index,
         split_pos=positions[split_index],
         split_seq=local_seq[split_index],
@@ -159,5 +189,6 @@ def build_step_tokens(seqs: list[PlannedSeq], block_tables: torch.Tensor, layout
         gathered_slots=gathered_slots,
         gathered_prefix_len=gathered_prefix_len,
         has_prefix=any(s.split and s.start > 0 for s in seqs),
+        rep_queries_per_seq=max(rows_per_seq, 1),
     )
     return StepTokens(seq=local_seq, offset=local_offset, positions=positions, metadata=meta)

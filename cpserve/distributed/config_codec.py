@@ -17,6 +17,7 @@ from cpserve.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from cpserve.spec_decode.config import SpeculativeConfig
 
 
 def config_to_dict(config: EngineConfig) -> dict:
@@ -34,6 +35,7 @@ def config_to_dict(config: EngineConfig) -> dict:
         "cudagraph_capture_sizes": (None if config.cudagraph_capture_sizes is None
                                     else list(config.cudagraph_capture_sizes)),
         "max_logprobs": config.max_logprobs,
+        "speculative": None if config.speculative is None else config.speculative.to_dict(),
     }
 
 
@@ -53,4 +55,6 @@ def config_from_dict(data: dict) -> EngineConfig:
         cudagraph_capture_sizes=(None if data["cudagraph_capture_sizes"] is None
                                  else tuple(data["cudagraph_capture_sizes"])),
         max_logprobs=data["max_logprobs"],
+        speculative=(None if data["speculative"] is None
+                     else SpeculativeConfig.from_dict(data["speculative"])),
     )

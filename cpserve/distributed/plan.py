@@ -24,28 +24,33 @@ class PlannedRequest:
     block_ids: list[int]  # the whole table if is_new, else the blocks appended this step
     is_new: bool
     num_logits: int  # logits are needed for the last num_logits new tokens
+    num_drafts: int = 0  # the last num_drafts new tokens are drafts to verify (never split)
 
 
 @dataclass
 class StepPlan:
     """One message from the driver. Besides a step, it can carry a command for every rank:
     `load` (an engine config as a plain dict: build a model runner for it), `probe_kv`
-    (report which cache slots hold data) or `shutdown`."""
+    (report which cache slots hold data), `draft` (run the MTP drafter after the last step:
+    one `[next_token_ids, last_row, num_drafts]` per request of that step, see
+    spec_decode/mtp_proposer.py) or `shutdown`."""
 
     requests: list[PlannedRequest] = field(default_factory=list)
     freed_request_ids: list[str] = field(default_factory=list)
     shutdown: bool = False
     load: dict | None = None
     probe_kv: bool = False
+    draft: list | None = None
 
     def encode(self) -> bytes:
         return msgpack.packb({
-            "requests": [[r.request_id, r.token_ids, r.start, r.block_ids, r.is_new, r.num_logits]
-                         for r in self.requests],
+            "requests": [[r.request_id, r.token_ids, r.start, r.block_ids, r.is_new, r.num_logits,
+                          r.num_drafts] for r in self.requests],
             "freed": self.freed_request_ids,
             "shutdown": self.shutdown,
             "load": self.load,
             "probe_kv": self.probe_kv,
+            "draft": self.draft,
         }, use_bin_type=True)
 
     @staticmethod
@@ -53,7 +58,7 @@ class StepPlan:
         raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
         return StepPlan(requests=[PlannedRequest(*fields) for fields in raw["requests"]],
                         freed_request_ids=list(raw["freed"]), shutdown=bool(raw["shutdown"]),
-                        load=raw["load"], probe_kv=bool(raw["probe_kv"]))
+                        load=raw["load"], probe_kv=bool(raw["probe_kv"]), draft=raw["draft"])
 
 
 def broadcast_plan(plan: StepPlan | None, group: Group, src: int = 0) -> StepPlan:

@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 # vLLM flags for features that later releases of cpserve add: parsed (so a command line that
 # carries them gets a clear answer) and refused at start-up.
 NOT_YET_SUPPORTED = {
-    "speculative_config": ("--speculative-config", "speculative decoding"),
     "kv_transfer_config": ("--kv-transfer-config",
                            "KV cache transfer between instances (prefill/decode disaggregation)"),
 }
@@ -86,6 +85,7 @@ class EngineArgs:
         from cpserve.engine.compilation import graph_settings
         from cpserve.engine.generation_defaults import read_sampling_defaults
         from cpserve.models.demo import resolve_model_path
+        from cpserve.spec_decode.config import parse_speculative_config
 
         self._refuse_unsupported()
         if self.trust_remote_code:
@@ -135,6 +135,9 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
             sampling_defaults=read_sampling_defaults(self.generation_config, model_path,
                                                      self.override_generation_config),
+            speculative=parse_speculative_config(self.speculative_config,
+                                                 (self.model, str(model_path)),
+                                                 model.hf_config),
         )
 
     def _tokenizer_path(self) -> str | None:
@@ -273,6 +276,8 @@ def _add_vllm_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data-parallel-address", "-dpa", default=None)
     g.add_argument("--data-parallel-rpc-port", "-dpp", type=int, default=None)
     g.add_argument("--speculative-config", type=json_object, default=None, metavar="JSON",
-                   help="not supported yet (refused)")
+                   help='speculative decoding: {"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4} or {"method": "deepseek_mtp", '
+                        '"num_speculative_tokens": 3}')
     g.add_argument("--kv-transfer-config", type=json_object, default=None, metavar="JSON",
                    help="not supported yet (refused)")

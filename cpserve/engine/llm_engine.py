@@ -22,20 +22,17 @@ from cpserve.distributed.worker_pool import WorkerPool
 from cpserve.engine.args import EngineArgs
 from cpserve.engine.executor import Executor
 from cpserve.engine.output import OutputProcessor, ParentRequest
-from cpserve.engine.sampler import (
-    SampledToken,
-    Sampler,
-    SamplingRow,
-    make_generator,
-    prompt_logprobs,
-)
+from cpserve.engine.sampler import SampledToken, Sampler, make_generator, prompt_logprobs
 from cpserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
-from cpserve.engine.step_logits import StepLogits, num_logit_rows
+from cpserve.engine.step_logits import StepLogits, num_logit_rows, num_sample_rows
 from cpserve.kv.layout import KVLayout
 from cpserve.kv.manager import KVCacheManager
 from cpserve.outputs import RequestOutput
 from cpserve.request import Request, RequestStatus
 from cpserve.sampling_params import SamplingParams
+from cpserve.spec_decode.drafter import build_drafter
+from cpserve.spec_decode.metrics import SpecDecodeStats
+from cpserve.spec_decode.rejection import accept, verification_rows
 from cpserve.tokenizer import PromptTooLongError, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -51,6 +48,7 @@ class EngineStats:
     generation_tokens_total: int
     prefix_cache_queries_total: int
     prefix_cache_hits_total: int
+    spec_decode: SpecDecodeStats | None = None  # None unless speculative decoding is on
 
 
 class LLMEngine:
@@ -67,7 +65,12 @@ class LLMEngine:
         layout = KVLayout(config.cache.block_size, par.num_kv_shards, par.interleave)
         self.kv = KVCacheManager(layout, self.executor.num_blocks,
                                  config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        spec = config.speculative
+        self.scheduler = Scheduler(config.scheduler, self.kv,
+                                   spec.lookahead_tokens if spec else 0,
+                                   config.model.max_model_len)
+        self.drafter = build_drafter(config, self.executor)
+        self.spec_stats = SpecDecodeStats(spec.num_speculative_tokens) if spec else None
         print(layout_report(par, self.executor.num_blocks, config.cache.block_size),
               file=sys.stderr, flush=True)
         self.sampler = Sampler(config.seed)
@@ -203,8 +206,8 @@ class LLMEngine:
             r = item.request
             block_ids = self.kv.block_table(r.request_id) if item.is_new else item.new_block_ids
             requests.append(PlannedRequest(
-                r.request_id, r.all_token_ids[item.start_pos:item.start_pos + item.num_new_tokens],
-                item.start_pos, list(block_ids), item.is_new, num_logit_rows(item)))
+                r.request_id, item.token_ids, item.start_pos, list(block_ids), item.is_new,
+                num_logit_rows(item), len(item.draft_token_ids)))
         return StepPlan(requests, list(out.freed_request_ids))
 
     def _postprocess(self, out: SchedulerOutput, logits: StepLogits) -> list[RequestOutput]:
@@ -213,47 +216,68 @@ class LLMEngine:
         self.scheduler.update_after_step(out)
         failures = dict(logits.failures)
         now = time.time()
-        for item, token in self._sample(logits, failures):
+        for item, tokens in self._sample(logits, failures):
             r = item.request
             if r.first_token_time is None:
                 r.first_token_time = now
             r.last_token_time = now
-            r.append_token(token.token_id)
-            self.generation_tokens_total += 1
-            status = self.outputs.on_token(r, token)
-            if status is not None:
-                self.scheduler.finish(r, status)
+            for token in tokens:  # one, or the accepted drafts and the token after them
+                r.append_token(token.token_id)
+                self.generation_tokens_total += 1
+                status = self.outputs.on_token(r, token)
+                if status is not None:  # the tokens after a stop are dropped
+                    self.scheduler.finish(r, status)
+                    break
+            if item.draft_token_ids:
+                self._record_verification(item, num_accepted=len(tokens) - 1)
         for r, message in failures.items():
             self._fail(r, message)
+        if self.drafter is not None:
+            self.drafter.propose(out)
         touched = {item.request.parent_id for item in out.scheduled}
         touched.update(r.parent_id for r in out.failed)
         return self.outputs.make_outputs(touched, self.requests)
 
-    def _sample(self, logits: StepLogits,
-                failures: dict[Request, str]) -> list[tuple[ScheduledRequest, SampledToken]]:
-        """A token for each request that completed this step, except failed ones."""
+    def _sample(self, logits: StepLogits, failures: dict[Request, str]
+                ) -> list[tuple[ScheduledRequest, list[SampledToken]]]:
+        """The new tokens of each request that completed this step, except failed ones: one,
+        or for a request verifying drafts the accepted ones and the token after them."""
         items = logits.sampled_items
         if not items:
             return []
         finite = torch.isfinite(logits.sample_logits).all(dim=1).tolist()
-        keep = []
-        for j, item in enumerate(items):
+        kept, kept_rows, rows = [], [], []
+        first = 0
+        for item in items:
+            span = range(first, first + num_sample_rows(item))
+            first = span.stop
             if item.request in failures:
                 continue
-            if not finite[j]:
+            if not all(finite[j] for j in span):
                 failures[item.request] = ("the model's logits for the next token are not "
                                           "finite (NaN or infinity)")
                 continue
-            keep.append(j)
-        if not keep:
+            kept.append(item)
+            kept_rows.extend(span)
+            rows.extend(verification_rows(item.request, item.draft_token_ids))
+        if not kept:
             return []
         # Parameters were validated when the request came, and the logits are finite: what
         # the sampler could still raise would be a bug of the engine's, not one request's.
-        rows = [SamplingRow(items[j].request.params, items[j].request.generator,
-                            items[j].request.output_token_ids, items[j].request.prompt_token_ids)
-                for j in keep]
-        tokens = self.sampler(logits.sample_logits[keep], rows)
-        return [(items[j], token) for j, token in zip(keep, tokens)]
+        tokens = self.sampler(logits.sample_logits[kept_rows], rows)
+        result, first = [], 0
+        for item in kept:
+            mine = tokens[first:first + num_sample_rows(item)]
+            first += len(mine)
+            result.append((item, accept(item.draft_token_ids, mine)))
+        return result
+
+    def _record_verification(self, item: ScheduledRequest, num_accepted: int) -> None:
+        r, num_drafts = item.request, len(item.draft_token_ids)
+        r.num_draft_tokens += num_drafts
+        r.num_accepted_tokens += num_accepted
+        self.spec_stats.observe(num_drafts, num_accepted)
+        self.scheduler.commit_accepted(r)
 
     def _fail(self, r: Request, message: str) -> None:
         logger.warning("request %s failed: %s", r.request_id, message)
@@ -289,6 +313,7 @@ class LLMEngine:
             generation_tokens_total=self.generation_tokens_total,
             prefix_cache_queries_total=self.kv.prefix_queries,
             prefix_cache_hits_total=self.kv.prefix_hits,
+            spec_decode=self.spec_stats.snapshot() if self.spec_stats else None,
         )
 
     def check_integrity(self) -> None:

@@ -158,9 +158,17 @@ class ModelRunner:
             else:
                 self.block_tables[r.request_id].extend(r.block_ids)
 
-    def _is_split(self, num_new: int) -> bool:
+    def _is_split(self, r: PlannedRequest) -> bool:
+        """Long prompt chunks are split over the PCP ranks; drafts never are (a verification
+        step's queries are replicated tokens, DESIGN.md)."""
         par = self.config.parallel
-        return par.pcp > 1 and num_new >= par.min_split_tokens
+        return par.pcp > 1 and len(r.token_ids) >= par.min_split_tokens and not r.num_drafts
+
+    @property
+    def max_paged_queries(self) -> int:
+        """Requests of at most this many new tokens attend through the paged cache alone."""
+        spec = self.config.speculative
+        return spec.max_queries_per_request if spec is not None else 1
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, use_graphs: bool = True,
@@ -173,16 +181,18 @@ class ModelRunner:
         self._apply_table_diffs(plan)
         if not plan.requests:
             return None
-        seqs = [PlannedSeq(r.start, len(r.token_ids), self._is_split(len(r.token_ids)))
-                for r in plan.requests]
+        seqs = [PlannedSeq(r.start, len(r.token_ids), self._is_split(r)) for r in plan.requests]
         tables = [self.block_tables[r.request_id] for r in plan.requests]
         width = max(len(t) for t in tables)
         block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        step = build_step_tokens(seqs, block_tables, self.layout, self.groups)
+        step = build_step_tokens(seqs, block_tables, self.layout, self.groups,
+                                 self.max_paged_queries)
 
         flat_ids = torch.tensor([t for r in plan.requests for t in r.token_ids], dtype=torch.long)
-        first = torch.tensor([0] + [len(r.token_ids) for r in plan.requests]).cumsum(0)
-        token_ids = flat_ids[first[step.seq] + step.offset]
+        lengths = torch.tensor([len(r.token_ids) for r in plan.requests])
+        first = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        # Padding rows (offset past the request's tokens) repeat its last token.
+        token_ids = flat_ids[first[step.seq] + torch.minimum(step.offset, lengths[step.seq] - 1)]
 
         if use_graphs and self.graphs is not None and self.graphs.can_run(plan, seqs):
             hidden = self.graphs.run(token_ids, step.positions, step.metadata)

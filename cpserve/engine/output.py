@@ -108,6 +108,8 @@ class OutputProcessor:
                 finish_reason=status.value if status.finished else None,
                 stop_reason=child.stop_reason,
                 error=child.error,
+                num_draft_tokens=child.num_draft_tokens,
+                num_accepted_tokens=child.num_accepted_tokens,
             ))
         first = parent.children[0]
         finished_times = [c.finished_time for c in parent.children if c.finished_time]

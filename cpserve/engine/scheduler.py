@@ -8,6 +8,10 @@ others. When KV blocks run out, the most recently admitted running request is pr
 blocks are freed and its tokens recomputed later. Waiting requests are admitted in order while
 budget and blocks last, after taking any cached prefix.
 
+Speculative decoding needs no phase either: a request's drafts (`Request.spec_token_ids`)
+are tokens past `num_tokens` that a step computes with its last one, so a decode asks for
+1 + K tokens; the budget may cut the drafts short. They count as computed only once accepted.
+
 A request that cannot get its blocks while it is the only one holding any will never get
 them: it ends with an error at once (`SchedulerOutput.failed`) instead of preempting itself
 for ever. Start-up refuses a `max_model_len` the cache cannot hold, so this is a last guard.
@@ -30,13 +34,23 @@ class ScheduledRequest:
     num_new_tokens: int
     new_block_ids: list[int]
     is_new: bool  # first step since admission (or re-admission): workers get the whole table
+    # Drafts computed after the request's last token (the tail of the new tokens), to verify.
+    draft_token_ids: list[int] = field(default_factory=list)
     start_pos: int = field(init=False)  # position of the first token computed this step
     # This step computes the request's last known token, so its logits give a new token.
     completes: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.start_pos = self.request.num_computed_tokens
-        self.completes = self.start_pos + self.num_new_tokens == self.request.num_tokens
+        known = self.num_new_tokens - len(self.draft_token_ids)
+        self.completes = self.start_pos + known == self.request.num_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens this step computes: known ones, then the drafts."""
+        known = self.num_new_tokens - len(self.draft_token_ids)
+        r = self.request
+        return r.all_token_ids[self.start_pos:self.start_pos + known] + self.draft_token_ids
 
 
 @dataclass
@@ -58,9 +72,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, lookahead_tokens: int = 0,
+                 max_model_len: int | None = None) -> None:
         self.config = config
         self.kv = kv
+        # Slots past a completing step that its request will write before the next one
+        # (an MTP module drafting), allocated with the step's, never past max_model_len.
+        self.lookahead_tokens = lookahead_tokens
+        self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._freed: list[str] = []
@@ -81,8 +100,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            new_blocks = self.kv.allocate(request, num_new)
+            known = request.num_tokens - request.num_computed_tokens
+            num_new = min(known + len(request.spec_token_ids), budget)
+            drafts = request.spec_token_ids[:max(0, num_new - known)]
+            new_blocks = self._allocate(request, num_new)
             while new_blocks is None:
                 if len(self.running) == 1:  # alone and still short of blocks: never fits
                     self._fail_for_capacity(request, num_new, out)
@@ -91,10 +112,11 @@ class Scheduler:
                 self._preempt(victim, out)
                 if victim is request:
                     break
-                new_blocks = self.kv.allocate(request, num_new)
+                new_blocks = self._allocate(request, num_new)
             if new_blocks is None:
                 break
-            out.scheduled.append(ScheduledRequest(request, num_new, new_blocks, is_new=False))
+            out.scheduled.append(ScheduledRequest(request, num_new, new_blocks, is_new=False,
+                                                  draft_token_ids=drafts))
             budget -= num_new
             i += 1
 
@@ -106,7 +128,7 @@ class Scheduler:
                       else [])
             num_cached = len(cached) * self.kv.layout.virtual_block_size
             num_new = min(request.num_tokens - num_cached, budget)
-            new_blocks = self.kv.allocate(request, num_new, cached)
+            new_blocks = self._allocate(request, num_new, cached, num_cached)
             if new_blocks is None:
                 if self.running:
                     break  # it waits for running requests to free blocks
@@ -123,6 +145,14 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, num_new, new_blocks, is_new=True))
             budget -= num_new
         return out
+
+    def _allocate(self, request: Request, num_new: int, cached: list[int] = (),
+                  num_cached: int = 0) -> list[int] | None:
+        end = max(request.num_computed_tokens, num_cached) + num_new
+        lookahead = 0
+        if self.lookahead_tokens and end >= request.num_tokens:
+            lookahead = max(0, min(self.lookahead_tokens, self.max_model_len - end))
+        return self.kv.allocate(request, num_new + lookahead, cached)
 
     def _fail_for_capacity(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
         needed = max(request.num_computed_tokens, 0) + num_new
@@ -145,8 +175,18 @@ class Scheduler:
         Sampled tokens are appended by the engine before `finish` is decided.
         """
         for item in out.scheduled:
-            item.request.num_computed_tokens += item.num_new_tokens
+            # Drafts count once accepted (`commit_accepted`).
+            item.request.num_computed_tokens += item.num_new_tokens - len(item.draft_token_ids)
             self.kv.cache_full_blocks(item.request)
+
+    def commit_accepted(self, request: Request) -> None:
+        """After a verification step appended the accepted drafts and one more token: every
+        token but that last one has its KV, whatever was accepted. The length comes from the
+        global count, so rejected drafts' slots are simply written again by the next step."""
+        if request.is_finished:
+            return
+        request.num_computed_tokens = request.num_tokens - 1
+        self.kv.cache_full_blocks(request)
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """End a request (stop, length or abort) and free its KV blocks at once."""

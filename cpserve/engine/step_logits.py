@@ -28,8 +28,16 @@ PromptRowsHandler = Callable[[ScheduledRequest, int, torch.Tensor], str | None]
 
 def num_logit_rows(item: ScheduledRequest) -> int:
     """Logit rows a scheduled request needs: every new token while prompt logprobs are being
-    collected, else the last one if it completes the request (to sample), else none."""
-    return item.num_new_tokens if item.request.wants_prompt_logprobs else int(item.completes)
+    collected, else those that sample if it completes the request (its last token and each
+    draft after it), else none."""
+    if item.request.wants_prompt_logprobs:
+        return item.num_new_tokens
+    return num_sample_rows(item) if item.completes else 0
+
+
+def num_sample_rows(item: ScheduledRequest) -> int:
+    """Rows sampled for a completing request: one, and one per draft it verifies."""
+    return 1 + len(item.draft_token_ids)
 
 
 class StepLogits:
@@ -49,10 +57,11 @@ class StepLogits:
                 self.spans.append((item, row, n))
             if item.completes:
                 self.sampled_items.append(item)
-                self._sample_rows.append(row + n - 1)
+                self._sample_rows.extend(range(row + n - num_sample_rows(item), row + n))
             row += n
         self.num_rows = row
-        self.sample_logits: torch.Tensor | None = None  # [len(sampled_items), vocab]
+        # [sampled rows, vocab]: each sampled item's rows in turn (`num_sample_rows`).
+        self.sample_logits: torch.Tensor | None = None
         self.failures: dict[Request, str] = {}  # requests to fail after the step, and why
 
     def __call__(self, first: int, logits: torch.Tensor) -> None:

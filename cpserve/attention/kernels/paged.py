@@ -30,7 +30,9 @@ from L1/L2 since the same bytes were just read as keys.
 
 Decode mode needs nothing from the host but shapes, so it is safe inside a CUDA graph: the
 number of splits depends only on the block-table width, and each program sizes its range
-from its own query's length at run time.
+from its own query's length at run time. So is the tiled mode of a verification step
+(`queries_per_seq = q`: every sequence has exactly q consecutive rows, padding rows of
+length 0): its tiles follow from shapes, and their lengths are computed on the device.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import json
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -217,14 +220,36 @@ def plan_tiles(query_seq: torch.Tensor, rows_per_tile: int) -> tuple[torch.Tenso
     return first, rows.to(torch.int32)
 
 
+def uniform_tiles(query_kv_len: torch.Tensor, queries_per_seq: int,
+                  block_q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(first row, rows, longest length) of each tile when every sequence has exactly
+    `queries_per_seq` consecutive rows, computed on the device (no host sync, graph-safe):
+
+        queries_per_seq = 5, block_q = 4: rows 0-4 of seq 0 -> tiles [0-3] [4]
+                                           rows 5-9 of seq 1 -> tiles [5-8] [9]
+    """
+    q, device = queries_per_seq, query_kv_len.device
+    num_seqs = query_kv_len.shape[0] // q
+    per_seq = -(-q // block_q)
+    tile = torch.arange(num_seqs * per_seq, device=device)
+    part = tile % per_seq
+    first = (tile // per_seq) * q + part * block_q
+    rows = (q - part * block_q).clamp(max=block_q).to(torch.int32)
+    lens = F.pad(query_kv_len.view(num_seqs, q), (0, per_seq * block_q - q))
+    return first, rows, lens.view(num_seqs * per_seq, block_q).amax(dim=1)
+
+
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
                            block_tables: torch.Tensor, query_seq: torch.Tensor,
                            query_kv_len: torch.Tensor, scale: float, v_dim: int | None = None,
-                           tiled: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           tiled: bool | None = None,
+                           queries_per_seq: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `TorchReferenceBackend.paged_attention`.
 
     `tiled=None` picks the mode from shapes: decode mode (no host synchronisation) unless the
     queries are many per sequence, when tiles of consecutive rows share each K/V load.
+    `queries_per_seq > 1` says the rows are runs of exactly that many per sequence: tiled,
+    with tiles made on the device (`uniform_tiles`).
     """
     num_queries, num_heads, dk = q.shape
     if v_cache is None:
@@ -240,12 +265,18 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q = q.contiguous()
     block_tables, query_seq = block_tables.contiguous(), query_seq.contiguous()
     query_kv_len = query_kv_len.contiguous()
+    uniform = queries_per_seq > 1 and tiled is not False
     if tiled is None:
-        tiled = num_queries > max(2 * block_tables.shape[0], 64)
+        tiled = uniform or num_queries > max(2 * block_tables.shape[0], 64)
     block_g = triton.next_power_of_2(group)
     block_dv = triton.next_power_of_2(dv)
     rows_cap = max(16, TUNING["acc_budget"] // block_dv)
-    if tiled:
+    if tiled and uniform:
+        block_q = min(triton.next_power_of_2(queries_per_seq),
+                      max(1, min(TUNING["rows_per_tile"], rows_cap) // block_g))
+        first, rows, tile_lens = uniform_tiles(query_kv_len, queries_per_seq, block_q)
+        num_tiles = first.numel()
+    elif tiled:
         block_q = max(1, min(TUNING["rows_per_tile"], rows_cap) // block_g)
         first, rows = plan_tiles(query_seq, block_q)
         lens = query_kv_len.cpu()
