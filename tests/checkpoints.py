@@ -133,3 +133,39 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[tupl
 def random_prompts(lengths: list[int], vocab: int = 1024, seed: int = 1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(6, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def add_mtp_modules(path: Path, count: int = 1, seed: int = 0) -> Path:
+    """Give a DeepSeek-V3 checkpoint `count` multi-token prediction modules, as DeepSeek
+    stores them (transformers neither makes nor runs them): `model.layers.{L + i}.*` holds a
+    decoder layer shaped like the last one (random weights drawn like it), enorm, hnorm,
+    eh_proj [hidden, 2 * hidden], shared_head.norm, shared_head.head and a copy of the
+    embedding; config.json gets num_nextn_predict_layers."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((path / "config.json").read_text())
+    layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    weights = load_file(path / "model.safetensors")
+    g = torch.Generator().manual_seed(seed + 2)
+    last = f"model.layers.{layers - 1}."
+    for i in range(count):
+        prefix = f"model.layers.{layers + i}."
+        for name, tensor in list(weights.items()):
+            if name.startswith(last):
+                fresh = torch.randn(tensor.shape, generator=g) * tensor.float().std().nan_to_num(0.02)
+                if name.endswith("norm.weight"):
+                    fresh = 1 + 0.1 * torch.randn(tensor.shape, generator=g)
+                weights[prefix + name[len(last):]] = fresh.to(tensor.dtype)
+        dtype = weights["model.embed_tokens.weight"].dtype
+        for name in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
+            weights[prefix + name] = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
+        weights[prefix + "eh_proj.weight"] = (0.08 * torch.randn(hidden, 2 * hidden,
+                                                                 generator=g)).to(dtype)
+        weights[prefix + "shared_head.head.weight"] = weights["lm_head.weight"].clone()
+        weights[prefix + "embed_tokens.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    config["num_nextn_predict_layers"] = count
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path

@@ -37,6 +37,11 @@ class Executor:
         return self.pool.run(plan, lambda: self.runner.execute(plan,
                                                                consume_logits=consume_logits))
 
+    def draft(self, plan: StepPlan) -> list[list[int]]:
+        """Run the MTP drafter on every rank after a step (`plan.draft`); the driver's
+        drafts, one list per request of that step."""
+        return self.pool.run(plan, lambda: self.runner.propose_drafts(plan.draft))
+
     def written_slots_per_rank(self) -> list[torch.Tensor]:
         """Cache slots holding data on each rank (layer 0), for tests of the KV placement."""
         return self.pool.run(StepPlan(probe_kv=True), lambda: gather_to_driver(

@@ -24,6 +24,7 @@ from cpserve.distributed.plan import PlannedRequest, StepPlan
 from cpserve.engine.cuda_graphs import DecodeGraphs
 from cpserve.kv.layout import KVLayout
 from cpserve.models.loader import build_model
+from cpserve.spec_decode.mtp_proposer import MTPProposer
 
 CPU_DEFAULT_KV_GIB = 0.25
 PROFILE_REQUEST_ID = "__cpserve_profile__"
@@ -41,17 +42,22 @@ class ModelRunner:
         self.device = device
         par, cache, model_cfg = config.parallel, config.cache, config.model
         self.layout = KVLayout(cache.block_size, par.num_kv_shards, par.interleave)
-        model_groups = dataclasses.replace(groups,
-                                           expert_parallel=par.enable_expert_parallel)
-        self.model = build_model(config.model, model_groups, device, config.load_format,
+        self.model_groups = dataclasses.replace(groups,
+                                                expert_parallel=par.enable_expert_parallel)
+        self.model = build_model(config.model, self.model_groups, device, config.load_format,
                                  config.seed)
+        # Speculative decoding with MTP: the checkpoint's MTP modules, with caches of their own.
+        self.drafter = MTPProposer(self) if config.speculative and config.speculative.is_mtp \
+            else None
+        self.num_cache_layers = model_cfg.num_layers + (self.drafter.num_cache_layers
+                                                        if self.drafter else 0)
         self.backend = get_backend("auto", device)
         self.kv_spec = self.model.kv_cache_spec()
         self.block_tables: dict[str, list[int]] = {}
         self.kv_caches: list = []
         self.num_blocks = self._decide_num_blocks()
         self.kv_caches = [self.kv_spec.allocate(self.num_blocks, cache.block_size, device)
-                          for _ in range(model_cfg.num_layers)]
+                          for _ in range(self.num_cache_layers)]
         if config.load_format == "dummy":
             self._randomize_kv_caches()
         self.graphs = DecodeGraphs.for_runner(self)
@@ -76,8 +82,7 @@ class ModelRunner:
     @property
     def bytes_per_block(self) -> int:
         """One block of every layer on this rank."""
-        return (self.config.model.num_layers * self.config.cache.block_size
-                * self.kv_spec.bytes_per_token)
+        return self.num_cache_layers * self.config.cache.block_size * self.kv_spec.bytes_per_token
 
     def _decide_num_blocks(self) -> int:
         """Blocks per rank: explicit, from a memory size, or what GPU memory allows after a
@@ -115,13 +120,15 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         self.kv_caches = [self.kv_spec.allocate(blocks, self.config.cache.block_size,
                                                 self.device)
-                          for _ in range(self.config.model.num_layers)]
+                          for _ in range(self.num_cache_layers)]
         cache_bytes = blocks * self.bytes_per_block
         plan = StepPlan([PlannedRequest(PROFILE_REQUEST_ID, [0] * tokens, 0,
                                         list(range(blocks)), True, 1)])
         self.execute(plan, use_graphs=False)
         torch.cuda.synchronize(self.device)
         self.block_tables.pop(PROFILE_REQUEST_ID, None)
+        if self.drafter is not None:
+            self.drafter.forget()
         peak = torch.cuda.max_memory_allocated(self.device) - cache_bytes
         self.kv_caches = []
         torch.cuda.empty_cache()
@@ -200,10 +207,16 @@ class ModelRunner:
             ctx = AttentionContext(_to_device(step.metadata, self.device), self.kv_caches,
                                    self.groups, self.backend, self.config.parallel.kv_exchange)
             hidden = self.model(token_ids.to(self.device), step.positions.to(self.device), ctx)
+        if self.drafter is not None:
+            self.drafter.remember(plan, seqs, step, hidden)
         rows = self._logit_rows(plan, seqs, step.seq, step.offset, hidden)
         if rows is None or self.groups.pcp_rank != 0:
             return None
         return self._logits_in_slices(rows, consume_logits)
+
+    def propose_drafts(self, entries: list) -> list[list[int]]:
+        """MTP drafts after the last step (`StepPlan.draft`, spec_decode/mtp_proposer.py)."""
+        return self.drafter.propose(entries)
 
     def _logits_in_slices(self, rows: torch.Tensor,
                           consume: LogitsConsumer | None) -> torch.Tensor | None:

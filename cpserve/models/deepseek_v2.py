@@ -199,19 +199,31 @@ def is_moe_layer(hf: dict, layer: int) -> bool:
             and layer % int(hf.get("moe_layer_freq") or 1) == 0)
 
 
+def deepseek_rope(config: ModelConfig) -> DeepseekRope:
+    hf = config.hf_config
+    interleaved = (config.architecture == "DeepseekV2ForCausalLM"
+                   or bool(hf.get("rope_interleave", True)))
+    return DeepseekRope(config, int(hf["qk_rope_head_dim"]), interleaved)
+
+
+def deepseek_layer_parts(config: ModelConfig, groups: ParallelGroups, layer: int,
+                         rope: DeepseekRope) -> tuple[MLAAttention, nn.Module]:
+    """(attention, MLP or MoE) of decoder layer `layer` (the MTP modules' too)."""
+    mlp = (MoE(config, groups) if is_moe_layer(config.hf_config, layer)
+           else llama_mlp(config, groups))
+    return MLAAttention(config, layer, groups, rope), mlp
+
+
 class DeepseekV2ForCausalLM(CausalLM):
-    """Serves DeepseekV2ForCausalLM and DeepseekV3ForCausalLM checkpoints (V3's multi-token
-    prediction layers, stored after the last layer, are not used)."""
+    """Serves DeepseekV2ForCausalLM and DeepseekV3ForCausalLM checkpoints. V3's multi-token
+    prediction modules, stored after the last layer, are loaded only as the drafter of
+    speculative decoding (deepseek_mtp.py)."""
 
     def __init__(self, config: ModelConfig, groups: ParallelGroups) -> None:
-        hf = config.hf_config
-        interleaved = (config.architecture == "DeepseekV2ForCausalLM"
-                       or bool(hf.get("rope_interleave", True)))
-        rope = DeepseekRope(config, int(hf["qk_rope_head_dim"]), interleaved)
+        rope = deepseek_rope(config)
 
         def make_layer(layer: int) -> DecoderLayer:
-            mlp = (MoE(config, groups) if is_moe_layer(hf, layer) else llama_mlp(config, groups))
-            return DecoderLayer(config, MLAAttention(config, layer, groups, rope), mlp)
+            return DecoderLayer(config, *deepseek_layer_parts(config, groups, layer, rope))
 
         super().__init__(config, groups, make_layer)
 

@@ -77,18 +77,21 @@ def load_weights(model: nn.Module, config: ModelConfig) -> None:
 
 
 def build_model(config: ModelConfig, groups: ParallelGroups, device: torch.device,
-                load_format: str = "auto", seed: int = 0) -> nn.Module:
+                load_format: str = "auto", seed: int = 0, model_cls: type | None = None
+                ) -> nn.Module:
     """The model of `config` on `device`, this rank's slices loaded from the checkpoint; or,
     with load format "dummy", random weights made directly on the device (benchmarks: speed
-    does not depend on the values, and an 8B model needs no 16 GB of files)."""
+    does not depend on the values, and an 8B model needs no 16 GB of files). `model_cls`
+    builds another module of the checkpoint than the architecture's (the MTP drafter)."""
     from cpserve.models.registry import model_class
 
+    make = model_cls or model_class(config.architecture)
     if load_format != "dummy":
-        model = model_class(config.architecture)(config, groups)
+        model = make(config, groups)
         load_weights(model, config)
         return model.to(device).eval()
     with torch.device(device):
-        model = model_class(config.architecture)(config, groups)
+        model = make(config, groups)
     # Seeded by TP rank: PCP ranks hold the same weights, as with a checkpoint.
     gen = torch.Generator(device=device).manual_seed(seed + groups.tp_rank)
     with torch.no_grad():
