@@ -67,7 +67,7 @@ class MTPProposer:
         """Drafts per request of the last step (empty where none are wanted)."""
         plan, seqs, step, hidden = self._step
         self._step = None
-        runner, device = self.runner, self.runner.device
+        runner = self.runner
         following = torch.tensor([t for e in entries for t in e[0]], dtype=torch.long)
         lengths = torch.tensor([len(e[0]) for e in entries])
         first = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
