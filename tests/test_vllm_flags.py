@@ -54,7 +54,7 @@ def test_capture_sizes_are_the_decode_graph_buckets():
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--speculative-config", '{"num_speculative_tokens": 3, "method": "deepseek_mtp"}'],
-     "--speculative-config is not supported yet"),
+     "--speculative-config method 'deepseek_mtp' needs a DeepSeek-V3 checkpoint"),
     (["--kv-transfer-config", '{"kv_connector": "MooncakeConnectorV1"}'],
      "--kv-transfer-config is not supported yet"),
     (["--kv-transfer-config", "{...}"], "argument --kv-transfer-config: not valid JSON"),

@@ -10,6 +10,10 @@ the same series:
                 vllm:prefix_cache_hits_total, vllm:request_success_total{finished_reason}
     per step    vllm:iteration_tokens_total (a histogram, despite its name, as in vLLM)
     per token   vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds
+    speculative decoding (when on), counters:
+                vllm:spec_decode_num_drafts_total, vllm:spec_decode_num_draft_tokens_total,
+                vllm:spec_decode_num_accepted_tokens_total,
+                vllm:spec_decode_num_accepted_tokens_per_pos_total{position}
     per request vllm:e2e_request_latency_seconds, vllm:request_queue_time_seconds,
                 vllm:request_inference_time_seconds, vllm:request_prefill_time_seconds,
                 vllm:request_decode_time_seconds, vllm:request_time_per_output_token_seconds,
@@ -266,8 +270,29 @@ class ServerMetrics:
             alias.add_metric([reason], count)
         yield success
         yield alias
+        if s.spec_decode is not None:
+            yield from _spec_decode_families(s.spec_decode, names, values)
         for histogram in self._histograms:
             yield from histogram.families(self.labels)
 
     def render(self) -> bytes:
         return _generate_latest(self.registry)
+
+
+def _spec_decode_families(stats, names: list[str], values: list[str]) -> Iterator[Metric]:
+    """vLLM's speculative decoding counters (its SpecDecodingProm), same labels as the rest."""
+    for name, doc, value in (
+            ("spec_decode_num_drafts", "Number of spec decoding drafts.", stats.num_drafts),
+            ("spec_decode_num_draft_tokens", "Number of draft tokens.",
+             stats.num_draft_tokens),
+            ("spec_decode_num_accepted_tokens", "Number of accepted tokens.",
+             stats.num_accepted_tokens)):
+        family = CounterMetricFamily(f"vllm:{name}", doc, labels=names)
+        family.add_metric(values, value)
+        yield family
+    per_position = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                       "Accepted tokens per draft position.",
+                                       labels=[*names, "position"])
+    for position, count in enumerate(stats.accepted_per_position):
+        per_position.add_metric([*values, str(position)], count)
+    yield per_position
