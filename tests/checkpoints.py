@@ -169,3 +169,36 @@ def add_mtp_modules(path: Path, count: int = 1, seed: int = 0) -> Path:
     config["num_nextn_predict_layers"] = count
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
+
+
+def make_successor_checkpoint(path: Path, mtp_checkpoint: Path) -> tuple[Path, torch.Tensor]:
+    """A model whose greedy next token is succ(t) for the current token t (attention and MLP
+    outputs zeroed, the LM head the embedding permuted), and an MTP module that, reading the
+    next token's embedding, predicts the one after it: its drafts are always right."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(mtp_checkpoint, path)
+    weights = load_file(path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    vocab, hidden, layers = config["vocab_size"], config["hidden_size"], \
+        config["num_hidden_layers"]
+    embed = torch.randn(vocab, hidden, generator=torch.Generator().manual_seed(5))
+    succ = (torch.arange(vocab) * 7 + 3) % vocab  # a permutation (7 is prime to 1024)
+    head = torch.empty(vocab, hidden)
+    head[succ] = embed
+    for name in list(weights):
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = torch.zeros_like(weights[name])
+        elif name.endswith("norm.weight"):
+            weights[name] = torch.ones_like(weights[name])
+    weights["model.embed_tokens.weight"] = embed
+    weights["lm_head.weight"] = head
+    weights[f"model.layers.{layers}.shared_head.head.weight"] = head.clone()
+    # The module reads enorm(embed(next token)) only: h' = that, so logits peak at succ(next).
+    weights[f"model.layers.{layers}.eh_proj.weight"] = torch.cat(
+        [torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path, succ

@@ -134,6 +134,29 @@ def test_prefix_cache_eviction_under_block_pressure(pool, shared_reference):
         assert llm.engine.kv.pool.num_free == blocks
 
 
+# Speculative decoding (n-gram) under every layout -----------------------------------------------
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
+
+
+def test_speculative_ngram_same_tokens_as_one_process(pool, reference, shared_reference):
+    """Drafts verified over the sharded KV (per-query visible lengths on each shard), chunked
+    prompts, interleave 1 or a block by layout, and prefix-cache hits: the single-process
+    tokens and logprobs, speculation off."""
+    p = pool.parallel
+    interleave = BLOCK_SIZE if LAYOUTS.index((p.tp, p.pcp, p.dcp)) % 2 else 1
+    with _llm(pool, speculative_config=NGRAM, enable_prefix_caching=True,
+              max_num_batched_tokens=16, cp_kv_cache_interleave_size=interleave) as llm:
+        results = _generate(llm)
+        # In one batch the later prompts find the document's blocks the first one computed.
+        assert _generate_shared(llm, SHARED_PROMPTS) == shared_reference
+        stats = llm.engine.stats()
+    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results, reference):
+        assert tokens == ref_tokens, f"interleave={interleave}"
+        assert torch.allclose(torch.tensor(logprobs), torch.tensor(ref_logprobs),
+                              atol=LOGPROB_TOL)
+    assert stats.spec_decode.num_accepted_tokens > 0 and stats.prefix_cache_hits_total > 0
+
+
 # Prompt logprobs with the prefix cache on: every prompt token, as transformers computes it ----
 
 

@@ -19,7 +19,12 @@ from cpserve import LLM, SamplingParams
 from cpserve.config import ParallelConfig
 from cpserve.distributed.worker_pool import WorkerPool
 from cpserve.engine.worker import start_worker_pool
-from tests.checkpoints import make_deepseek_checkpoint, random_prompts
+from tests.checkpoints import (
+    add_mtp_modules,
+    make_deepseek_checkpoint,
+    make_successor_checkpoint,
+    random_prompts,
+)
 from tests.kv_placement import assert_each_rank_holds_its_shard
 
 LAYOUTS = [(2, 1, 1), (2, 1, 2), (4, 1, 1), (4, 1, 2), (4, 1, 4),
@@ -119,3 +124,47 @@ def test_each_rank_holds_its_shard_of_the_latent(pool, checkpoint):
     shards = pool.parallel.pcp * pool.parallel.dcp
     for rank, count in enumerate(held):
         assert abs(count - num_tokens / shards) < 1, f"rank {rank} holds {count}"
+
+
+# Speculative decoding with the checkpoint's MTP module, under every layout ------------------------
+MTP = {"method": "deepseek_mtp", "num_speculative_tokens": 3}
+
+
+@pytest.fixture(scope="module")
+def mtp_checkpoint(checkpoint, tmp_path_factory):
+    """The same model with a random MTP module added (its main weights unchanged)."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("deepseek-v3-mtp") / "model"
+    shutil.copytree(checkpoint, path)
+    return add_mtp_modules(path)
+
+
+def test_speculative_mtp_same_tokens_as_one_process(pool, mtp_checkpoint, reference):
+    """MTP drafts (random module: mostly wrong) verified over the sharded latent cache, the
+    module's own cache sharded alike; chunked prompts, then the same prompts again as
+    prefix-cache hits: the single-process tokens and logprobs, speculation off."""
+    p = pool.parallel
+    interleave = BLOCK_SIZE if LAYOUTS.index((p.tp, p.pcp, p.dcp)) % 2 else 1
+    with _llm(pool, str(mtp_checkpoint), speculative_config=MTP, enable_prefix_caching=True,
+              max_num_batched_tokens=CHUNKED, cp_kv_cache_interleave_size=interleave) as llm:
+        runs = [_generate(llm), _generate(llm)]
+        stats = llm.engine.stats()
+    for results in runs:
+        for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results, reference):
+            assert tokens == ref_tokens, f"interleave={interleave}"
+            assert torch.allclose(torch.tensor(logprobs), torch.tensor(ref_logprobs),
+                                  atol=LOGPROB_TOL)
+    assert stats.spec_decode.num_draft_tokens > 0 and stats.prefix_cache_hits_total > 0
+
+
+def test_speculative_mtp_right_drafts_are_accepted_across_pcp(pool, mtp_checkpoint, tmp_path):
+    """Drafts that are right (a constructed model, tests/checkpoints.py) are all accepted when
+    the prompts' last chunks are split over the PCP ranks (the drafting row gathered)."""
+    from tests.test_spec_decode_engine import assert_successor_drafts_accepted
+
+    if pool.parallel.pcp == 1:
+        pytest.skip("the split case needs PCP; layouts without it run the test above")
+    path, succ = make_successor_checkpoint(tmp_path / "succ", mtp_checkpoint)
+    with _llm(pool, str(path), speculative_config=MTP) as llm:
+        assert_successor_drafts_accepted(llm, succ, random_prompts(PROMPT_LENGTHS))

@@ -9,17 +9,15 @@ accepted). Every case compares with speculation off.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from cpserve import LLM, SamplingParams
 from tests.checkpoints import (
     add_mtp_modules,
     make_checkpoint,
     make_deepseek_checkpoint,
+    make_successor_checkpoint,
     random_prompts,
 )
 from tests.test_spec_decode import _chi_square_sf
@@ -187,49 +185,23 @@ def test_mtp_drafts_from_random_modules_change_no_token(mtp_checkpoint):
         assert llm.engine.stats().spec_decode.num_draft_tokens > 0
 
 
-def make_successor_checkpoint(path, mtp_checkpoint):
-    """A model whose greedy next token is succ(t) for the current token t (attention and MLP
-    outputs zeroed, the LM head the embedding permuted), and an MTP module that, reading the
-    next token's embedding, predicts the one after it: its drafts are always right."""
-    import shutil
-
-    shutil.copytree(mtp_checkpoint, path)
-    weights = load_file(path / "model.safetensors")
-    config = json.loads((path / "config.json").read_text())
-    vocab, hidden, layers = config["vocab_size"], config["hidden_size"], \
-        config["num_hidden_layers"]
-    embed = torch.randn(vocab, hidden, generator=torch.Generator().manual_seed(5))
-    succ = (torch.arange(vocab) * 7 + 3) % vocab  # a permutation (7 is prime to 1024)
-    head = torch.empty(vocab, hidden)
-    head[succ] = embed
-    for name in list(weights):
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
-            weights[name] = torch.zeros_like(weights[name])
-        elif name.endswith("norm.weight"):
-            weights[name] = torch.ones_like(weights[name])
-    weights["model.embed_tokens.weight"] = embed
-    weights["lm_head.weight"] = head
-    weights[f"model.layers.{layers}.shared_head.head.weight"] = head.clone()
-    # The module reads enorm(embed(next token)) only: h' = that, so logits peak at succ(next).
-    weights[f"model.layers.{layers}.eh_proj.weight"] = torch.cat(
-        [torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1)
-    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
-    return path, succ
-
-
 def test_mtp_drafts_that_are_right_are_accepted(mtp_checkpoint, tmp_path):
     path, succ = make_successor_checkpoint(tmp_path / "succ", mtp_checkpoint)
-    prompts = PROMPTS[:4]
-    params = SamplingParams(temperature=0, max_tokens=13, ignore_eos=True)
     with LLM(str(path), speculative_config=MTP, **COMMON) as llm:
-        outputs = generate(llm, prompts, params)
-        spec = llm.engine.stats().spec_decode
+        assert_successor_drafts_accepted(llm, succ, PROMPTS[:4])
+
+
+def assert_successor_drafts_accepted(llm: LLM, succ: torch.Tensor, prompts) -> None:
+    """13 greedy tokens each, every draft accepted: 1 token from the prefill, then 3 steps
+    of 3 accepted drafts and the token after them."""
+    params = SamplingParams(temperature=0, max_tokens=13, ignore_eos=True)
+    outputs = generate(llm, prompts, params)
     for prompt, out in zip(prompts, outputs):
         expected, token = [], prompt[-1]
         for _ in range(13):
             token = int(succ[token])
             expected.append(token)
         assert out.outputs[0].token_ids == expected
-    # 13 tokens = 1 from the prefill + 3 steps of 3 accepted drafts and 1 more.
-    assert spec.num_accepted_tokens == spec.num_draft_tokens == 4 * 9
-    assert spec.accepted_per_position == [12, 12, 12]
+    spec = llm.engine.stats().spec_decode
+    assert spec.num_accepted_tokens == spec.num_draft_tokens == len(prompts) * 9
+    assert spec.accepted_per_position == [3 * len(prompts)] * 3
