@@ -1,7 +1,10 @@
-"""CUDA graphs of decode steps: captured once per batch-size bucket, replayed every step.
+"""CUDA graphs of decode and verification steps: captured once per batch-size bucket (and
+rows per request), replayed every step.
 
 A graph replays the kernels of one forward pass on static buffers, so a decode step costs the
 GPU's time and not the host's launch overhead (about 10x fewer host microseconds per layer).
+With speculative decoding a verification step (each request's last token and up to K drafts,
+laid out as 1 + K rows per request, metadata.py) has graphs of its own, by the same buckets.
 """
 
 from __future__ import annotations
@@ -32,17 +35,20 @@ def graphs_enabled(config: EngineConfig, groups: ParallelGroups, device: torch.d
 
 
 class DecodeGraphs:
-    """CUDA graphs of decode steps, one per batch-size bucket, captured at first use.
+    """CUDA graphs of paged-only steps, one per (batch-size bucket, rows per request),
+    captured at first use.
 
     A decode step: every request computes one new token after cached ones, replicated on
-    every PCP rank. The graph runs the model on static buffers, refilled before each replay:
+    every PCP rank; a verification step: q = 1 + K rows per request (its tokens, then
+    padding). The graph runs the model on static buffers, refilled before each replay:
 
-        token_ids, positions, slots, kv_len         [bucket]
+        token_ids, positions, slots, kv_len         [bucket * q]
         block_tables                                [bucket, blocks of a max_model_len request]
 
     Rows past the batch are padding: their own sequence, slot -1 (no KV written), no cached
     tokens visible; their outputs are dropped. The kernels take every size they need from
-    shapes (the split-K factor from the table width), so one capture serves all contexts.
+    shapes (the split-K factor from the table width; a verification step's tiles from q), so
+    one capture serves all contexts.
     """
 
     @classmethod
@@ -56,61 +62,68 @@ class DecodeGraphs:
         # --compilation-config cudagraph_capture_sizes, else a default list to max_num_seqs.
         self.buckets = decode_graph_buckets(config.cudagraph_capture_sizes,
                                             config.scheduler.max_num_seqs)
+        self.max_rows_per_seq = runner.max_paged_queries  # 1 + K with speculation, else 1
         largest = self.buckets[-1]
         self.width = runner.layout.num_blocks_for(runner.config.model.max_model_len)
-        n, dev = largest, runner.device
+        n, dev = largest * self.max_rows_per_seq, runner.device
 
         def zeros(*shape):
             return torch.zeros(*shape, dtype=torch.long, device=dev)
 
         self.token_ids, self.positions, self.kv_len = zeros(n), zeros(n), zeros(n)
         self.slots = torch.full((n,), -1, dtype=torch.long, device=dev)
-        self.block_tables = zeros(n, self.width)
+        self.block_tables = zeros(largest, self.width)
         self.rows = torch.arange(n, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.pool = None
 
     def can_run(self, plan: StepPlan, seqs: list[PlannedSeq]) -> bool:
         return (len(seqs) <= self.buckets[-1]
-                and all(s.num_new == 1 and s.start > 0 and not s.split for s in seqs)
+                and all(1 <= s.num_new <= self.max_rows_per_seq and s.start > 0
+                        and not s.split for s in seqs)
                 and all(len(self.runner.block_tables[r.request_id]) <= self.width
                         for r in plan.requests))
 
     def run(self, token_ids: torch.Tensor, positions: torch.Tensor,
             meta: StepAttentionMetadata) -> torch.Tensor:
-        n = token_ids.numel()
+        q = meta.rep_queries_per_seq
+        rows = token_ids.numel()
+        n = rows // q
         bucket = next(b for b in self.buckets if b >= n)
         for buffer, values, pad in ((self.token_ids, token_ids, 0),
                                     (self.positions, positions, 0),
                                     (self.slots, meta.rep_slots, -1),
                                     (self.kv_len, meta.rep_kv_len, 0)):
-            buffer[:n].copy_(values, non_blocking=True)
-            buffer[n:bucket].fill_(pad)
+            buffer[:rows].copy_(values, non_blocking=True)
+            buffer[rows:bucket * q].fill_(pad)
         self.block_tables[:n, :meta.block_tables.shape[1]].copy_(meta.block_tables,
                                                                   non_blocking=True)
-        if bucket not in self.graphs:
-            self._capture(bucket)
-        self.graphs[bucket].replay()
-        return self.outputs[bucket][:n]
+        key = (bucket, q)
+        if key not in self.graphs:
+            self._capture(bucket, q)
+        self.graphs[key].replay()
+        return self.outputs[key][:rows]
 
-    def _metadata(self, bucket: int) -> StepAttentionMetadata:
-        rows, none = self.rows[:bucket], self.rows[:0]
+    def _metadata(self, bucket: int, q: int) -> StepAttentionMetadata:
+        rows, none = self.rows[:bucket * q], self.rows[:0]
         return StepAttentionMetadata(
             block_tables=self.block_tables[:bucket], rep_index=rows,
-            rep_slots=self.slots[:bucket], rep_seq=rows, rep_pos=self.positions[:bucket],
-            rep_prefix_len=self.kv_len[:bucket], has_rep_prefix=True,
-            rep_kv_len=self.kv_len[:bucket], rep_decode_only=True, split_index=none,
-            split_pos=none, split_seq=none, pad=0, gathered_pos=none, gathered_seq=none,
-            gathered_slots=none, gathered_prefix_len=none, has_prefix=False)
+            rep_slots=self.slots[:bucket * q], rep_seq=rows // q,
+            rep_pos=self.positions[:bucket * q], rep_prefix_len=self.kv_len[:bucket * q],
+            has_rep_prefix=True, rep_kv_len=self.kv_len[:bucket * q], rep_decode_only=True,
+            split_index=none, split_pos=none, split_seq=none, pad=0, gathered_pos=none,
+            gathered_seq=none, gathered_slots=none, gathered_prefix_len=none, has_prefix=False,
+            rep_queries_per_seq=q)
 
-    def _capture(self, bucket: int) -> None:
+    def _capture(self, bucket: int, q: int) -> None:
         runner = self.runner
-        ctx = AttentionContext(self._metadata(bucket), runner.kv_caches, runner.groups,
+        ctx = AttentionContext(self._metadata(bucket, q), runner.kv_caches, runner.groups,
                                runner.backend, runner.config.parallel.kv_exchange)
+        rows = bucket * q
 
         def forward() -> torch.Tensor:
-            return runner.model(self.token_ids[:bucket], self.positions[:bucket], ctx)
+            return runner.model(self.token_ids[:rows], self.positions[:rows], ctx)
 
         # Run once outside the capture: Triton compiles, cuDNN and NCCL set up. It writes the
         # same KV the replay will write, so it changes nothing.
@@ -121,6 +134,6 @@ class DecodeGraphs:
         torch.cuda.current_stream(runner.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.outputs[bucket] = forward()
+            self.outputs[(bucket, q)] = forward()
         self.pool = graph.pool()
-        self.graphs[bucket] = graph
+        self.graphs[(bucket, q)] = graph

@@ -1,0 +1,75 @@
+"""The paged kernel's verification mode (q rows per sequence, tiles made on the device)
+against the PyTorch reference, and the padded step layout it reads (Triton's interpreter on
+CPU; tolerances as in tests/test_kernels.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from cpserve.attention.kernels import paged_attention_triton  # noqa: E402
+from cpserve.attention.kernels import paged as paged_module  # noqa: E402
+from cpserve.attention.kernels.paged import uniform_tiles  # noqa: E402
+from cpserve.attention.metadata import PlannedSeq, build_step_tokens  # noqa: E402
+from cpserve.distributed.groups import ParallelGroups  # noqa: E402
+from cpserve.kv.layout import KVLayout  # noqa: E402
+from tests.test_kernels import REF, assert_attention_close, rand  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_uniform_tiles_cover_each_sequence_rows_in_order():
+    lens = torch.tensor([3, 4, 5, 0, 0, 9, 10, 11, 12, 13])  # 2 sequences of 5 rows
+    first, rows, tile_lens = uniform_tiles(lens, queries_per_seq=5, block_q=4)
+    assert first.tolist() == [0, 4, 5, 9] and rows.tolist() == [4, 1, 4, 1]
+    assert tile_lens.tolist() == [5, 0, 12, 13]
+
+
+@pytest.mark.parametrize("group,latent,splits", [(1, False, 3), (4, False, 1), (4, True, 3)])
+def test_verification_mode_matches_reference(group, latent, splits, monkeypatch):
+    """Three sequences of q = 5 rows each: lengths growing by one row to the next (a
+    verification step), a padding row of length 0, and a sequence with nothing cached."""
+    monkeypatch.setitem(paged_module.TUNING, "target_programs_per_sm", 0 if splits == 1 else 64)
+    monkeypatch.setitem(paged_module.TUNING, "min_split_tokens", 4)
+    monkeypatch.setitem(paged_module.TUNING, "max_splits", splits)
+    monkeypatch.setitem(paged_module.TUNING, "block_n", 16)
+    gen = torch.Generator().manual_seed(group * 10 + splits)
+    q_rows, page, blocks, width, kv_heads = 5, 4, 24, 5, 1 if latent else 2
+    dk, dv = (40, 24) if latent else (32, 32)
+    k_cache = rand(blocks, page, kv_heads, dk, gen=gen)
+    v_cache = None if latent else rand(blocks, page, kv_heads, dv, gen=gen)
+    tables = torch.randperm(blocks, generator=gen)[:3 * width].view(3, width).to(DEVICE)
+    seq = torch.arange(3).repeat_interleave(q_rows).to(DEVICE)
+    lengths = torch.tensor([11, 12, 13, 14, 0, 1, 2, 3, 4, 5, 0, 0, 0, 0, 0]).to(DEVICE)
+    q = rand(3 * q_rows, kv_heads * group, dk, gen=gen)
+    v_dim = dv if latent else None
+    got = paged_attention_triton(q, k_cache, v_cache, tables, seq, lengths, 0.3, v_dim,
+                                 queries_per_seq=q_rows)
+    want = REF.paged_attention(q, k_cache, v_cache, tables, seq, lengths, 0.3, v_dim)
+    assert_attention_close(got, want, torch.float32)
+
+
+def test_verification_step_is_padded_to_q_rows_per_request():
+    """Requests of 1 and 3 new tokens with q = 3 (1 + K, K = 2): 3 rows each; padding rows
+    write no KV and see nothing; a split-free step of one token each stays unpadded."""
+    layout, groups = KVLayout(4, 2, 1), ParallelGroups(rank=0, tp=1, pcp=1, dcp=1)
+    tables = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    seqs = [PlannedSeq(9, 1, False), PlannedSeq(20, 3, False)]
+    step = build_step_tokens(seqs, tables, layout, groups, max_paged_queries=3)
+    meta = step.metadata
+    assert meta.rep_decode_only and meta.rep_queries_per_seq == 3
+    assert step.seq.tolist() == [0, 0, 0, 1, 1, 1] and step.offset.tolist() == [0, 1, 2] * 2
+    assert step.positions.tolist() == [9, 9, 9, 20, 21, 22]
+    assert (meta.rep_slots[1:3] == -1).all() and (meta.rep_kv_len[1:3] == 0).all()
+    # On shard 0 of 2 (interleave 1), query at position p sees local_count(p + 1) tokens.
+    assert meta.rep_kv_len[[0, 3, 4, 5]].tolist() == [5, 11, 11, 12]
+    decode = build_step_tokens([PlannedSeq(9, 1, False)] * 2, tables, layout, groups, 3)
+    assert decode.metadata.rep_queries_per_seq == 1 and len(decode.seq) == 2
+    longer = build_step_tokens([PlannedSeq(9, 4, False)], tables, layout, groups, 3)
+    assert not longer.metadata.rep_decode_only  # a chunk: the dense path
