@@ -13,8 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
-from cpserve.attention.kernels import paged_attention_triton  # noqa: E402
 from cpserve.attention.kernels import paged as paged_module  # noqa: E402
+from cpserve.attention.kernels import paged_attention_triton  # noqa: E402
 from cpserve.attention.kernels.paged import uniform_tiles  # noqa: E402
 from cpserve.attention.metadata import PlannedSeq, build_step_tokens  # noqa: E402
 from cpserve.distributed.groups import ParallelGroups  # noqa: E402
