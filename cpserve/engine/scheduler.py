@@ -7,6 +7,11 @@ what is left of the budget, so a long prompt is prefilled in chunks beside the d
 others. When KV blocks run out, the most recently admitted running request is preempted: its
 blocks are freed and its tokens recomputed later. Waiting requests are admitted in order while
 budget and blocks last, after taking any cached prefix.
+
+With vLLM's flags: `long_prefill_token_threshold` caps the tokens one request computes in a
+step, so while a long prompt prefills the rest of the budget serves decodes and new
+arrivals; without `enable_chunked_prefill` a waiting prompt is admitted only when all its
+uncomputed tokens fit the step's remaining budget.
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(self._capped(request.num_tokens - request.num_computed_tokens), budget)
             new_blocks = self.kv.allocate(request, num_new)
             while new_blocks is None:
                 victim = self.running.pop()
@@ -94,7 +99,10 @@ class Scheduler:
             request = self.waiting[0]
             cached = self.kv.find_cached_prefix(request) if request.num_computed_tokens == 0 else []
             num_cached = len(cached) * self.kv.layout.virtual_block_size
-            num_new = min(request.num_tokens - num_cached, budget)
+            num_new = self._capped(request.num_tokens - num_cached)
+            if not self.config.enable_chunked_prefill and num_new > budget:
+                break  # the whole prompt in one step, or not yet
+            num_new = min(num_new, budget)
             new_blocks = self.kv.allocate(request, num_new, cached)
             if new_blocks is None:
                 break
@@ -109,6 +117,11 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, num_new, new_blocks, is_new=True))
             budget -= num_new
         return out
+
+    def _capped(self, num_new: int) -> int:
+        """At most `long_prefill_token_threshold` tokens for one request in one step."""
+        threshold = self.config.long_prefill_token_threshold
+        return threshold if 0 < threshold < num_new else num_new
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.kv.free(request)
