@@ -47,6 +47,7 @@ from cpserve.attention.kernels.gather import gather_kv_triton
 from cpserve.attention.kernels.library_ops import (
     cudnn_attention,
     flash_varlen_attention,
+    prefer_cudnn_shape_reuse,
     probe_ops,
 )
 from cpserve.attention.kernels.merge import merge_two_triton
@@ -148,6 +149,8 @@ class GPUBackend:
         self.device = torch.device(device)
         self.reference = TorchReferenceBackend()
         on_cuda = self.device.type == "cuda"
+        if on_cuda:
+            prefer_cudnn_shape_reuse()  # before the first cuDNN call (the probe's)
         self.ops = probe_ops(self.device) if on_cuda and probe else {"cudnn": False,
                                                                      "flash": False}
         self.shape = shape
