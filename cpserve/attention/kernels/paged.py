@@ -68,6 +68,11 @@ TUNING = {
     "wide_block_n": 32,
     "wide_num_warps": 8,
     "wide_num_stages": 2,
+    # Tiled mode (many queries of a sequence: a chunk over its prefix when the library path
+    # is off, or too short for it), tuned apart from decode: its tiles are compute-bound.
+    "tiled_block_n": 64,
+    "tiled_num_warps": 4,
+    "tiled_num_stages": 3,
 }
 # A measured setting can be handed to every process of a run (benchmarks do).
 TUNING.update(json.loads(os.environ.get("CPSERVE_PAGED_TUNING", "{}")))
@@ -305,7 +310,11 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     heads_per_part = max(heads_per_part, 16 // block_q)
     chunk_dk, num_dk_chunks = dk_chunking(dk)
     wide = max(dk, dv) > MAX_TILE_DIM
-    knob = (lambda name: TUNING["wide_" + name]) if wide else (lambda name: TUNING[name])
+    prefix = "wide_" if wide else "tiled_" if tiled else ""
+
+    def knob(name: str) -> int:
+        return TUNING[prefix + name]
+
     splits = num_splits_for(num_tiles * num_kv_heads * head_parts, block_tables.shape[1] * page,
                             q.device)
     if splits > 1:
