@@ -169,13 +169,15 @@ def warm_up(llm, budget: int, short_prompt: int) -> None:
     from cpserve import SamplingParams
 
     vocab = llm.engine.config.model.vocab_size
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     longest = llm.engine.config.model.max_model_len // 2
     chunked = prompt_tokens(1, min(2 * budget + 100, longest), vocab)
-    llm.generate([{"prompt_token_ids": chunked}], params, use_tqdm=False)
+    llm.generate([{"prompt_token_ids": chunked}],
+                 SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    # Staggered lengths: the decode batch shrinks from 8 to 1, each bucket captured once.
     llm.generate([{"prompt_token_ids": prompt_tokens(2 + i, short_prompt, vocab)}
                   for i in range(8)],
-                 params, use_tqdm=False)
+                 [SamplingParams(temperature=0, max_tokens=4 + 3 * i, ignore_eos=True)
+                  for i in range(8)], use_tqdm=False)
 
 
 def engine_worker(job: dict) -> list[dict]:

@@ -185,10 +185,11 @@ class GPUBackend:
         if self.shape is None or (meta.rep_decode_only and not meta.has_split):
             return StepPlans()  # decode: the kernels need nothing but shapes
         num_seqs = meta.block_tables.shape[0]
+        dense = self._library() and _library_dtype(self.shape.dtype)  # else the masked kernel
         rep_dense = rep_prefix = split_prefix = None
         split_dense: tuple = ()
         if meta.has_replicated and not meta.rep_decode_only:
-            if _plans_dense(meta.rep_pos.numel(), meta.rep_pos.numel()):
+            if dense and _plans_dense(meta.rep_pos.numel(), meta.rep_pos.numel()):
                 rep_dense = _PlacedPlan.build(meta.rep_pos, meta.rep_pos, meta.rep_seq,
                                               meta.rep_seq, self.device)
             if meta.has_rep_prefix:
@@ -201,7 +202,8 @@ class GPUBackend:
             split_dense = tuple(
                 _PlacedPlan.build(meta.split_pos, meta.gathered_pos[rows], meta.split_seq,
                                   meta.gathered_seq[rows], self.device)
-                if _plans_dense(meta.split_pos.numel(), rows.stop - rows.start) else None
+                if dense and _plans_dense(meta.split_pos.numel(), rows.stop - rows.start)
+                else None
                 for rows in sources)
             if meta.has_prefix:
                 split_prefix = self._prefix_plan(meta.gathered_seq.clamp(min=0),
