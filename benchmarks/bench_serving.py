@@ -3,6 +3,7 @@
     python benchmarks/bench_serving.py                          # issue-12 runs + HF baseline
     python benchmarks/bench_serving.py --runs long-32k,8x32k    # some runs (HF with --hf)
     python benchmarks/bench_serving.py --sweep                  # + the step-budget sweep
+    python benchmarks/bench_serving.py --runs '' --sweep        # the sweep alone
     python benchmarks/bench_serving.py --smoke --out-dir /tmp/s # tiny model on CPU, seconds
 
 Model: the Llama-3.1-8B shape, random bf16 weights made on the GPU (`load_format="dummy"`),
@@ -79,6 +80,7 @@ RUNS = {spec.name: spec for spec in [
 DEFAULT_RUNS = list(RUNS)
 # The step budget sweep: TTFT should hardly depend on the chunk size.
 SWEEP_BUDGETS = (4096, 8192, 16384, 32768)
+SWEEP_TOLERANCE = 0.02
 MAX_MODEL_LEN = 131072 + 1024
 HF_TOKENS = (32768, 131072)
 # Wall-clock limit of one engine process (model build, warm-up, its runs).
@@ -104,6 +106,23 @@ def sweep_runs() -> list[RunSpec]:
 
 
 SMOKE_TOKENS, SMOKE_BUDGET = 128, 64  # --smoke divides prompt lengths and budgets by these
+
+
+def sweep_decision(runs: list[dict]) -> dict | None:
+    """The default budget to keep: the smallest whose 128k TTFT is within SWEEP_TOLERANCE of
+    the best budget's (smaller steps keep decodes beside a long prefill faster)."""
+    capped = {r["max_num_batched_tokens"]: r["ttft_s_median"] for r in runs
+              if r["name"].startswith("sweep-b") and r["name"].endswith("-long-128k")
+              and "-nocap-" not in r["name"]}
+    if not capped:
+        return None
+    best = min(capped.values())
+    budget = min(b for b, ttft in capped.items() if ttft <= best * (1 + SWEEP_TOLERANCE))
+    one_chunk = next((r["ttft_s_median"] for r in runs
+                      if r["name"] == "sweep-one-chunk-long-128k"), None)
+    return dict(ttft_128k_by_budget=capped, default_budget=budget,
+                one_chunk_128k=one_chunk, best_over_one_chunk=best / one_chunk
+                if one_chunk else None)
 
 
 def smoke(spec: RunSpec) -> RunSpec:
@@ -305,8 +324,10 @@ def main(argv: list[str] | None = None) -> Path | None:
     report = dict(device=device_name(device), date=datetime.date.today().isoformat(),
                   torch=torch.__version__, model="Llama-3.1-8B shape, random bf16"
                   if not args.smoke else "tiny (smoke)", runs=runs, hf_prefill=hf,
-                  targets=targets(runs, hf) if not args.smoke else [], errors=errors)
-    out = Path(args.out_dir) / f"{report['date']}-{report['device']}-serving.json"
+                  targets=targets(runs, hf) if not args.smoke else [],
+                  sweep=sweep_decision(runs), errors=errors)
+    kind = "serving-sweep" if args.sweep and not args.runs else "serving"
+    out = Path(args.out_dir) / f"{report['date']}-{report['device']}-{kind}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print_table(report)
@@ -334,6 +355,11 @@ def print_table(report: dict) -> None:
     for t in report["targets"]:
         print(f"target {t['target']}: {t['value']} (limit {t['limit']}): "
               f"{'met' if t['met'] else 'NOT met'}")
+    if report["sweep"]:
+        sweep = report["sweep"]
+        print(f"128k TTFT by budget (cap = half): {sweep['ttft_128k_by_budget']}; one chunk: "
+              f"{sweep['one_chunk_128k']}: set DEFAULT_MAX_NUM_BATCHED_TOKENS = "
+              f"{sweep['default_budget']} in cpserve/engine/args.py")
     for e in report["errors"]:
         print(f"FAILED {e['runs']}: {e['error']}")
 

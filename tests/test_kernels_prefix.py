@@ -37,6 +37,9 @@ from cpserve.distributed.groups import ParallelGroups, single_process_groups  # 
 from cpserve.kv.layout import KVLayout  # noqa: E402
 
 REF = TorchReferenceBackend()
+# Head width of the small cases: 16 keeps the interpreter fast; on a GPU 32, a width the
+# library ops are known to take (the GPU parity tests run it).
+D = 32 if DEVICE == "cuda" else 16
 MODES = ["gather-cudnn", "triton"] + (["gather-flash"] if DEVICE == "cuda" else [])
 cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
 
@@ -115,7 +118,7 @@ def test_prefix_plan_splits_rows_between_library_and_kernel():
     assert kernel_only.triton.tiles.rows.tolist() == [16, 16, 16, 16, 6]
 
 
-def _caches(dtype, gen, blocks=48, page=4, kv_heads=2, dim=16):
+def _caches(dtype, gen, blocks=48, page=4, kv_heads=2, dim=D):
     return rand(blocks, page, kv_heads, dim, dtype=dtype, gen=gen), rand(
         blocks, page, kv_heads, dim, dtype=dtype, gen=gen)
 
@@ -155,8 +158,8 @@ def test_planned_prefix_attention_matches_reference(dtype, mode, layout):
     k_cache, v_cache = _caches(dtype, gen)
     tables = torch.randperm(48, generator=gen)[:num_seqs * 12].view(num_seqs, 12).to(DEVICE)
     seq, lens = torch.tensor(seq), torch.tensor(lens)
-    q = rand(seq.numel(), 8, 16, dtype=dtype, gen=gen)
-    shape = AttentionShape(8, 2, 16, 16, dtype)
+    q = rand(seq.numel(), 8, D, dtype=dtype, gen=gen)
+    shape = AttentionShape(8, 2, D, D, dtype)
     backend = planned_backend(shape, mode, max_prefix_tokens=64)
     plan = backend._prefix_plan(seq, lens, num_seqs, shape)
     seq, lens = seq.to(DEVICE), lens.to(DEVICE)
@@ -175,7 +178,7 @@ def test_unplanned_call_plans_itself_once():
     tables = torch.arange(12).view(1, 12).to(DEVICE)
     seq, lens = torch.zeros(70, dtype=torch.long, device=DEVICE), torch.full((70,), 30,
                                                                              device=DEVICE)
-    q = rand(70, 4, 16, dtype=torch.float16, gen=gen)
+    q = rand(70, 4, D, dtype=torch.float16, gen=gen)
     backend = planned_backend(None)
     for _ in range(3):
         got = backend.paged_attention(q, k_cache, v_cache, tables, seq, lens, 0.2)
@@ -183,7 +186,7 @@ def test_unplanned_call_plans_itself_once():
     assert_attention_close(got, REF.paged_attention(q, k_cache, v_cache, tables, seq, lens, 0.2),
                            torch.float16)
     wrong_rows = q[:50]
-    plan = backend._prefix_plan(seq.cpu(), lens.cpu(), 1, AttentionShape(4, 2, 16, 16,
+    plan = backend._prefix_plan(seq.cpu(), lens.cpu(), 1, AttentionShape(4, 2, D, D,
                                                                           torch.float16))
     with pytest.raises(ValueError, match="prefix plan was made for"):
         backend.paged_attention(wrong_rows, k_cache, v_cache, tables, seq[:50], lens[:50], 0.2,
@@ -198,10 +201,10 @@ def test_attention_context_steps_are_planned_ahead(mode):
     and outputs and cache contents match the reference backend."""
     dtype, layout, groups = torch.float16, KVLayout(block_size=4), single_process_groups()
     tables = torch.arange(2 * 12).view(2, 12)
-    shape = AttentionShape(4, 2, 16, 16, dtype)
+    shape = AttentionShape(4, 2, D, D, dtype)
     backends = [REF, planned_backend(shape, mode, max_prefix_tokens=48)]
-    caches = [[(torch.zeros(24, 4, 2, 16, dtype=dtype, device=DEVICE),
-                torch.zeros(24, 4, 2, 16, dtype=dtype, device=DEVICE))] for _ in backends]
+    caches = [[(torch.zeros(24, 4, 2, D, dtype=dtype, device=DEVICE),
+                torch.zeros(24, 4, 2, D, dtype=dtype, device=DEVICE))] for _ in backends]
     gen = torch.Generator().manual_seed(12)
     for seqs in ([PlannedSeq(0, 27, False), PlannedSeq(0, 9, False)],
                  [PlannedSeq(27, 18, False), PlannedSeq(9, 1, False)]):
@@ -209,7 +212,7 @@ def test_attention_context_steps_are_planned_ahead(mode):
         meta = type(host)(**{n: (x.to(DEVICE) if isinstance(x, torch.Tensor) else x)
                              for n, x in vars(host).items()})
         t = host.rep_pos.numel()
-        q, k, v = (rand(t, h, 16, dtype=dtype, gen=gen) for h in (4, 2, 2))
+        q, k, v = (rand(t, h, D, dtype=dtype, gen=gen) for h in (4, 2, 2))
         outs = [AttentionContext(meta, c, groups, b, plans=b.plan_step(host, "allgather"))
                 .attention(0, q, k, v, 0.25) for b, c in zip(backends, caches)]
         lse = torch.zeros(outs[0].shape[:2], device=DEVICE)
@@ -228,13 +231,13 @@ def test_pcp_step_plans_match_reference(exchange, rank):
     ring block at a time) and, for every rank's rows, over the cached prefix."""
     pcp, dtype = 3, torch.float16
     host = _pcp_meta(pcp, rank)
-    shape = AttentionShape(8, 2, 16, 16, dtype)
+    shape = AttentionShape(8, 2, D, D, dtype)
     backend = planned_backend(shape, max_prefix_tokens=64)
     plans = backend.plan_step(host, exchange)
     gen = torch.Generator().manual_seed(rank)
     n_q, n_k, pad = host.split_pos.numel(), host.gathered_pos.numel(), host.pad
-    q = rand(n_q, 8, 16, dtype=dtype, gen=gen)
-    k, v = rand(n_k, 2, 16, dtype=dtype, gen=gen), rand(n_k, 2, 16, dtype=dtype, gen=gen)
+    q = rand(n_q, 8, D, dtype=dtype, gen=gen)
+    k, v = rand(n_k, 2, D, dtype=dtype, gen=gen), rand(n_k, 2, D, dtype=dtype, gen=gen)
     idx = [t.to(DEVICE) for t in (host.split_pos, host.gathered_pos, host.split_seq,
                                   host.gathered_seq)]
     blocks = [slice(0, n_k)] if exchange == "allgather" else [
@@ -245,7 +248,7 @@ def test_pcp_step_plans_match_reference(exchange, rank):
         assert_attention_close(got, REF.dense_attention(*call, 0.2), dtype)
     k_cache, v_cache = _caches(dtype, gen)
     tables = torch.randperm(48, generator=gen).view(2, 24).to(DEVICE)
-    all_q = rand(n_k, 8, 16, dtype=dtype, gen=gen)
+    all_q = rand(n_k, 8, D, dtype=dtype, gen=gen)
     seq, lens = host.gathered_seq.clamp(min=0).to(DEVICE), host.gathered_prefix_len.to(DEVICE)
     got = backend.paged_attention(all_q, k_cache, v_cache, tables, seq, lens, 0.2,
                                   plan=plans.split_prefix)
@@ -256,7 +259,7 @@ def test_pcp_step_plans_match_reference(exchange, rank):
 
 
 # a model runner ------------------------------------------------------------------------------
-TINY = dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=64,
+TINY = dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=4 * D,
             intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6)
 
