@@ -36,8 +36,13 @@ class AttentionShape:
     num_kv_heads: int  # KV heads in this rank's cache
     k_dim: int
     v_dim: int  # latent attention: the values are the keys' first v_dim channels
-    dtype: torch.dtype
+    dtype: torch.dtype  # of queries and new keys and values (the model's)
     values_in_keys: bool = False  # latent attention: one cache, no v_cache
+    kv_dtype: torch.dtype | None = None  # of the cache, when it differs (a quantized cache)
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.kv_dtype or self.dtype
 
 
 @dataclass(frozen=True)

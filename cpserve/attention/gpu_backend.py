@@ -166,7 +166,7 @@ class GPUBackend:
         self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
         if shape is not None and max_prefix_tokens > 0 and self._library_prefix(shape):
             self._workspace = tuple(torch.empty(max_prefix_tokens, shape.num_kv_heads, dim,
-                                                dtype=shape.dtype, device=self.device)
+                                                dtype=shape.cache_dtype, device=self.device)
                                     for dim in (shape.k_dim, shape.v_dim))
 
     def _library(self) -> bool:
@@ -177,7 +177,8 @@ class GPUBackend:
         precision, values stored apart, and the tuning choice."""
         return (self.prefix_attention != "triton" and self._library()
                 and not shape.values_in_keys and shape.k_dim == shape.v_dim
-                and _library_dtype(shape.dtype) and _kernel_dims(shape.k_dim, shape.v_dim))
+                and _library_dtype(shape.dtype) and shape.cache_dtype == shape.dtype
+                and _kernel_dims(shape.k_dim, shape.v_dim))
 
     # planning -------------------------------------------------------------------------------
     def plan_step(self, meta, kv_exchange: str) -> StepPlans:
@@ -235,8 +236,8 @@ class GPUBackend:
             return self.reference.paged_attention(q, k_cache, v_cache, block_tables, query_seq,
                                                   query_kv_len, scale, v_dim)
         if plan is None and wants_tiles(q.shape[0], block_tables.shape[0]):
-            shape = AttentionShape(q.shape[1], k_cache.shape[2], q.shape[-1], dv, k_cache.dtype,
-                                   values_in_keys=v_cache is None)
+            shape = AttentionShape(q.shape[1], k_cache.shape[2], q.shape[-1], dv, q.dtype,
+                                   values_in_keys=v_cache is None, kv_dtype=k_cache.dtype)
             plan = self._plans.get((query_seq, query_kv_len), lambda: self._host_plan(
                 query_seq, query_kv_len, block_tables.shape[0], shape))
         if plan is None:  # decode-shaped: one query per program row

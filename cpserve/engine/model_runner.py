@@ -93,7 +93,8 @@ class ModelRunner:
         model, par, spec = self.config.model, self.config.parallel, self.kv_spec
         v_dim = spec.v_dim if spec.v_dim is not None else int(model.hf_config["kv_lora_rank"])
         return AttentionShape(model.num_heads // par.tp * par.dcp, spec.num_heads, spec.k_dim,
-                              v_dim, spec.dtype, values_in_keys=spec.v_dim is None)
+                              v_dim, model.dtype, values_in_keys=spec.v_dim is None,
+                              kv_dtype=spec.dtype)
 
     @property
     def bytes_per_block(self) -> int:
