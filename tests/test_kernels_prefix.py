@@ -56,9 +56,13 @@ def planned_backend(shape: AttentionShape | None, mode: str = "gather-cudnn",
 
 @pytest.fixture(autouse=True)
 def small_groups(monkeypatch):
-    """Library paths at test sizes: groups of 4 queries, planned dense calls at any size."""
-    monkeypatch.setattr(prefix_plan, "MIN_LIBRARY_QUERIES", 4)
+    """Library paths at test sizes: prefix groups of 8 queries, planned dense calls at any
+    size; on CPU (reference pieces) dense runs of 2 rows go to the library too, so a decode
+    beside a chunk still takes the masked kernel and everything else the pieces."""
+    monkeypatch.setattr(prefix_plan, "MIN_LIBRARY_QUERIES", 8)
     monkeypatch.setattr(gpu_backend, "SMALL_DENSE_PAIRS", 0)
+    if DEVICE != "cuda":
+        monkeypatch.setattr(gpu_backend, "MIN_CUDNN_RUN_ROWS", 2)
 
 
 # kernels -------------------------------------------------------------------------------------
@@ -69,7 +73,7 @@ def test_gather_matches_reference(dtype, monkeypatch):
     cache = rand(12, 4, 3, 200, dtype=dtype, gen=gen)  # 600 channels: two programs per item
     tables = torch.randperm(12, generator=gen)[:12].view(2, 6).to(DEVICE)
     # Groups in (sequence, length) order: 21 tokens of seq 0, then 9 of seq 1.
-    plan = build_prefix_plan(torch.tensor([1] * 5 + [0] * 6), torch.tensor([9] * 5 + [21] * 6),
+    plan = build_prefix_plan(torch.tensor([1] * 8 + [0] * 9), torch.tensor([9] * 8 + [21] * 9),
                              2, torch.device(DEVICE), library=True, tile_queries=4)
     work = plan.library.gather
     assert work.num_rows == 30 and work.num_items == 6 + 3
@@ -95,20 +99,20 @@ def test_merge_two_matches_reference():
 
 # planning ------------------------------------------------------------------------------------
 def test_prefix_plan_splits_rows_between_library_and_kernel():
-    seq = torch.tensor([2] * 6 + [0] + [2] * 3 + [1] * 2 + [3] * 5)
-    lens = torch.tensor([30] * 6 + [11] + [30] * 3 + [0] * 2 + [8] * 5)
+    seq = torch.tensor([2] * 6 + [0] + [2] * 3 + [1] * 2 + [3] * 8)
+    lens = torch.tensor([30] * 6 + [11] + [30] * 3 + [0] * 2 + [8] * 8)
     plan = build_prefix_plan(seq, lens, 4, torch.device("cpu"), library=True, tile_queries=4)
     lib, tri = plan.library, plan.triton
-    # seq 2 (9 rows in two places) and seq 3 (5 rows): library, grouped by (seq, length).
-    assert lib.rows.tolist() == [0, 1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 14, 15, 16]
-    assert lib.pieces == ((0, 9, 0, 30), (9, 14, 30, 38))
-    assert lib.cu_q.tolist() == [0, 9, 14] and lib.cu_k.tolist() == [0, 30, 38]
+    # seq 2 (9 rows in two places) and seq 3 (8 rows): library, grouped by (seq, length).
+    assert lib.rows.tolist() == [0, 1, 2, 3, 4, 5, 7, 8, 9] + list(range(12, 20))
+    assert lib.pieces == ((0, 9, 0, 30), (9, 17, 30, 38))
+    assert lib.cu_q.tolist() == [0, 9, 17] and lib.cu_k.tolist() == [0, 30, 38]
     assert tri.rows.tolist() == [6] and tri.tiles is None  # a decode: decode mode
     # Seq 1 sees nothing on this shard: in neither part.
     capped = build_prefix_plan(seq, lens, 4, torch.device("cpu"), library=True,
                                tile_queries=4, gather_capacity=30)
     assert capped.library.pieces == ((0, 9, 0, 30),)  # seq 3 no longer fits: the kernel
-    assert capped.triton.rows.tolist() == [6, 12, 13, 14, 15, 16]
+    assert capped.triton.rows.tolist() == [6] + list(range(12, 20))
     one_run = build_prefix_plan(torch.zeros(70, dtype=torch.long), torch.full((70,), 5), 1,
                                 torch.device("cpu"), library=True, tile_queries=4)
     assert one_run.library.rows is None and one_run.triton is None  # no permutation at all

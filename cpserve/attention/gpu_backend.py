@@ -64,6 +64,9 @@ MAX_KERNEL_VALUE_DIM = 512
 # cuDNN is called once per piece; with more pieces than this, one FlashAttention varlen
 # call is cheaper.
 MAX_CUDNN_PIECES = 8
+# Runs of fewer query rows (a decode beside a chunk) are not worth a cuDNN call, whose
+# smallest shapes are its least tested: the masked kernel answers them, exact for any mask.
+MIN_CUDNN_RUN_ROWS = 16
 # How a block of queries attends to a cached prefix (a chunk continuing a prompt): the
 # prefix gathered into contiguous K/V, then non-causal cuDNN ("gather-cudnn") or
 # FlashAttention-2 varlen ("gather-flash"); or the Triton paged kernel's tiled mode reading
@@ -113,6 +116,17 @@ class _PlacedPlan:
         self.num_queries, self.num_keys = num_queries, num_keys
         self.key_order = (None if plan is None or plan.key_order is None
                           else plan.key_order.to(device, non_blocking=True))
+        # Pieces for cuDNN, one by one: those of runs long enough; the short runs' rows go to
+        # the masked kernel together (`short_rows`, None when there are none).
+        self.library_pieces: tuple = ()
+        self.short_rows = None
+        if plan is not None:
+            short = [(a, b) for a, b in plan.runs if b - a < MIN_CUDNN_RUN_ROWS]
+            short_starts = {a for a, _ in short}
+            self.library_pieces = tuple(p for p in plan.pieces if p.q_lo not in short_starts)
+            if short:
+                rows = torch.cat([torch.arange(a, b) for a, b in short])
+                self.short_rows = rows.to(device, non_blocking=True)
         # For one variable-length call: pieces tile all rows (varlen_causal), so the row
         # offsets of the sequences are the run ends.
         self.run_offsets = None
@@ -310,13 +324,13 @@ class GPUBackend:
         if plan.plan is None:
             self.fallbacks.add("dense: irregular layout, masked kernel")
             return masked_attention_triton(q, k, v, q_pos, k_pos, q_seq, k_seq, scale)
-        return self._run_plan(plan, q, k, v, scale)
+        return self._run_plan(plan, q, k, v, q_pos, k_pos, q_seq, k_seq, scale)
 
     def _host_dense_plan(self, q_pos, k_pos, q_seq, k_seq, device) -> _PlacedPlan:
         self.host_plans += 1
         return _PlacedPlan.build(q_pos, k_pos, q_seq, k_seq, device)
 
-    def _run_plan(self, placed: _PlacedPlan, q, k, v, scale):
+    def _run_plan(self, placed: _PlacedPlan, q, k, v, q_pos, k_pos, q_seq, k_seq, scale):
         plan = placed.plan
         if not plan.pieces:
             return (q.new_zeros(*q.shape[:2], v.shape[-1]),
@@ -326,19 +340,23 @@ class GPUBackend:
             longest = max(p.q_hi - p.q_lo for p in plan.pieces)
             return flash_varlen_attention(q, k, v, placed.run_offsets, placed.run_offsets,
                                           longest, longest, True, scale)
+        keys, values = k, v
         if placed.key_order is not None:
-            k, v = k.index_select(0, placed.key_order), v.index_select(0, placed.key_order)
-        if len(plan.pieces) == 1 and (plan.pieces[0].q_lo, plan.pieces[0].q_hi) == (0, q.shape[0]):
-            piece = plan.pieces[0]  # one run covering every row: its piece is the answer
+            keys, values = k.index_select(0, placed.key_order), v.index_select(0, placed.key_order)
+        pieces = placed.library_pieces
+        if placed.short_rows is None and len(pieces) == 1 \
+                and (pieces[0].q_lo, pieces[0].q_hi) == (0, q.shape[0]):
+            piece = pieces[0]  # one run covering every row: its piece is the answer
             op = self.causal_op if piece.causal else self.full_op
-            return op(q, k[piece.k_lo:piece.k_hi], v[piece.k_lo:piece.k_hi], piece.causal, scale)
+            return op(q, keys[piece.k_lo:piece.k_hi], values[piece.k_lo:piece.k_hi],
+                      piece.causal, scale)
         out = torch.zeros(*q.shape[:2], v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         by_run: dict[int, list] = {}
-        for piece in plan.pieces:
+        for piece in pieces:
             op = self.causal_op if piece.causal else self.full_op
-            result = op(q[piece.q_lo:piece.q_hi], k[piece.k_lo:piece.k_hi],
-                        v[piece.k_lo:piece.k_hi], piece.causal, scale)
+            result = op(q[piece.q_lo:piece.q_hi], keys[piece.k_lo:piece.k_hi],
+                        values[piece.k_lo:piece.k_hi], piece.causal, scale)
             by_run.setdefault(piece.q_lo, []).append((piece.q_hi, result))
         for q_lo, results in by_run.items():
             q_hi = results[0][0]
@@ -352,6 +370,13 @@ class GPUBackend:
                     torch.stack([r[1][0] for r in results]),
                     torch.stack([r[1][1] for r in results]))
             out[q_lo:q_hi], lse[q_lo:q_hi] = run_out, run_lse
+        if placed.short_rows is not None:
+            rows = placed.short_rows
+            short_out, short_lse = masked_attention_triton(
+                q.index_select(0, rows), k, v, q_pos.index_select(0, rows), k_pos,
+                q_seq.index_select(0, rows), k_seq, scale)
+            out.index_copy_(0, rows, short_out)
+            lse.index_copy_(0, rows, short_lse)
         return out, lse
 
     def _library_piece(self, q, k, v, causal: bool, scale: float):
