@@ -61,6 +61,9 @@ class RunSpec:
     cached_tokens: int = 0
     prefix_of: str | None = None
     flags: dict = field(default_factory=dict)  # EngineArgs fields over the defaults
+    # Step budget and cap of this run, on its group's engine (the sweep: one engine, profiled
+    # for the largest step, serves every budget): the defaults EngineArgs would derive.
+    scheduler: dict = field(default_factory=dict)
     driver: str = "llm"
 
     @property
@@ -87,21 +90,22 @@ HF_TOKENS = (32768, 131072)
 GROUP_TIMEOUT_S = 240
 
 
+SWEEP_ENGINE = dict(max_num_batched_tokens=131072, long_prefill_token_threshold=0)
+
+
 def sweep_runs() -> list[RunSpec]:
     runs = []
-    for budget in SWEEP_BUDGETS:
-        for threshold in (None, 0):
-            if threshold == 0 and budget != 8192:
-                continue  # the cap's effect, at the default budget only
-            flags = dict(max_num_batched_tokens=budget)
-            if threshold is not None:
-                flags["long_prefill_token_threshold"] = threshold
-            tag = f"b{budget}" + ("-nocap" if threshold == 0 else "")
-            runs += [RunSpec(f"sweep-{tag}-long-32k", 1, 32768, 1, flags=flags),
-                     RunSpec(f"sweep-{tag}-long-128k", 1, 131072, 1, flags=flags)]
-    runs.append(RunSpec("sweep-one-chunk-long-128k", 1, 131072, 1,
-                        flags=dict(max_num_batched_tokens=131072,
-                                   long_prefill_token_threshold=0)))
+    settings = [dict(max_num_batched_tokens=b) for b in SWEEP_BUDGETS]
+    settings.insert(2, dict(max_num_batched_tokens=8192, long_prefill_token_threshold=0))
+    settings.append(dict(SWEEP_ENGINE))
+    for setting in settings:
+        budget = setting["max_num_batched_tokens"]
+        tag = ("one-chunk" if budget == SWEEP_ENGINE["max_num_batched_tokens"] else
+               f"b{budget}" + ("-nocap" if "long_prefill_token_threshold" in setting else ""))
+        runs += [RunSpec(f"sweep-{tag}-long-32k", 1, 32768, 1, flags=SWEEP_ENGINE,
+                         scheduler=setting),
+                 RunSpec(f"sweep-{tag}-long-128k", 1, 131072, 1, flags=SWEEP_ENGINE,
+                         scheduler=setting)]
     return runs
 
 
@@ -127,11 +131,14 @@ def sweep_decision(runs: list[dict]) -> dict | None:
 
 def smoke(spec: RunSpec) -> RunSpec:
     """The same run at the tiny model's scale."""
-    flags = {k: max(16, v // SMOKE_BUDGET) if k == "max_num_batched_tokens" else v
-             for k, v in spec.flags.items()}
+    def scaled(settings: dict) -> dict:
+        return {k: max(16, v // SMOKE_BUDGET) if k == "max_num_batched_tokens" else v
+                for k, v in settings.items()}
+
     return replace(spec, prompt_tokens=max(64, spec.prompt_tokens // SMOKE_TOKENS),
                    output_tokens=min(spec.output_tokens, 4),
-                   cached_tokens=spec.cached_tokens // SMOKE_TOKENS, flags=flags)
+                   cached_tokens=spec.cached_tokens // SMOKE_TOKENS, flags=scaled(spec.flags),
+                   scheduler=scaled(spec.scheduler))
 
 
 # The engine side (one process per flag set) -------------------------------------------------
@@ -165,12 +172,12 @@ def run_llm(llm, spec: RunSpec, done: set[str]) -> dict:
             / (len(o.outputs[0].token_ids) - 1) for o in outputs
             if len(o.outputs[0].token_ids) > 1]
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    cfg = llm.engine.config
+    cfg, sched = llm.engine.config, llm.engine.scheduler.config
     return dict(
         name=spec.name, num_prompts=spec.num_prompts, prompt_tokens=spec.prompt_tokens,
         output_tokens=spec.output_tokens, concurrency=spec.concurrency,
-        max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
-        long_prefill_token_threshold=cfg.scheduler.long_prefill_token_threshold,
+        max_num_batched_tokens=sched.max_num_batched_tokens,
+        long_prefill_token_threshold=sched.long_prefill_token_threshold,
         tp=cfg.parallel.tp, pcp=cfg.parallel.pcp, dcp=cfg.parallel.dcp,
         ttft_s_median=statistics.median(ttft), ttft_s_max=max(ttft),
         tpot_ms_median=statistics.median(tpot) if tpot else None, wall_s=wall,
@@ -199,6 +206,23 @@ def warm_up(llm, budget: int, short_prompt: int) -> None:
                   for i in range(8)], use_tqdm=False)
 
 
+def scheduler_for(llm, settings: dict):
+    """A scheduler over the engine's KV manager with the step budget and cap EngineArgs would
+    give these settings (each checked as at start-up)."""
+    from cpserve.config import EngineConfig
+    from cpserve.engine.args import EngineArgs
+    from cpserve.engine.scheduler import Scheduler
+
+    config = llm.engine.config
+    budget, threshold = EngineArgs(**settings).step_budget(config.model.max_model_len)
+    sched = replace(config.scheduler, max_num_batched_tokens=budget,
+                    long_prefill_token_threshold=threshold)
+    if budget > config.scheduler.max_num_batched_tokens:
+        raise ValueError(f"{settings}: a step larger than the engine profiled")
+    EngineConfig(config.model, config.parallel, config.cache, sched, config.device)  # checks
+    return Scheduler(sched, llm.engine.kv)
+
+
 def engine_worker(job: dict) -> list[dict]:
     from cpserve import LLM
 
@@ -206,8 +230,13 @@ def engine_worker(job: dict) -> list[dict]:
     flags = dict(job["base_flags"], **specs[0].flags)
     results, done = [], set()
     with LLM(job["model"], **flags) as llm:
-        warm_up(llm, llm.engine.config.scheduler.max_num_batched_tokens, job["warm_prompt"])
+        engine_scheduler = llm.engine.scheduler
+        if specs[0].scheduler:  # warm up as the group's first run will step
+            llm.engine.scheduler = scheduler_for(llm, specs[0].scheduler)
+        warm_up(llm, llm.engine.scheduler.config.max_num_batched_tokens, job["warm_prompt"])
         for spec in specs:
+            llm.engine.scheduler = (scheduler_for(llm, spec.scheduler) if spec.scheduler
+                                    else engine_scheduler)
             result = DRIVERS[spec.driver](llm, spec, done)
             done.add(spec.name)
             print(f"{spec.name}: TTFT median {result['ttft_s_median']:.3f} s, wall "
