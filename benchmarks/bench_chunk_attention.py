@@ -60,7 +60,7 @@ TARGET_SHARE = 0.85
 SWEEP = dict(rows_per_tile=[64, 128], tiled_block_n=[64, 128], tiled_num_warps=[4, 8],
              tiled_num_stages=[2, 3])
 SWEEP_SHAPE = (8192, 32768)
-WORKER_TIMEOUT_S = 280
+WORKER_TIMEOUT_S = 270
 
 
 def flops(chunk: int, prefix: int) -> float:
@@ -84,28 +84,36 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-class ChunkStep:
-    """One request of `prefix` cached tokens and `chunk` new ones: caches, metadata, inputs."""
+class Caches:
+    """One layer's paged K/V cache for a request of up to `tokens` tokens (random, made on
+    the device), and its block table (a random permutation of the blocks)."""
 
-    def __init__(self, backend, chunk: int, prefix: int, gen: torch.Generator) -> None:
+    def __init__(self, tokens: int) -> None:
+        dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # (the interpreter)
+        blocks = tokens // PAGE + 1
+        self.kv = [tuple(torch.randn(blocks, PAGE, KV_HEADS, DIM, dtype=dtype, device=DEVICE)
+                         for _ in range(2))]
+        self.table = torch.randperm(blocks).view(1, -1)
+        self.dtype = dtype
+
+
+class ChunkStep:
+    """A step of `chunk` new tokens after `prefix` cached ones, over `caches`."""
+
+    def __init__(self, backend, caches: Caches, chunk: int, prefix: int) -> None:
         from cpserve.attention.metadata import PlannedSeq, build_step_tokens
         from cpserve.distributed.groups import single_process_groups
         from cpserve.kv.layout import KVLayout
 
-        self.backend, self.groups = backend, single_process_groups()
-        blocks = (prefix + chunk) // PAGE + 1
-        dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # (the interpreter)
-        self.caches = [tuple(torch.randn(blocks, PAGE, KV_HEADS, DIM, generator=gen,
-                                         dtype=dtype).to(DEVICE) for _ in range(2))]
-        table = torch.randperm(blocks, generator=gen).view(1, -1)
-        step = build_step_tokens([PlannedSeq(prefix, chunk, False)], table, KVLayout(PAGE),
-                                 self.groups)
+        self.backend, self.groups, self.caches = backend, single_process_groups(), caches.kv
+        step = build_step_tokens([PlannedSeq(prefix, chunk, False)], caches.table,
+                                 KVLayout(PAGE), self.groups)
         self.host = step.metadata
         self.meta = type(self.host)(**{n: (x.to(DEVICE) if isinstance(x, torch.Tensor) else x)
                                        for n, x in vars(self.host).items()})
-        self.q = torch.randn(chunk, HEADS, DIM, generator=gen, dtype=dtype).to(DEVICE)
-        self.k, self.v = (torch.randn(chunk, KV_HEADS, DIM, generator=gen,
-                                      dtype=dtype).to(DEVICE) for _ in range(2))
+        self.q = torch.randn(chunk, HEADS, DIM, dtype=caches.dtype, device=DEVICE)
+        self.k, self.v = (torch.randn(chunk, KV_HEADS, DIM, dtype=caches.dtype, device=DEVICE)
+                          for _ in range(2))
 
     def context(self):
         from cpserve.attention.context import AttentionContext
@@ -135,15 +143,19 @@ def cudnn_target(chunk: int, prefix: int) -> float:
     return TARGET_SHARE * 4 * HEADS * DIM * side * side / 2 / (square_ms * 1e9)
 
 
-def measure_mode(backend, mode: str, chunk: int, prefix: int, target: float, gen) -> dict:
+NEW_SHAPE_STEPS = 3  # longer prefixes, 7 pages apart: one new shape each
+
+
+def measure_mode(backend, caches: Caches, mode: str, chunk: int, prefix: int,
+                 target: float) -> dict:
     backend.prefix_attention = mode
-    step = ChunkStep(backend, chunk, prefix, gen)
+    step = ChunkStep(backend, caches, chunk, prefix)
     ctx = step.context()
     step.run(ctx)
     warm = timed(lambda: step.run(ctx), 5)
     new_shape = []
-    for i in range(1, 4):  # longer prefixes, one new shape each
-        longer = ChunkStep(backend, chunk, prefix + 7 * PAGE * i, gen)
+    for i in range(1, NEW_SHAPE_STEPS + 1):
+        longer = ChunkStep(backend, caches, chunk, prefix + 7 * PAGE * i)
         longer_ctx = longer.context()
         new_shape.append(timed(lambda: longer.run(longer_ctx), 1))  # noqa: B023
     rate = flops(chunk, prefix) / (warm * 1e9)
@@ -157,24 +169,25 @@ def measure_mode(backend, mode: str, chunk: int, prefix: int, target: float, gen
     return row
 
 
-def measure_modes(backend, shapes, modes, gen) -> list[dict]:
+def measure_modes(backend, shapes, modes) -> list[dict]:
     rows = []
     for chunk, prefix in shapes:
         target = cudnn_target(chunk, prefix)
+        caches = Caches(prefix + chunk + 7 * PAGE * NEW_SHAPE_STEPS)
         for mode in modes:
-            rows.append(measure_mode(backend, mode, chunk, prefix, target, gen))
+            rows.append(measure_mode(backend, caches, mode, chunk, prefix, target))
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
     return rows
 
 
-def tiled_sweep(backend, gen, sweep: dict, shape: tuple[int, int]) -> list[dict]:
+def tiled_sweep(backend, sweep: dict, shape: tuple[int, int]) -> list[dict]:
     from cpserve.attention.kernels import paged
 
     base, rows = dict(paged.TUNING), []
     backend.prefix_attention = "triton"
     chunk, prefix = shape
-    step = ChunkStep(backend, chunk, prefix, gen)
+    step = ChunkStep(backend, Caches(prefix + chunk), chunk, prefix)
     for values in itertools.product(*sweep.values()):
         setting = dict(zip(sweep, values))
         paged.TUNING.update(setting)
@@ -199,11 +212,11 @@ def worker(avoid_recompile: str, shapes, sweep: dict | None, modes=MODES) -> dic
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
     shape = AttentionShape(HEADS, KV_HEADS, DIM, DIM, dtype)
     backend = GPUBackend(DEVICE, shape=shape, max_prefix_tokens=max(p for _, p in shapes) + 2048)
-    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     result = dict(avoid_recompile=avoid_recompile, ops=backend.ops,
-                  modes=measure_modes(backend, shapes, modes, gen))
+                  modes=measure_modes(backend, shapes, modes))
     if sweep:
-        result["tiled_sweep"] = tiled_sweep(backend, gen, sweep, shapes[-1] if DEVICE == "cpu"
+        result["tiled_sweep"] = tiled_sweep(backend, sweep, shapes[-1] if DEVICE == "cpu"
                                             else SWEEP_SHAPE)
     return result
 
