@@ -323,8 +323,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     shape = TINY if args.smoke else LLAMA_31_8B
     if args.smoke:
         specs = [smoke(s) for s in specs]
-    model = write_model_dir(Path(tempfile.mkdtemp(prefix="cpserve-serving-")), shape)
     max_len = 8192 if args.smoke else MAX_MODEL_LEN
+    model = write_model_dir(Path(tempfile.mkdtemp(prefix="cpserve-serving-")), shape, max_len)
     base_flags = dict(dtype="bfloat16" if device == "cuda" else "float32", device=device,
                       load_format="dummy", max_model_len=max_len)
     if args.smoke:  # the default budget, at the tiny scale

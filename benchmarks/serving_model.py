@@ -66,9 +66,11 @@ def build_tokenizer(vocab_size: int, bos_id: int, eos_id: int):
     return tok
 
 
-def write_model_dir(path: Path, shape: dict) -> Path:
-    """config.json and the tokenizer files for `shape` (LLAMA_31_8B or TINY)."""
+def write_model_dir(path: Path, shape: dict, max_len: int) -> Path:
+    """config.json and the tokenizer files for `shape` (LLAMA_31_8B or TINY), its positions
+    extended to `max_len` (rope scaling reads the original length, so nothing else moves)."""
     path.mkdir(parents=True, exist_ok=True)
+    shape = dict(shape, max_position_embeddings=max(max_len, shape["max_position_embeddings"]))
     (path / "config.json").write_text(json.dumps(shape))
     tok = build_tokenizer(shape["vocab_size"], shape["bos_token_id"], shape["eos_token_id"])
     tok.save(str(path / "tokenizer.json"))
