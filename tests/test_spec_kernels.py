@@ -26,7 +26,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def test_uniform_tiles_cover_each_sequence_rows_in_order():
     lens = torch.tensor([3, 4, 5, 0, 0, 9, 10, 11, 12, 13])  # 2 sequences of 5 rows
-    first, rows, tile_lens = uniform_tiles(lens, queries_per_seq=5, block_q=4)
+    tiles = uniform_tiles(lens, queries_per_seq=5, queries=4)
+    first, rows, tile_lens = tiles.first, tiles.rows, tiles.tile_lens
     assert first.tolist() == [0, 4, 5, 9] and rows.tolist() == [4, 1, 4, 1]
     assert tile_lens.tolist() == [5, 0, 12, 13]
 

@@ -33,13 +33,12 @@ import torch
 from cpserve.attention.context import AttentionContext
 from cpserve.attention.metadata import PlannedSeq, StepTokens, build_step_tokens
 from cpserve.distributed.groups import all_reduce
-from cpserve.distributed.plan import StepPlan
 from cpserve.models.deepseek_mtp import DeepseekMTP
 from cpserve.models.loader import build_model
 from cpserve.models.rope import StepPositions
 
 if TYPE_CHECKING:
-    from cpserve.engine.model_runner import ModelRunner
+    from cpserve.engine.model_runner import ModelRunner, PreparedStep
 
 
 class MTPProposer:
@@ -54,10 +53,11 @@ class MTPProposer:
     def num_cache_layers(self) -> int:
         return self.mtp.num_modules
 
-    def remember(self, plan: StepPlan, seqs: list[PlannedSeq], step: StepTokens,
-                 hidden: torch.Tensor) -> None:
-        """Keep what the module reads from the step just run (until the next one)."""
-        self._step = (plan, seqs, step, hidden)
+    def remember(self, step: PreparedStep, hidden: torch.Tensor) -> None:
+        """Keep what the module reads from the step just run (until the next one): its
+        inputs and attention context (the backend's plans hold for the module too) and the
+        main model's final hidden states."""
+        self._step = (step, hidden)
 
     def forget(self) -> None:
         self._step = None
@@ -65,14 +65,14 @@ class MTPProposer:
     @torch.inference_mode()
     def propose(self, entries: list) -> list[list[int]]:
         """Drafts per request of the last step (empty where none are wanted)."""
-        plan, seqs, step, hidden = self._step
+        prepared, hidden = self._step
         self._step = None
-        runner = self.runner
+        runner, plan, seqs, step = self.runner, prepared.plan, prepared.seqs, prepared.tokens
         following = torch.tensor([t for e in entries for t in e[0]], dtype=torch.long)
         lengths = torch.tensor([len(e[0]) for e in entries])
         first = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         rows = first[step.seq] + torch.minimum(step.offset, lengths[step.seq] - 1)
-        out = self._run(0, following[rows], step, hidden)
+        out = self._run(0, following[rows], step, hidden, prepared.ctx)
 
         wanted = [i for i, e in enumerate(entries) if e[2] > 0]
         drafts: list[list[int]] = [[] for _ in entries]
@@ -101,12 +101,15 @@ class MTPProposer:
         return drafts
 
     def _run(self, draft_index: int, token_ids: torch.Tensor, step: StepTokens,
-             previous_hidden: torch.Tensor) -> torch.Tensor:
+             previous_hidden: torch.Tensor, ctx: AttentionContext | None = None) -> torch.Tensor:
         from cpserve.engine.model_runner import _to_device
 
         runner = self.runner
-        ctx = AttentionContext(_to_device(step.metadata, runner.device), runner.kv_caches,
-                               runner.groups, runner.backend, runner.config.parallel.kv_exchange)
+        if ctx is None:  # a chain step, or a main step that replayed a graph
+            exchange = runner.config.parallel.kv_exchange
+            ctx = AttentionContext(_to_device(step.metadata, runner.device), runner.kv_caches,
+                                   runner.groups, runner.backend, exchange,
+                                   runner.backend.plan_step(step.metadata, exchange))
         embeds = runner.model.model.embed_tokens(token_ids.to(runner.device))
         positions = StepPositions(step.positions.to(runner.device))
         return self.mtp.module_for(draft_index)(positions, embeds, previous_hidden, ctx)
