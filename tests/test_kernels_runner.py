@@ -33,15 +33,18 @@ class ReplayByRerun:
         self.out.copy_(self.forward())
 
 
-def fake_capture(self, bucket):
-    ctx = cuda_graphs.AttentionContext(self._metadata(bucket), self.runner.kv_caches,
-                                       self.runner.groups, self.runner.backend)
+def fake_capture(self, bucket, rows_per_seq=1):
+    ctx = cuda_graphs.AttentionContext(self._metadata(bucket, rows_per_seq),
+                                       self.runner.kv_caches, self.runner.groups,
+                                       self.runner.backend)
+    rows = bucket * rows_per_seq
 
     def forward():
-        return self.runner.model(self.token_ids[:bucket], self.positions[:bucket], ctx)
+        return self.runner.model(self.token_ids[:rows], self.positions[:rows], ctx)
 
-    self.outputs[bucket] = forward()
-    self.graphs[bucket] = ReplayByRerun(forward, self.outputs[bucket])
+    key = (bucket, rows_per_seq)
+    self.outputs[key] = forward()
+    self.graphs[key] = ReplayByRerun(forward, self.outputs[key])
 
 
 def make_runner(tmp_path, graphs: bool) -> ModelRunner:
@@ -84,7 +87,7 @@ def test_decode_graph_buffers_match_eager_steps(tmp_path, monkeypatch):
         torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-5)
         for r in batch:
             lengths[r] += 1
-    assert sorted(graphed.graphs.graphs) == [1, 2, 4]
+    assert sorted(graphed.graphs.graphs) == [(1, 1), (2, 1), (4, 1)]
     for (k_g, v_g), (k_e, v_e) in zip(graphed.kv_caches, eager.kv_caches):
         # Same slots written; values may differ in the last bit (matmuls of padded batches).
         torch.testing.assert_close(k_g, k_e, rtol=1e-5, atol=1e-6)

@@ -74,3 +74,41 @@ def test_verification_step_is_padded_to_q_rows_per_request():
     assert decode.metadata.rep_queries_per_seq == 1 and len(decode.seq) == 2
     longer = build_step_tokens([PlannedSeq(9, 4, False)], tables, layout, groups, 3)
     assert not longer.metadata.rep_decode_only  # a chunk: the dense path
+
+
+def test_verification_graphs_match_eager_steps(tmp_path, monkeypatch):
+    """Replayed verification steps (q = 1 + K rows a request, padded) give the eager logits,
+    with requests of different draft counts and batches of different buckets; decode steps
+    of the same engine keep their own graphs. On CPU a replay re-runs the captured forward
+    on the graph's static buffers (tests/test_kernels_runner.py)."""
+    import dataclasses
+
+    from cpserve.distributed.plan import PlannedRequest, StepPlan
+    from cpserve.engine.cuda_graphs import DecodeGraphs
+    from cpserve.spec_decode.config import SpeculativeConfig
+    from tests.test_kernels_runner import fake_capture, make_runner
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(DecodeGraphs, "_capture", fake_capture)
+    runners = []
+    for graphs in (True, False):
+        runner = make_runner(tmp_path, False)
+        runner.config = dataclasses.replace(runner.config,
+                                            speculative=SpeculativeConfig("ngram", 3, 3, 1))
+        runner.graphs = DecodeGraphs(runner) if graphs else None
+        runners.append(runner)
+    prompts = {"a": list(range(3, 12)), "b": list(range(40, 45)), "c": list(range(7, 26))}
+    tables = {"a": [5, 6, 7, 8, 9, 10], "b": [0, 1, 2, 3], "c": [20, 21, 22, 23, 24, 25, 26]}
+    plan = StepPlan([PlannedRequest(r, p, 0, tables[r], True, 1) for r, p in prompts.items()])
+    for runner in runners:
+        runner.execute(plan)
+    lengths = {r: len(p) for r, p in prompts.items()}
+    steps = [{"a": 3, "b": 0, "c": 2}, {"a": 1}, {"b": 3, "c": 3}, {"a": 0, "b": 0, "c": 0}]
+    for step, drafts in enumerate(steps):
+        plan = StepPlan([PlannedRequest(r, [step + 1] + [50 + d for d in range(n)], lengths[r],
+                                        [], False, 1 + n, n) for r, n in drafts.items()])
+        graphed, eager = (runner.execute(plan) for runner in runners)
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+        for r in drafts:
+            lengths[r] += 1  # one token kept: the drafts' slots are written again
+    assert sorted(runners[0].graphs.graphs) == [(1, 4), (2, 4), (4, 1), (4, 4)]
