@@ -5,6 +5,7 @@
     python benchmarks/bench_serving.py --sweep                  # + the step-budget sweep
     python benchmarks/bench_serving.py --runs '' --sweep        # the sweep alone
     python benchmarks/bench_serving.py --smoke --out-dir /tmp/s # tiny model on CPU, seconds
+    python benchmarks/bench_serving.py --runs spec-ngram-32k,spec-mtp-32k --no-hf  # issue 13
 
 Model: the Llama-3.1-8B shape, random bf16 weights made on the GPU (`load_format="dummy"`),
 and a byte-level BPE tokenizer with exactly the model's 128,256 ids (serving_model.py). Each
@@ -19,6 +20,9 @@ Writes <out-dir>/<date>-<device>-serving.json:
      "output_tokens", "concurrency", "max_num_batched_tokens", "tp", "pcp", "dcp",
      "ttft_s_median", "ttft_s_max", "tpot_ms_median", "wall_s", "output_tok_per_s",
      "total_tok_per_s", ...}], "hf_prefill": [{"tokens", "ttft_s"}], "targets": [...]}
+    the speculative runs add "num_drafts", "num_draft_tokens", "num_accepted_tokens",
+    "mean_accepted_length" and the step costs "cost_decode_ms", "cost_verify_ms" (MTP:
+    "cost_draft_ms") and "cost_ratio" (verification / decode, batch 1).
 
 Adding a run: a `RunSpec` in RUNS (flags are `EngineArgs` fields on top of the defaults). The
 throughput issue's server-driven runs (`64x1k`, `512x512`, `decode-32k`) get a driver that
@@ -46,6 +50,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_deepseek import TINY as DEEPSEEK_TINY  # noqa: E402
+from bench_deepseek import V2_LITE  # noqa: E402
 from serving_model import LLAMA_31_8B, TINY, hf_prefill, write_model_dir  # noqa: E402
 
 
@@ -65,6 +71,7 @@ class RunSpec:
     # for the largest step, serves every budget): the defaults EngineArgs would derive.
     scheduler: dict = field(default_factory=dict)
     driver: str = "llm"
+    model: str = "llama-8b"  # a key of MODELS: the checkpoint shape its engine serves
 
     @property
     def concurrency(self) -> int:
@@ -72,6 +79,15 @@ class RunSpec:
 
 
 ONE_CHUNK = dict(max_num_batched_tokens=32768, long_prefill_token_threshold=0)
+SPEC_NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
+SPEC_MTP = {"method": "deepseek_mtp", "num_speculative_tokens": 4}
+# Checkpoint shapes (full size, smoke size) that runs name in `RunSpec.model`.
+MODELS = {
+    "llama-8b": (LLAMA_31_8B, TINY),
+    "dsv2lite-mtp": (dict(V2_LITE, num_nextn_predict_layers=1),
+                     dict(DEEPSEEK_TINY, num_nextn_predict_layers=1, bos_token_id=1022,
+                          eos_token_id=1023)),
+}
 RUNS = {spec.name: spec for spec in [
     RunSpec("long-32k", 1, 32768, 128),
     RunSpec("long-128k", 1, 131072, 32),
@@ -79,8 +95,15 @@ RUNS = {spec.name: spec for spec in [
     RunSpec("8x32k", 8, 32768, 128),
     # The same engine with the whole prompt in one step: the reference for chunking's cost.
     RunSpec("long-32k-one-chunk", 1, 32768, 128, flags=ONE_CHUNK),
+    # Speculative decoding (issue 13), K = 4: random weights, so acceptance means nothing; the
+    # run records it, and the cost of a verification step against a decode step at 32k.
+    RunSpec("spec-ngram-32k", 1, 32768, 128, flags=dict(speculative_config=SPEC_NGRAM),
+            driver="spec"),
+    RunSpec("spec-mtp-32k", 1, 32768, 128, flags=dict(speculative_config=SPEC_MTP),
+            driver="spec", model="dsv2lite-mtp"),
 ]}
-DEFAULT_RUNS = list(RUNS)
+# Issue 12's runs; the speculative ones are asked for by name.
+DEFAULT_RUNS = [name for name, spec in RUNS.items() if spec.driver == "llm"]
 # The step budget sweep: TTFT should hardly depend on the chunk size.
 SWEEP_BUDGETS = (4096, 8192, 16384, 32768)
 SWEEP_TOLERANCE = 0.02
@@ -174,7 +197,8 @@ def run_llm(llm, spec: RunSpec, done: set[str]) -> dict:
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     cfg, sched = llm.engine.config, llm.engine.scheduler.config
     return dict(
-        name=spec.name, num_prompts=spec.num_prompts, prompt_tokens=spec.prompt_tokens,
+        name=spec.name, model=spec.model, num_prompts=spec.num_prompts,
+        prompt_tokens=spec.prompt_tokens,
         output_tokens=spec.output_tokens, concurrency=spec.concurrency,
         max_num_batched_tokens=sched.max_num_batched_tokens,
         long_prefill_token_threshold=sched.long_prefill_token_threshold,
@@ -186,7 +210,26 @@ def run_llm(llm, spec: RunSpec, done: set[str]) -> dict:
         cached_tokens=min(o.num_cached_tokens for o in outputs), flags=spec.flags)
 
 
-DRIVERS: dict[str, Callable] = {"llm": run_llm}
+def run_spec(llm, spec: RunSpec, done: set[str]) -> dict:
+    """A speculative run: the serving figures, what the drafts did, and the cost of one
+    verification step (1 + K tokens) against a decode step at the run's context, batch 1."""
+    from bench_spec_decode import step_times
+
+    before = llm.engine.stats().spec_decode  # the warm-up's drafts are not the run's
+    result = run_llm(llm, spec, done)
+    stats = llm.engine.stats().spec_decode
+    drafts = stats.num_drafts - before.num_drafts
+    accepted = stats.num_accepted_tokens - before.num_accepted_tokens
+    result.update(num_drafts=drafts,
+                  num_draft_tokens=stats.num_draft_tokens - before.num_draft_tokens,
+                  num_accepted_tokens=accepted,
+                  mean_accepted_length=1 + accepted / drafts if drafts else None,
+                  **{f"cost_{k}": v for k, v in step_times(llm, spec.prompt_tokens, 1).items()
+                     if k not in ("batch", "context")})
+    return result
+
+
+DRIVERS: dict[str, Callable] = {"llm": run_llm, "spec": run_spec}
 
 
 def warm_up(llm, budget: int, short_prompt: int) -> None:
@@ -250,7 +293,7 @@ def _groups(specs: list[RunSpec]) -> list[list[RunSpec]]:
     """Runs by engine flags, in first-appearance order (each group: one engine)."""
     groups: dict[str, list[RunSpec]] = {}
     for spec in specs:
-        groups.setdefault(json.dumps(spec.flags, sort_keys=True), []).append(spec)
+        groups.setdefault(json.dumps([spec.model, spec.flags], sort_keys=True), []).append(spec)
     return list(groups.values())
 
 
@@ -292,6 +335,9 @@ def targets(runs: list[dict], hf: list[dict]) -> list[dict]:
         check("8x32k wall (s)", by_name["8x32k"]["wall_s"], 14.0)
     if "prefix-128k" in by_name:
         check("prefix-128k TTFT (s)", by_name["prefix-128k"]["ttft_s_median"], 1.5)
+    for name in ("spec-ngram-32k", "spec-mtp-32k"):  # issue 13
+        if name in by_name:
+            check(f"{name}: verification / decode step", by_name[name]["cost_ratio"], 1.2)
     return checks
 
 
@@ -324,7 +370,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     if args.smoke:
         specs = [smoke(s) for s in specs]
     max_len = 8192 if args.smoke else MAX_MODEL_LEN
-    model = write_model_dir(Path(tempfile.mkdtemp(prefix="cpserve-serving-")), shape, max_len)
+    model_dirs = {name: write_model_dir(Path(tempfile.mkdtemp(prefix=f"cpserve-{name}-")),
+                                        MODELS[name][1 if args.smoke else 0], max_len)
+                  for name in dict.fromkeys(s.model for s in specs)}
     base_flags = dict(dtype="bfloat16" if device == "cuda" else "float32", device=device,
                       load_format="dummy", max_model_len=max_len)
     if args.smoke:  # the default budget, at the tiny scale
@@ -332,7 +380,8 @@ def main(argv: list[str] | None = None) -> Path | None:
 
     runs, errors = [], []
     for group in _groups(specs):
-        job = dict(model=str(model), base_flags=base_flags, specs=[asdict(s) for s in group],
+        job = dict(model=str(model_dirs[group[0].model]), base_flags=base_flags,
+                   specs=[asdict(s) for s in group],
                    warm_prompt=16 if args.smoke else 300)
         if args.smoke:
             results, error = engine_worker(job), None

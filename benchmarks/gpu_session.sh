@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device session, in phases (each bounded by `timeout`), logs and JSON under $OUT.
 #   bash benchmarks/gpu_session.sh PHASE [PHASE ...]
-# Phases: env, kernels, parity, chunk, serving-quick, serving, moe, fp8, spec, pd, profile
+# Phases: env, kernels, parity, chunk, serving-quick, serving, moe, fp8, spec, spec-serving, pd,
+# profile
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -30,6 +31,12 @@ for phase in "$@"; do
          | tee "$OUT/serving.log" | tail -40 ;;
     moe) mkdir -p "$OUT/moe"; timeout 420 python3 benchmarks/bench_moe.py --out "$OUT/moe" \
          --budget-s 380 2>&1 | tee "$OUT/moe/bench_moe.log" | tail -60 ;;
+    spec) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_spec_kernels.py \
+         tests/test_gpu_spec_decode.py 2>&1 | tee "$OUT/spec-tests.log" | tail -25
+         timeout 420 python3 benchmarks/bench_spec_decode.py --out-dir "$OUT" 2>&1 \
+         | tee "$OUT/spec-decode.log" | tail -30 ;;
+    spec-serving) timeout 400 python3 benchmarks/bench_serving.py --runs spec-ngram-32k,spec-mtp-32k \
+         --no-hf --out-dir "$OUT" 2>&1 | tee "$OUT/spec-serving.log" | tail -20 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

@@ -18,6 +18,7 @@ from cpserve.kv.layout import KVLayout
 from cpserve.kv.manager import KVCacheManager
 from cpserve.request import Request, RequestStatus
 from cpserve.sampling_params import SamplingParams
+from cpserve.spec_decode import ngram
 from cpserve.spec_decode.config import SpeculativeConfig, parse_speculative_config
 from cpserve.spec_decode.drafter import draft_budget
 from cpserve.spec_decode.metrics import SpecDecodeStats
@@ -125,7 +126,9 @@ def test_drafts_follow_the_latest_earlier_occurrence_of_the_longest_suffix():
     assert find_drafts(np.array([3]), 1, 3, 2).tolist() == []
 
 
-def test_vectorised_lookup_matches_the_rule_on_random_contexts():
+@pytest.mark.parametrize("dense", [False, True], ids=["candidates", "mask"])
+def test_vectorised_lookup_matches_the_rule_on_random_contexts(dense, monkeypatch):
+    monkeypatch.setattr(ngram, "DENSE_CANDIDATES", -1 if dense else 10**9)
     gen = np.random.default_rng(0)
     for case in range(400):
         tokens = gen.integers(0, 3 + case % 5, size=int(gen.integers(1, 40))).tolist()

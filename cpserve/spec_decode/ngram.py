@@ -10,8 +10,13 @@ n tokens; the first n with one proposes the (up to) k tokens after it.
 The search is vectorised: one comparison of the whole context with its last token gives the
 candidate ends (numpy, about 40 us at 128k tokens), then each further suffix token only
 filters the surviving candidates. Candidates of n + 1 tokens are a subset of those of n, so
-the longest match is the last non-empty set. Each request keeps its tokens in a growing numpy
-buffer, so a step copies only the tokens it added (never the whole context).
+the longest match is the last non-empty set. When candidates are many (a model repeating
+one token for thousands of steps: every position is one), filtering them by index would
+cost a gather each; a boolean mask over the context, narrowed by shifted comparisons, costs
+a few passes at memory speed instead, and the latest match is found from the end.
+
+Each request keeps its tokens in a growing numpy buffer, so a step copies only the tokens
+it added (never the whole context).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import numpy as np
 
 from cpserve.request import Request
 
+# Above this many candidate ends, the mask search (fewer passes over memory than gathers).
+DENSE_CANDIDATES = 2048
+
 
 def find_drafts(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> np.ndarray:
     """Up to k tokens that followed the latest earlier occurrence of the longest suffix of
@@ -27,9 +35,21 @@ def find_drafts(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> np.ndarra
     total = tokens.shape[0]
     if k <= 0 or total < min_n + 1:
         return tokens[:0]
-    # ends[i]: position of the last token of an earlier occurrence; never the suffix itself
-    # (its end is total - 1), and always with at least one token after it.
-    ends = np.flatnonzero(tokens[:total - 1] == tokens[total - 1])
+    # Candidate ends of an earlier occurrence: never the suffix itself (its end is
+    # total - 1), and always with at least one token after them.
+    first = tokens[:total - 1] == tokens[total - 1]
+    ends = np.flatnonzero(first)
+    end = (_latest_match_sparse(tokens, ends, min_n, max_n) if ends.size <= DENSE_CANDIDATES
+           else _latest_match_dense(tokens, first, min_n, max_n))
+    if end is None:
+        return tokens[:0]
+    return tokens[end + 1:end + 1 + k]
+
+
+def _latest_match_sparse(tokens: np.ndarray, ends: np.ndarray, min_n: int,
+                         max_n: int) -> int | None:
+    """Filter the candidate ends suffix token by suffix token."""
+    total = tokens.shape[0]
     best = ends if min_n <= 1 else None
     for back in range(1, max_n):
         ends = ends[ends >= back]
@@ -38,17 +58,35 @@ def find_drafts(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> np.ndarra
             break
         if back + 1 >= min_n:
             best = ends
-    if best is None or best.size == 0:
-        return tokens[:0]
-    start = int(best[-1]) + 1
-    return tokens[start:start + k]
+    return int(best[-1]) if best is not None and best.size else None
+
+
+def _latest_match_dense(tokens: np.ndarray, mask: np.ndarray, min_n: int,
+                        max_n: int) -> int | None:
+    """The same on a mask of the context: mask[e] while the n tokens ending at e match.
+
+        mask_n[e] = mask_{n-1}[e] and tokens[e - n + 1] == tokens[total - n]
+    """
+    total = tokens.shape[0]
+    best = None
+    for n in range(1, max_n + 1):
+        if n > 1:
+            back = n - 1
+            mask[back:] &= tokens[:total - 1 - back] == tokens[total - 1 - back]
+            mask[:back] = False
+        from_end = int(mask[::-1].argmax())  # numpy stops at the first True
+        if not mask[total - 2 - from_end]:
+            break
+        if n >= min_n:
+            best = total - 2 - from_end
+    return best
 
 
 class TokenHistory:
     """One request's tokens in a numpy buffer that doubles when full."""
 
     def __init__(self) -> None:
-        self.buffer = np.empty(256, dtype=np.int64)
+        self.buffer = np.empty(256, dtype=np.int32)
         self.length = 0
 
     def sync(self, token_ids: list[int]) -> np.ndarray:
@@ -56,7 +94,7 @@ class TokenHistory:
         new = len(token_ids) - self.length
         if new > 0:
             if len(token_ids) > self.buffer.shape[0]:
-                grown = np.empty(max(2 * self.buffer.shape[0], len(token_ids)), dtype=np.int64)
+                grown = np.empty(max(2 * self.buffer.shape[0], len(token_ids)), dtype=np.int32)
                 grown[:self.length] = self.buffer[:self.length]
                 self.buffer = grown
             self.buffer[self.length:len(token_ids)] = token_ids[self.length:]
