@@ -32,8 +32,13 @@ def test_uniform_tiles_cover_each_sequence_rows_in_order():
     assert tile_lens.tolist() == [5, 0, 12, 13]
 
 
+# Triton's interpreter takes no bf16 dot products (tests/test_kernels.py): fp32 on CPU.
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group,latent,splits", [(1, False, 3), (4, False, 1), (4, True, 3)])
-def test_verification_mode_matches_reference(group, latent, splits, monkeypatch):
+def test_verification_mode_matches_reference(group, latent, splits, dtype, monkeypatch):
     """Three sequences of q = 5 rows each: lengths growing by one row to the next (a
     verification step), a padding row of length 0, and a sequence with nothing cached."""
     monkeypatch.setitem(paged_module.TUNING, "target_programs_per_sm", 0 if splits == 1 else 64)
@@ -43,17 +48,17 @@ def test_verification_mode_matches_reference(group, latent, splits, monkeypatch)
     gen = torch.Generator().manual_seed(group * 10 + splits)
     q_rows, page, blocks, width, kv_heads = 5, 4, 24, 5, 1 if latent else 2
     dk, dv = (40, 24) if latent else (32, 32)
-    k_cache = rand(blocks, page, kv_heads, dk, gen=gen)
-    v_cache = None if latent else rand(blocks, page, kv_heads, dv, gen=gen)
+    k_cache = rand(blocks, page, kv_heads, dk, dtype=dtype, gen=gen)
+    v_cache = None if latent else rand(blocks, page, kv_heads, dv, dtype=dtype, gen=gen)
     tables = torch.randperm(blocks, generator=gen)[:3 * width].view(3, width).to(DEVICE)
     seq = torch.arange(3).repeat_interleave(q_rows).to(DEVICE)
     lengths = torch.tensor([11, 12, 13, 14, 0, 1, 2, 3, 4, 5, 0, 0, 0, 0, 0]).to(DEVICE)
-    q = rand(3 * q_rows, kv_heads * group, dk, gen=gen)
+    q = rand(3 * q_rows, kv_heads * group, dk, dtype=dtype, gen=gen)
     v_dim = dv if latent else None
     got = paged_attention_triton(q, k_cache, v_cache, tables, seq, lengths, 0.3, v_dim,
                                  queries_per_seq=q_rows)
     want = REF.paged_attention(q, k_cache, v_cache, tables, seq, lengths, 0.3, v_dim)
-    assert_attention_close(got, want, torch.float32)
+    assert_attention_close(got, want, dtype)
 
 
 def test_verification_step_is_padded_to_q_rows_per_request():
