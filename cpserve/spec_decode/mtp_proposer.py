@@ -22,6 +22,12 @@ wants (`StepPlan.draft`). Every rank then, with its own heads and KV shard:
 The drafts are the same on every rank (same inputs, argmax); rank 0's are returned. The
 chain's positions stay within the blocks the scheduler allocated (its lookahead) and below
 max_model_len (the driver's budget), so no request writes outside its own blocks.
+
+What the module's cache holds only ever changes drafts, never outputs (verification decides).
+Two places where it is an approximation, as in vLLM: the module's KV at position p depends on
+the token at p + 1, so a prefix-cache hit reuses, at the last position of the cached blocks,
+KV made with the first request's next token; and modules after the first (K > 1 with several
+modules) have KV only at chain positions, the first module's alone covering every position.
 """
 
 from __future__ import annotations
