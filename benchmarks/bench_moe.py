@@ -162,7 +162,8 @@ def bench_engine(args, name: str, tmp: Path) -> dict:
         result["profile"] = profile(args, engine, tokens, ctx, prefix, max(batches))
         runner = engine.executor.runner
         result["fallbacks"] = sorted(getattr(runner.backend, "fallbacks", []))
-        result["cuda_graph_buckets"] = sorted(runner.graphs.graphs) if runner.graphs else []
+        result["cuda_graph_buckets"] = (sorted({key[0] for key in runner.graphs.graphs})
+                                        if runner.graphs else [])
     finally:
         llm.shutdown()
         if args.device == "cuda":

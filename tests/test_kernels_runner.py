@@ -33,16 +33,16 @@ class ReplayByRerun:
         self.out.copy_(self.forward())
 
 
-def fake_capture(self, bucket, rows_per_seq=1):
+def fake_capture(self, bucket, rows_per_seq=1, variant=0):
     ctx = cuda_graphs.AttentionContext(self._metadata(bucket, rows_per_seq),
                                        self.runner.kv_caches, self.runner.groups,
                                        self.runner.backend)
     rows = bucket * rows_per_seq
 
     def forward():
-        return self.runner.model(self.token_ids[:rows], self.positions[:rows], ctx)
+        return self._forward(rows, ctx, variant)
 
-    key = (bucket, rows_per_seq)
+    key = (bucket, rows_per_seq, variant)
     self.outputs[key] = forward()
     self.graphs[key] = ReplayByRerun(forward, self.outputs[key])
 
@@ -87,7 +87,7 @@ def test_decode_graph_buffers_match_eager_steps(tmp_path, monkeypatch):
         torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-5)
         for r in batch:
             lengths[r] += 1
-    assert sorted(graphed.graphs.graphs) == [(1, 1), (2, 1), (4, 1)]
+    assert sorted(graphed.graphs.graphs) == [(1, 1, 0), (2, 1, 0), (4, 1, 0)]
     for (k_g, v_g), (k_e, v_e) in zip(graphed.kv_caches, eager.kv_caches):
         # Same slots written; values may differ in the last bit (matmuls of padded batches).
         torch.testing.assert_close(k_g, k_e, rtol=1e-5, atol=1e-6)

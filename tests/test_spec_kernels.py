@@ -116,4 +116,55 @@ def test_verification_graphs_match_eager_steps(tmp_path, monkeypatch):
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
         for r in drafts:
             lengths[r] += 1  # one token kept: the drafts' slots are written again
-    assert sorted(runners[0].graphs.graphs) == [(1, 4), (2, 4), (4, 1), (4, 4)]
+    assert sorted(runners[0].graphs.graphs) == [(1, 4, 0), (2, 4, 0), (4, 1, 0), (4, 4, 0)]
+
+
+def test_mtp_drafting_graphs_match_eager_drafting(tmp_path, monkeypatch):
+    """The MTP module over a replayed step's rows and its chain of decode steps, from graphs
+    (CPU stand-in), give the eager drafts and write the same module cache."""
+    from cpserve.config import (
+        CacheConfig,
+        EngineConfig,
+        ModelConfig,
+        ParallelConfig,
+        SchedulerConfig,
+    )
+    from cpserve.distributed.groups import single_process_groups
+    from cpserve.distributed.plan import PlannedRequest, StepPlan
+    from cpserve.engine.cuda_graphs import DecodeGraphs
+    from cpserve.engine.model_runner import ModelRunner
+    from cpserve.spec_decode.config import SpeculativeConfig
+    from tests.checkpoints import add_mtp_modules, make_deepseek_checkpoint
+    from tests.test_kernels_runner import fake_capture
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(DecodeGraphs, "_capture", fake_capture)
+    path = add_mtp_modules(make_deepseek_checkpoint(tmp_path / "v3", "deepseek-v3"))
+    config = EngineConfig(ModelConfig.from_pretrained(path, "float32", 256), ParallelConfig(),
+                          CacheConfig(block_size=4, num_blocks=64), SchedulerConfig(max_num_seqs=4),
+                          device=DEVICE, speculative=SpeculativeConfig("mtp", 3))
+    runners = [ModelRunner(config, single_process_groups(), torch.device(DEVICE))
+               for _ in range(2)]
+    runners[0].graphs = DecodeGraphs(runners[0])
+    runners[0].drafter._use_graphs = True
+    prompts = {"a": list(range(3, 12)), "b": list(range(40, 45)), "c": list(range(7, 26))}
+    tables = {"a": [5, 6, 7, 8, 9, 10], "b": [0, 1, 2, 3], "c": [20, 21, 22, 23, 24, 25, 26]}
+    plans = [StepPlan([PlannedRequest(r, p, 0, tables[r], True, 1) for r, p in prompts.items()])]
+    entries = [[[[t + 1 for t in p], len(p) - 1, 3] for p in prompts.values()]]
+    # A verification step (graphed), each request with a different number of rows.
+    lengths = {r: len(p) for r, p in prompts.items()}
+    drafts = {"a": 3, "b": 1, "c": 2}
+    plans.append(StepPlan([PlannedRequest(r, [60] + [61] * n, lengths[r], [], False, 1 + n, n)
+                           for r, n in drafts.items()]))
+    entries.append([[[61] * n + [62], n, 2] for n in drafts.values()])
+    for plan, entry in zip(plans, entries):
+        results = []
+        for runner in runners:
+            runner.execute(plan)
+            results.append(runner.propose_drafts(entry))
+        assert results[0] == results[1] and all(len(d) == e[2] for d, e in zip(results[0], entry))
+    assert {key[2] for key in runners[0].drafter.graphs.graphs} == {0}
+    assert any(key[1] == 4 for key in runners[0].drafter.graphs.graphs)  # the verification rows
+    layer = config.model.num_layers  # the MTP module's cache
+    torch.testing.assert_close(runners[0].kv_caches[layer][0], runners[1].kv_caches[layer][0],
+                               rtol=1e-5, atol=1e-5)

@@ -18,7 +18,6 @@ from cpserve.attention.context import AttentionContext
 from cpserve.attention.metadata import PlannedSeq, StepAttentionMetadata
 from cpserve.config import EngineConfig
 from cpserve.distributed.groups import ParallelGroups
-from cpserve.distributed.plan import StepPlan
 from cpserve.engine.compilation import decode_graph_buckets
 
 if TYPE_CHECKING:
@@ -56,7 +55,10 @@ class DecodeGraphs:
         return cls(runner) if graphs_enabled(runner.config, runner.groups,
                                              runner.device) else None
 
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, hidden_size: int = 0,
+                 dtype: torch.dtype | None = None) -> None:
+        """`hidden_size`: a forward pass that also reads a hidden state per row (an MTP
+        module, spec_decode/mtp_proposer.py) gets a static buffer of it, `run(hidden=...)`."""
         self.runner = runner
         config = runner.config
         # --compilation-config cudagraph_capture_sizes, else a default list to max_num_seqs.
@@ -73,20 +75,23 @@ class DecodeGraphs:
         self.token_ids, self.positions, self.kv_len = zeros(n), zeros(n), zeros(n)
         self.slots = torch.full((n,), -1, dtype=torch.long, device=dev)
         self.block_tables = zeros(largest, self.width)
+        self.hidden = (torch.zeros(n, hidden_size, dtype=dtype, device=dev) if hidden_size
+                       else None)
         self.rows = torch.arange(n, device=dev)
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        # (bucket, rows per request, variant): variant picks among forward passes (MTP
+        # modules); the model's own steps have one.
+        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int, int], torch.Tensor] = {}
         self.pool = None
 
-    def can_run(self, plan: StepPlan, seqs: list[PlannedSeq]) -> bool:
-        return (len(seqs) <= self.buckets[-1]
+    def can_run(self, seqs: list[PlannedSeq], table_width: int) -> bool:
+        return (len(seqs) <= self.buckets[-1] and table_width <= self.width
                 and all(1 <= s.num_new <= self.max_rows_per_seq and s.start > 0
-                        and not s.split for s in seqs)
-                and all(len(self.runner.block_tables[r.request_id]) <= self.width
-                        for r in plan.requests))
+                        and not s.split for s in seqs))
 
     def run(self, token_ids: torch.Tensor, positions: torch.Tensor,
-            meta: StepAttentionMetadata) -> torch.Tensor:
+            meta: StepAttentionMetadata, hidden: torch.Tensor | None = None,
+            variant: int = 0) -> torch.Tensor:
         q = meta.rep_queries_per_seq
         rows = token_ids.numel()
         n = rows // q
@@ -97,13 +102,19 @@ class DecodeGraphs:
                                     (self.kv_len, meta.rep_kv_len, 0)):
             buffer[:rows].copy_(values, non_blocking=True)
             buffer[rows:bucket * q].fill_(pad)
+        if hidden is not None:
+            self.hidden[:rows].copy_(hidden)
         self.block_tables[:n, :meta.block_tables.shape[1]].copy_(meta.block_tables,
                                                                   non_blocking=True)
-        key = (bucket, q)
+        key = (bucket, q, variant)
         if key not in self.graphs:
-            self._capture(bucket, q)
+            self._capture(bucket, q, variant)
         self.graphs[key].replay()
         return self.outputs[key][:rows]
+
+    def _forward(self, rows: int, ctx: AttentionContext, variant: int) -> torch.Tensor:
+        """The captured forward pass over the first `rows` rows of the static buffers."""
+        return self.runner.model(self.token_ids[:rows], self.positions[:rows], ctx)
 
     def _metadata(self, bucket: int, q: int) -> StepAttentionMetadata:
         rows, none = self.rows[:bucket * q], self.rows[:0]
@@ -116,14 +127,14 @@ class DecodeGraphs:
             gathered_seq=none, gathered_slots=none, gathered_prefix_len=none, has_prefix=False,
             rep_queries_per_seq=q)
 
-    def _capture(self, bucket: int, q: int) -> None:
+    def _capture(self, bucket: int, q: int, variant: int = 0) -> None:
         runner = self.runner
         ctx = AttentionContext(self._metadata(bucket, q), runner.kv_caches, runner.groups,
                                runner.backend, runner.config.parallel.kv_exchange)
         rows = bucket * q
 
         def forward() -> torch.Tensor:
-            return runner.model(self.token_ids[:rows], self.positions[:rows], ctx)
+            return self._forward(rows, ctx, variant)
 
         # Run once outside the capture: Triton compiles, cuDNN and NCCL set up. It writes the
         # same KV the replay will write, so it changes nothing.
@@ -134,6 +145,6 @@ class DecodeGraphs:
         torch.cuda.current_stream(runner.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.outputs[(bucket, q)] = forward()
+            self.outputs[(bucket, q, variant)] = forward()
         self.pool = graph.pool()
-        self.graphs[(bucket, q)] = graph
+        self.graphs[(bucket, q, variant)] = graph

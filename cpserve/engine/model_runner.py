@@ -270,7 +270,8 @@ class ModelRunner:
         # Padding rows (offset past the request's tokens) repeat its last token.
         rows = first[tokens.seq] + torch.minimum(tokens.offset, lengths[tokens.seq] - 1)
         step = PreparedStep(plan, seqs, tokens, flat_ids[rows])
-        if use_graphs and self.graphs is not None and self.graphs.can_run(plan, seqs):
+        if (use_graphs and self.graphs is not None
+                and self.graphs.can_run(seqs, block_tables.shape[1])):
             return step
         exchange = self.config.parallel.kv_exchange
         plans = self.backend.plan_step(tokens.metadata, exchange)

@@ -19,6 +19,11 @@ wants (`StepPlan.draft`). Every rank then, with its own heads and KV shard:
      the previous draft and the previous h' (module (k - 1) % n for draft k), its KV
      written first, so draft k attends to the module's KV up to its own position.
 
+On a GPU with CUDA graphs, step 1 replays a graph when the main step did (a decode or
+verification step: the same rows), and every step of 3 does (a decode step of the module):
+`DraftGraphs`, the engine's step graphs with the module as the forward pass and the
+previous hidden state as one more static input.
+
 The drafts are the same on every rank (same inputs, argmax); rank 0's are returned. The
 chain's positions stay within the blocks the scheduler allocated (its lookahead) and below
 max_model_len (the driver's budget), so no request writes outside its own blocks.
@@ -39,12 +44,26 @@ import torch
 from cpserve.attention.context import AttentionContext
 from cpserve.attention.metadata import PlannedSeq, StepTokens, build_step_tokens
 from cpserve.distributed.groups import all_reduce
+from cpserve.engine.cuda_graphs import DecodeGraphs, graphs_enabled
 from cpserve.models.deepseek_mtp import DeepseekMTP
 from cpserve.models.loader import build_model
 from cpserve.models.rope import StepPositions
 
 if TYPE_CHECKING:
     from cpserve.engine.model_runner import ModelRunner, PreparedStep
+
+
+class DraftGraphs(DecodeGraphs):
+    """CUDA graphs of the MTP module's paged-only steps; the variant is the module."""
+
+    def __init__(self, runner: ModelRunner, proposer: MTPProposer) -> None:
+        super().__init__(runner, runner.config.model.hidden_size, runner.config.model.dtype)
+        self.proposer = proposer
+
+    def _forward(self, rows: int, ctx: AttentionContext, variant: int) -> torch.Tensor:
+        embeds = self.runner.model.model.embed_tokens(self.token_ids[:rows])
+        module = self.proposer.mtp.module_for(variant)
+        return module(StepPositions(self.positions[:rows]), embeds, self.hidden[:rows], ctx)
 
 
 class MTPProposer:
@@ -54,6 +73,8 @@ class MTPProposer:
         self.mtp: DeepseekMTP = build_model(cfg.model, runner.model_groups, runner.device,
                                             cfg.load_format, cfg.seed, model_cls=DeepseekMTP)
         self._step: tuple | None = None
+        self._graphs: DraftGraphs | None = None
+        self._use_graphs = graphs_enabled(cfg, runner.groups, runner.device)
 
     @property
     def num_cache_layers(self) -> int:
@@ -78,7 +99,8 @@ class MTPProposer:
         lengths = torch.tensor([len(e[0]) for e in entries])
         first = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         rows = first[step.seq] + torch.minimum(step.offset, lengths[step.seq] - 1)
-        out = self._run(0, following[rows], step, hidden, prepared.ctx)
+        out = self._run(0, following[rows], step, hidden, prepared.ctx,
+                        graphed=prepared.ctx is None)
 
         wanted = [i for i, e in enumerate(entries) if e[2] > 0]
         drafts: list[list[int]] = [[] for _ in entries]
@@ -99,18 +121,30 @@ class MTPProposer:
             tables = [runner.block_tables[plan.requests[i].request_id] for i in wanted]
             width = max(len(t) for t in tables)
             block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-            chain = build_step_tokens([PlannedSeq(p, 1, False) for p in positions],
-                                      block_tables, runner.layout, runner.groups)
-            h = self._run(k, tokens.to(torch.long).cpu(), chain, h)
+            seqs_k = [PlannedSeq(p, 1, False) for p in positions]
+            chain = build_step_tokens(seqs_k, block_tables, runner.layout, runner.groups)
+            graphs = self.graphs
+            h = self._run(k, tokens.to(torch.long).cpu(), chain, h,
+                          graphed=graphs is not None and graphs.can_run(seqs_k, width))
             tokens = self._argmax(k, h)
             positions = [p + 1 for p in positions]
         return drafts
 
+    @property
+    def graphs(self) -> DraftGraphs | None:
+        if self._use_graphs and self._graphs is None:  # made at first use, as the caches exist
+            self._graphs = DraftGraphs(self.runner, self)
+        return self._graphs
+
     def _run(self, draft_index: int, token_ids: torch.Tensor, step: StepTokens,
-             previous_hidden: torch.Tensor, ctx: AttentionContext | None = None) -> torch.Tensor:
+             previous_hidden: torch.Tensor, ctx: AttentionContext | None = None,
+             graphed: bool = False) -> torch.Tensor:
         from cpserve.engine.model_runner import _to_device
 
         runner = self.runner
+        if graphed and self.graphs is not None:
+            return self.graphs.run(token_ids, step.positions, step.metadata, previous_hidden,
+                                   draft_index % self.mtp.num_modules)
         if ctx is None:  # a chain step, or a main step that replayed a graph
             exchange = runner.config.parallel.kv_exchange
             ctx = AttentionContext(_to_device(step.metadata, runner.device), runner.kv_caches,
