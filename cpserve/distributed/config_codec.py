@@ -17,6 +17,7 @@ from cpserve.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from cpserve.kv_transfer.config import KVTransferConfig
 
 
 def config_to_dict(config: EngineConfig) -> dict:
@@ -34,6 +35,7 @@ def config_to_dict(config: EngineConfig) -> dict:
         "cudagraph_capture_sizes": (None if config.cudagraph_capture_sizes is None
                                     else list(config.cudagraph_capture_sizes)),
         "max_logprobs": config.max_logprobs,
+        "kv_transfer": None if config.kv_transfer is None else config.kv_transfer.to_dict(),
     }
 
 
@@ -53,4 +55,6 @@ def config_from_dict(data: dict) -> EngineConfig:
         cudagraph_capture_sizes=(None if data["cudagraph_capture_sizes"] is None
                                  else tuple(data["cudagraph_capture_sizes"])),
         max_logprobs=data["max_logprobs"],
+        kv_transfer=(None if data["kv_transfer"] is None
+                     else KVTransferConfig.from_dict(data["kv_transfer"])),
     )

@@ -30,13 +30,16 @@ class PlannedRequest:
 class StepPlan:
     """One message from the driver. Besides a step, it can carry a command for every rank:
     `load` (an engine config as a plain dict: build a model runner for it), `probe_kv`
-    (report which cache slots hold data) or `shutdown`."""
+    (report which cache slots hold data) or `shutdown`; and `kv`, what the ranks must do
+    about KV transfer between instances, with or without a step."""
 
     requests: list[PlannedRequest] = field(default_factory=list)
     freed_request_ids: list[str] = field(default_factory=list)
     shutdown: bool = False
     load: dict | None = None
     probe_kv: bool = False
+    # KV transfer between instances (cpserve.kv_transfer.worker): leases, loads, polls.
+    kv: dict | None = None
 
     def encode(self) -> bytes:
         return msgpack.packb({
@@ -46,6 +49,7 @@ class StepPlan:
             "shutdown": self.shutdown,
             "load": self.load,
             "probe_kv": self.probe_kv,
+            "kv": self.kv,
         }, use_bin_type=True)
 
     @staticmethod
@@ -53,7 +57,7 @@ class StepPlan:
         raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
         return StepPlan(requests=[PlannedRequest(*fields) for fields in raw["requests"]],
                         freed_request_ids=list(raw["freed"]), shutdown=bool(raw["shutdown"]),
-                        load=raw["load"], probe_kv=bool(raw["probe_kv"]))
+                        load=raw["load"], probe_kv=bool(raw["probe_kv"]), kv=raw["kv"])
 
 
 def broadcast_plan(plan: StepPlan | None, group: Group, src: int = 0) -> StepPlan:

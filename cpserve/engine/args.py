@@ -24,6 +24,7 @@ from cpserve.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from cpserve.kv_transfer.config import KVTransferConfig
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ logger = logging.getLogger(__name__)
 # carries them gets a clear answer) and refused at start-up.
 NOT_YET_SUPPORTED = {
     "speculative_config": ("--speculative-config", "speculative decoding"),
-    "kv_transfer_config": ("--kv-transfer-config",
-                           "KV cache transfer between instances (prefill/decode disaggregation)"),
 }
 
 
@@ -135,6 +134,8 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
             sampling_defaults=read_sampling_defaults(self.generation_config, model_path,
                                                      self.override_generation_config),
+            kv_transfer=(None if self.kv_transfer_config is None
+                         else KVTransferConfig.from_json(self.kv_transfer_config)),
         )
 
     def _tokenizer_path(self) -> str | None:
@@ -275,4 +276,6 @@ def _add_vllm_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-config", type=json_object, default=None, metavar="JSON",
                    help="not supported yet (refused)")
     g.add_argument("--kv-transfer-config", type=json_object, default=None, metavar="JSON",
-                   help="not supported yet (refused)")
+                   help='prefill/decode disaggregation: {"kv_connector": "CpserveConnector", '
+                        '"kv_role": "kv_producer" | "kv_consumer" | "kv_both", "kv_ip": ..., '
+                        '"kv_port": ..., "kv_load_failure_policy": "fail" | "recompute"}')

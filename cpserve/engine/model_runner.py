@@ -55,12 +55,19 @@ class ModelRunner:
         if config.load_format == "dummy":
             self._randomize_kv_caches()
         self.graphs = DecodeGraphs.for_runner(self)
+        self.kv_transfer = None  # --kv-transfer-config: this rank's server and loads
+        if config.kv_transfer is not None:
+            from cpserve.kv_transfer.worker import KVTransferWorker
+
+            self.kv_transfer = KVTransferWorker(self)
 
     def close(self) -> None:
         """Release the decode graphs before the process groups go: graphs that captured NCCL
         collectives hold work on their communicators (a rank that kept them while its group
         was destroyed did not exit in the 2026-11-22 benchmark run)."""
         self.graphs = None
+        if self.kv_transfer is not None:
+            self.kv_transfer.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -170,6 +177,8 @@ class ModelRunner:
 
         Rows: request by request in plan order, the last `num_logits` new tokens of each.
         """
+        if plan.kv is not None:
+            self.kv_transfer.apply(plan.kv)
         self._apply_table_diffs(plan)
         if not plan.requests:
             return None

@@ -32,7 +32,7 @@ def serve_plans(groups: ParallelGroups, device: torch.device) -> None:
             runner = ModelRunner(config_from_dict(plan.load), groups, device)
         elif plan.probe_kv:
             gather_to_driver(runner.written_slots(), groups)
-        elif plan.requests or plan.freed_request_ids:  # an empty plan only keeps us alive
+        elif plan.requests or plan.freed_request_ids or plan.kv:  # empty: a keep-alive
             runner.execute(plan)
 
 
