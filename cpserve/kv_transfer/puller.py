@@ -217,7 +217,7 @@ class Puller:
             raise LoadFailed(LOST, f"{WHY[LOST]}: prefill rank {src_rank}: {exc}") from None
         except RemoteError as exc:
             channel.close()
-            raise LoadFailed(_CODE_OF.get(exc.code, PROTOCOL), str(exc)) from None
+            raise _remote_failure(exc) from None
         link = _Link(channel, reply["rank"])
         if want_ipc:
             link.ipc = self._map(link.info)
@@ -261,7 +261,7 @@ class Puller:
                 if isinstance(exc, LoadFailed):
                     raise
                 if isinstance(exc, RemoteError):
-                    raise LoadFailed(_CODE_OF.get(exc.code, PROTOCOL), str(exc)) from None
+                    raise _remote_failure(exc) from None
                 if load.cancel.is_set():
                     raise LoadFailed(CANCELLED, WHY[CANCELLED]) from None
                 raise LoadFailed(LOST, f"{WHY[LOST]} (prefill rank {pull.src_rank}): "
@@ -282,10 +282,7 @@ class Puller:
                     raise LoadFailed(CANCELLED, WHY[CANCELLED])
                 rows = index[first:first + step]
                 header = channel.recv()
-                try:
-                    expect(header, per_block * len(rows))
-                except RemoteError as exc:
-                    raise LoadFailed(_CODE_OF.get(exc.code, PROTOCOL), str(exc)) from None
+                expect(header, per_block * len(rows))
                 buffer = torch.empty(per_block * len(rows), dtype=torch.uint8,
                                      pin_memory=self.device.type == "cuda")
                 channel.recv_into(byte_view(buffer))
@@ -351,6 +348,11 @@ class Puller:
             rows = src_index[first:first + step].to(source.device, non_blocking=True)
             part = source.index_select(0, rows)[:, :, heads].to(cache.device, non_blocking=True)
             target.index_copy_(0, dst_index[first:first + step].to(cache.device), part)
+
+
+def _remote_failure(exc: RemoteError) -> LoadFailed:
+    code = _CODE_OF.get(exc.code, PROTOCOL)
+    return LoadFailed(code, f"{WHY[code]}: {exc}")
 
 
 def expect_ok(reply: dict) -> None:
