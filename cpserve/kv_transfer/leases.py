@@ -21,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -38,7 +38,6 @@ class Lease:
     ready: torch.cuda.Event | None = None
     pins: int = 0
     ended: bool = False
-    served_bytes: int = field(default=0)
 
 
 class RankLeases:

@@ -4,7 +4,8 @@ connector), labelled as the server's other series (`model_name`, `engine`):
     prefill side  cpserve:kv_transfer_leases (gauge), cpserve:kv_transfer_leases_total{outcome=
                   "granted"|"released"|"expired"}, cpserve:kv_transfer_sent_bytes_total
     decode side   cpserve:kv_transfer_loads (gauge), cpserve:kv_transfer_loads_total{outcome=
-                  "done"|"failed"|"recomputed"}, cpserve:kv_transfer_received_bytes_total,
+                  "done"|"failed"|"recomputed"}, cpserve:kv_transfer_received_bytes_total{path=
+                  "tcp"|"cuda_ipc"},
                   cpserve:kv_transfer_load_seconds (histogram: admission to the last byte)
 """
 
@@ -55,8 +56,12 @@ def families(s: KVTransferStats, labels: dict[str, str]) -> Iterator[Metric]:
         yield outcomes("loads", "KV loads by outcome.",
                        {"done": s.loads_done_total, "failed": s.loads_failed_total,
                         "recomputed": s.loads_recomputed_total})
-        yield counter("received_bytes", "KV bytes pulled from prefill instances.",
-                      s.bytes_received_total)
+        family = CounterMetricFamily("cpserve:kv_transfer_received_bytes",
+                                     "KV bytes pulled from prefill instances, by path.",
+                                     labels=[*names, "path"])
+        family.add_metric([*values, "tcp"], s.bytes_received_total - s.bytes_received_ipc_total)
+        family.add_metric([*values, "cuda_ipc"], s.bytes_received_ipc_total)
+        yield family
         family = HistogramMetricFamily("cpserve:kv_transfer_load_seconds",
                                        "Seconds from a request's admission until its prompt "
                                        "KV had arrived.", labels=names)

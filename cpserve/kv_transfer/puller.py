@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +28,7 @@ from cpserve.kv_transfer.server import FRAME_BYTES
 from cpserve.kv_transfer.wire import (
     PROTOCOL_VERSION,
     Channel,
+    PeerClosed,
     ProtocolError,
     RemoteError,
     byte_view,
@@ -81,6 +81,7 @@ class Load:
     status: int = PENDING
     error: str = ""
     bytes: int = 0
+    ipc_bytes: int = 0  # of which over the device path
 
 
 @dataclass
@@ -249,23 +250,23 @@ class Puller:
             link.channel.close()
 
     def _pull(self, load: Load, engine: dict, pull: Pull) -> None:
-        link = self._link(engine, pull.src_rank)
-        with link.lock:
-            try:
-                if link.ipc is not None:
-                    self._copy_ipc(load, link, pull)
-                else:
-                    self._receive_tcp(load, link, pull)
-            except (OSError, ProtocolError, LoadFailed, RemoteError) as exc:
-                self._drop_link(engine, pull.src_rank)  # its state mid-stream is unknown
-                if isinstance(exc, LoadFailed):
-                    raise
-                if isinstance(exc, RemoteError):
-                    raise _remote_failure(exc) from None
-                if load.cancel.is_set():
-                    raise LoadFailed(CANCELLED, WHY[CANCELLED]) from None
-                raise LoadFailed(LOST, f"{WHY[LOST]} (prefill rank {pull.src_rank}): "
-                                       f"{type(exc).__name__}: {exc}") from None
+        for attempt in range(2):
+            link = self._link(engine, pull.src_rank)
+            before = load.bytes
+            with link.lock:
+                try:
+                    if link.ipc is not None:
+                        self._copy_ipc(load, link, pull)
+                    else:
+                        self._receive_tcp(load, link, pull)
+                    return
+                except (OSError, ProtocolError, LoadFailed, RemoteError) as exc:
+                    self._drop_link(engine, pull.src_rank)  # its state mid-stream is unknown
+                    # A connection kept from an earlier load may have been closed by the
+                    # prefill rank since: before any byte came, once more on a new one.
+                    if isinstance(exc, PeerClosed) and load.bytes == before and attempt == 0:
+                        continue
+                    raise _failure(exc, load, pull) from None
 
     def _receive_tcp(self, load: Load, link: _Link, pull: Pull) -> None:
         channel = link.channel
@@ -326,8 +327,10 @@ class Puller:
                         if cache is None:
                             continue
                         self._copy_blocks(cache, source, src_index, dst_index, pull)
-                        load.bytes += (len(dst_index) * cache.shape[1] * pull.num_heads
-                                       * cache.shape[3] * cache.element_size())
+                        copied = (len(dst_index) * cache.shape[1] * pull.num_heads
+                                  * cache.shape[3] * cache.element_size())
+                        load.bytes += copied
+                        load.ipc_bytes += copied
                     if load.cancel.is_set():
                         break
             self._stream.synchronize()
@@ -350,6 +353,17 @@ class Puller:
             target.index_copy_(0, dst_index[first:first + step].to(cache.device), part)
 
 
+def _failure(exc: BaseException, load: Load, pull: Pull) -> LoadFailed:
+    if isinstance(exc, LoadFailed):
+        return exc
+    if isinstance(exc, RemoteError):
+        return _remote_failure(exc)
+    if load.cancel.is_set():
+        return LoadFailed(CANCELLED, WHY[CANCELLED])
+    return LoadFailed(LOST, f"{WHY[LOST]} (prefill rank {pull.src_rank}): "
+                            f"{type(exc).__name__}: {exc}")
+
+
 def _remote_failure(exc: RemoteError) -> LoadFailed:
     code = _CODE_OF.get(exc.code, PROTOCOL)
     return LoadFailed(code, f"{WHY[code]}: {exc}")
@@ -359,10 +373,3 @@ def expect_ok(reply: dict) -> None:
     if not reply.get("ok"):
         raise RemoteError(str(reply.get("error", "the prefill rank refused")),
                           str(reply.get("code", "refused")))
-
-
-def wait_all(loads: list[Load], timeout_s: float) -> None:
-    """Tests: wait until these loads finished (done or failed)."""
-    deadline = time.monotonic() + timeout_s
-    while any(load.status == PENDING for load in loads) and time.monotonic() < deadline:
-        time.sleep(0.01)

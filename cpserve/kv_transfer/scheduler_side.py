@@ -58,6 +58,7 @@ class KVTransferStats:
     loads_failed_total: int = 0
     loads_recomputed_total: int = 0
     bytes_received_total: int = 0
+    bytes_received_ipc_total: int = 0  # of which over the device path (CUDA IPC)
     load_seconds_counts: list[int] = field(
         default_factory=lambda: [0] * (len(LOAD_SECONDS_BUCKETS) + 1))
     load_seconds_sum: float = 0.0
@@ -95,7 +96,7 @@ class KVTransferScheduler:
         self.leases: dict[str, float] = {}  # request id -> when it expires (monotonic)
         self._next_expiry = math.inf  # read by the KV server's thread
         self.loads: dict[str, _Loading] = {}
-        self._settled: dict[str, tuple[int, int, str]] = {}  # loads that needed no ranks
+        self._settled: dict[str, tuple[int, int, int, str]] = {}  # loads that needed no ranks
         self._ops: dict[str, list] = _no_ops()
         self._releases: deque[tuple[str, int]] = deque()  # from the KV server's threads
         self.wakeup: Callable[[], None] | None = None  # the engine loop's, if it sleeps
@@ -137,11 +138,12 @@ class KVTransferScheduler:
         self._settled = {}
         ready: list[Request] = []
         failed: list[Request] = []
-        for request_id, (status, nbytes, why) in results.items():
+        for request_id, (status, nbytes, ipc_bytes, why) in results.items():
             if status == PENDING or request_id not in self.loads:
                 continue
             loading = self.loads.pop(request_id)
             self._ops["forget"].append(request_id)
+            self.stats.bytes_received_ipc_total += ipc_bytes
             self._settle(loading, status, nbytes, why, now, ready, failed)
         self.stats.loads_active = len(self.loads)
         return ready, failed
@@ -165,9 +167,9 @@ class KVTransferScheduler:
         self.stats.loads_active = len(self.loads)
         mismatch = _prompt_mismatch(request, remote)
         if mismatch is not None:
-            self._settled[rid] = (INCOMPATIBLE, 0, mismatch)
+            self._settled[rid] = (INCOMPATIBLE, 0, 0, mismatch)
         elif end <= num_cached:  # nothing to pull: a one-token prompt, or all cached here
-            self._settled[rid] = (DONE, 0, "")
+            self._settled[rid] = (DONE, 0, 0, "")
         else:
             spec = {**asdict(remote.kv), "block_ids": list(remote.kv.block_ids)}
             self._ops["loads"].append([rid, self.kv.block_table(rid), num_cached, end, spec])

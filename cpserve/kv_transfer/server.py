@@ -201,7 +201,6 @@ class KVServer:
                 channel.send({"ok": True, "layer": layer, "first": first}, byte_view(payload))
                 sent += payload.numel()
                 self._pace(started, sent)
-        lease.served_bytes += sent
 
     def _gather(self, pair: tuple, rows: torch.Tensor, head: int, heads: int) -> torch.Tensor:
         """K then V of `rows`, heads [head, head + heads), as one flat CPU byte tensor."""

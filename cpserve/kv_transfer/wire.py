@@ -25,6 +25,10 @@ class ProtocolError(ConnectionError):
     """The peer sent something this side did not ask for (or not in this protocol)."""
 
 
+class PeerClosed(ConnectionError):
+    """The peer closed the connection between two frames."""
+
+
 class Channel:
     """One TCP connection carrying frames, with a timeout on every blocking call."""
 
@@ -52,7 +56,10 @@ class Channel:
             self.sock.sendall(payload)
 
     def recv(self) -> dict[str, Any]:
-        (length,) = _LENGTH.unpack(self._exact(_LENGTH.size))
+        first = self.sock.recv(_LENGTH.size)
+        if not first:
+            raise PeerClosed("the peer closed the KV connection")
+        (length,) = _LENGTH.unpack(first + self._exact(_LENGTH.size - len(first)))
         if length > MAX_HEADER_BYTES:
             raise ProtocolError(f"a KV frame header of {length} bytes (at most "
                                 f"{MAX_HEADER_BYTES})")

@@ -79,7 +79,7 @@ class KVTransferWorker:
                     "engine_id": kvt.engine_id, "instance": self.instance,
                     "version": PROTOCOL_VERSION, "layout": self.layout.to_dict(),
                     "kv_format": self.kv_format, "ranks": self.ranks}
-        self.poll_result: dict[str, tuple[int, int, str]] | None = None
+        self.poll_result: dict[str, tuple[int, int, int, str]] | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -110,17 +110,18 @@ class KVTransferWorker:
         if ops.get("poll"):
             self.poll_result = self._poll(ops["poll"])
 
-    def take_poll_result(self) -> dict[str, tuple[int, int, str]]:
+    def take_poll_result(self) -> dict[str, tuple[int, int, int, str]]:
         result, self.poll_result = self.poll_result, None
         return result or {}
 
-    def _poll(self, request_ids: list[str]) -> dict[str, tuple[int, int, str]] | None:
-        """(status, bytes received over all ranks, why it failed) of each load, on the driver:
+    def _poll(self, request_ids: list[str]) -> dict[str, tuple[int, int, int, str]] | None:
+        """(status, bytes received over all ranks, of which over CUDA IPC, why it failed) of
+        each load, on the driver:
         pending while any rank is still at it; otherwise done, or the failure of the first
         rank that failed."""
         loads = [self.puller.loads.get(rid) for rid in request_ids]
-        local = torch.tensor([[load.status, load.bytes] if load else [PROTOCOL, 0]
-                              for load in loads], dtype=torch.long)
+        local = torch.tensor([[load.status, load.bytes, load.ipc_bytes] if load
+                              else [PROTOCOL, 0, 0] for load in loads], dtype=torch.long)
         world = self.groups.world_size
         if world == 1:
             per_rank = [local]
@@ -130,21 +131,22 @@ class KVTransferWorker:
             if self.rank != 0:
                 return None
         statuses = torch.stack([p[:, 0] for p in per_rank])  # [ranks, loads]
-        received = torch.stack([p[:, 1] for p in per_rank]).sum(0)
+        received = torch.stack([p[:, 1:] for p in per_rank]).sum(0)  # [loads, (all, ipc)]
         result = {}
         for i, request_id in enumerate(request_ids):
             column = statuses[:, i].tolist()
+            moved = (int(received[i, 0]), int(received[i, 1]))
             if PENDING in column:
-                result[request_id] = (PENDING, 0, "")
+                result[request_id] = (PENDING, *moved, "")
                 continue
             failed = [(rank, code) for rank, code in enumerate(column) if code != DONE]
             if not failed:
-                result[request_id] = (DONE, int(received[i]), "")
+                result[request_id] = (DONE, *moved, "")
                 continue
             rank, code = failed[0]
             mine = loads[i].error if rank == 0 and loads[i] is not None else ""
             message = mine or f"{WHY[code]} (decode rank {rank}; its log says more)"
-            result[request_id] = (code, int(received[i]), message)
+            result[request_id] = (code, *moved, message)
         return result
 
 
