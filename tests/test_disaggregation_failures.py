@@ -29,7 +29,8 @@ BODY = {"model": "tiny", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
 def servers():
     made = {
         "prefill": serve("--kv-transfer-config", kv_config("kv_producer", **SLOW)),
-        "doomed_prefill": serve("--kv-transfer-config", kv_config("kv_producer", **SLOW)),
+        "doomed_prefill": serve("--kv-transfer-config", kv_config(
+            "kv_producer", **{**SLOW, "kv_lease_duration": 120})),
         "fail": serve("--kv-transfer-config", kv_config("kv_consumer", "fail")),
         "recompute": serve("--kv-transfer-config", kv_config("kv_consumer", "recompute")),
     }

@@ -25,10 +25,10 @@ LOGPROB_TOL = 1e-4  # fp32: a one-token step over pulled KV against one prefill
 COMMON = dict(model="tiny", max_model_len=2048, block_size=16, num_kv_blocks=512, seed=0)
 
 
-def _engine(role: str, **extra) -> LLMEngine:
+def _engine(role: str, lease_s: float = 60.0, **extra) -> LLMEngine:
     config = {"kv_connector": "CpserveConnector", "kv_role": role, "kv_port": 0,
-              "kv_connector_extra_config": {"kv_lease_duration": 2.0,
-                                            "max_send_mb_per_s": 2.0, "kv_io_timeout": 5.0}}
+              "kv_connector_extra_config": {"kv_lease_duration": lease_s,
+                                            "max_send_mb_per_s": 2.0, "kv_io_timeout": 10.0}}
     config.update(extra)
     return LLMEngine.from_engine_args(EngineArgs(**COMMON, kv_transfer_config=config))
 
@@ -36,6 +36,7 @@ def _engine(role: str, **extra) -> LLMEngine:
 @pytest.fixture(scope="module")
 def engines():
     made = {"prefill": _engine("kv_producer"),
+            "short_lease": _engine("kv_producer", lease_s=1.0),
             "decode": _engine("kv_consumer"),
             "decode_recompute": _engine("kv_consumer", kv_load_failure_policy="recompute")}
     yield made
@@ -142,12 +143,13 @@ def test_a_prefix_cached_on_the_decode_side_is_not_pulled_again(engines):
 
 
 def test_expired_lease_fails_or_recomputes_and_frees_the_blocks(engines):
-    prefill, decode, recompute = (engines[k] for k in ("prefill", "decode", "decode_recompute"))
+    prefill, decode, recompute = (engines[k] for k in ("short_lease", "decode",
+                                                       "decode_recompute"))
     (prompt,) = random_prompts([50], seed=5)
     prefill.add_request("ref", {"prompt_token_ids": prompt}, _greedy())
     ref = _run([prefill])["ref"]
     params = _prefill(prefill, "p", prompt)
-    time.sleep(2.2)  # kv_lease_duration 2
+    time.sleep(1.2)  # kv_lease_duration 1
     prefill.step()
     assert not prefill.kv.leased and prefill.kv_transfer.stats.leases_expired_total >= 1
     decode.add_request("d", {"prompt_token_ids": prompt}, _greedy(kv_transfer_params=params))
