@@ -256,6 +256,12 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_waiting_requests: int = 4096
+    # vLLM's meanings. Chunked prefill: a prompt may be computed over several steps, beside
+    # the decodes of others; without it a prompt waits until the whole of it fits a step.
+    enable_chunked_prefill: bool = True
+    # A request computes at most this many tokens in one step (0: no cap beyond the step
+    # budget), so a long prefill leaves room for decodes and new requests in every step.
+    long_prefill_token_threshold: int = 0
 
 
 @dataclass(frozen=True)
@@ -332,6 +338,21 @@ def check_engine_config(cfg: EngineConfig) -> None:
     ):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}={value!r} must be a positive integer")
+    threshold = sched.long_prefill_token_threshold
+    if not isinstance(threshold, int) or threshold < 0:
+        raise ConfigError(f"long_prefill_token_threshold={threshold!r} must be an integer >= 0 "
+                          "(0: no cap)")
+    if not sched.enable_chunked_prefill:
+        if sched.max_num_batched_tokens < model.max_model_len:
+            raise ConfigError(
+                f"max_num_batched_tokens={sched.max_num_batched_tokens} is smaller than "
+                f"max_model_len={model.max_model_len}: without chunked prefill every prompt must "
+                "fit one step; raise --max-num-batched-tokens, lower --max-model-len or drop "
+                "--no-enable-chunked-prefill")
+        if threshold > 0:
+            raise ConfigError(
+                f"long_prefill_token_threshold={threshold} chunks long prompts, which "
+                "--no-enable-chunked-prefill forbids: set one or the other")
     if par.kv_exchange not in ("allgather", "ring"):
         raise ConfigError(f"kv_exchange={par.kv_exchange!r} must be 'allgather' or 'ring'")
     if cache.block_size % par.interleave:

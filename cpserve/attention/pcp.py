@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cpserve.attention.backend import AttentionBackend
+from cpserve.attention.backend import AttentionBackend, StepPlans
 from cpserve.attention.forms import SAME_FORMS, SameForms
 from cpserve.attention.merge import fold_into
 from cpserve.attention.metadata import StepAttentionMetadata
@@ -61,13 +61,16 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
                         meta: StepAttentionMetadata, scale: float, groups: ParallelGroups,
                         backend: AttentionBackend, exchange: str,
                         v_dim: int | None = None,
+                        plans: StepPlans | None = None,
                         forms: SameForms = SAME_FORMS) -> torch.Tensor:
     """q/k/v: this rank's split tokens [n, H, D]. Returns their attention output.
 
     With `v=None` (latent attention) only the keys travel; values are their first v_dim
     channels, or what `forms.new_kv` makes of the keys once they have arrived (MLA expanded).
     Otherwise keys and values travel together as one [2, rows, H_kv, D] tensor.
+    `plans`: the backend's plans of the step (StepPlans.split_*).
     """
+    plans = plans if plans is not None else StepPlans()
     pcp, me, pad = groups.pcp, groups.pcp_rank, meta.pad
     kv = (_pad_rows(k, pad).unsqueeze(0) if v is None
           else torch.stack([_pad_rows(k, pad), _pad_rows(v, pad)]))
@@ -82,7 +85,8 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
         backend.write_kv(keys, stored, k_cache, v_cache, meta.gathered_slots[rows])
         return backend.dense_attention(q, *forms.new_kv(keys, stored, v_dim), meta.split_pos,
                                        meta.gathered_pos[rows], meta.split_seq,
-                                       meta.gathered_seq[rows], scale)
+                                       meta.gathered_seq[rows], scale,
+                                       plan=plans.split_dense_for(src))
 
     if exchange == "ring" and pcp > 1:
         ring = RingComm(groups)
@@ -99,7 +103,7 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
         backend.write_kv(keys, stored, k_cache, v_cache, meta.gathered_slots)
         out, lse = backend.dense_attention(q, *forms.new_kv(keys, stored, v_dim), meta.split_pos,
                                            meta.gathered_pos, meta.split_seq, meta.gathered_seq,
-                                           scale)
+                                           scale, plan=plans.split_dense_for(0))
 
     if meta.has_prefix:
         # The cached prefix: every PCP rank must ask the same queries, so gather them.
@@ -107,7 +111,7 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
         seq = meta.gathered_seq.clamp(min=0)
         o_all, l_all = sharded_kv_attention(all_q, k_cache, v_cache, meta.block_tables, seq,
                                             meta.gathered_prefix_len, scale, groups, backend,
-                                            v_dim)
+                                            v_dim, plan=plans.split_prefix)
         mine = slice(me * pad, me * pad + q.shape[0])
         out, lse = fold_into((out.float(), lse), forms.cached_output(o_all[mine]), l_all[mine])
     return out.to(q.dtype)

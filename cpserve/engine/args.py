@@ -34,6 +34,12 @@ NOT_YET_SUPPORTED = {
     "speculative_config": ("--speculative-config", "speculative decoding"),
 }
 
+# Step budget when --max-num-batched-tokens is not given (with chunked prefill).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+# With chunked prefill and no --long-prefill-token-threshold, a long prompt takes at most
+# this share of each step's budget: the rest serves decodes and newly arrived requests.
+DEFAULT_LONG_PREFILL_SHARE = 0.5
+
 
 @dataclass
 class EngineArgs:
@@ -50,6 +56,8 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     max_waiting_requests: int = 4096
+    enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int | None = None  # None: a share of the step budget
     tensor_parallel_size: int = 1
     prefill_context_parallel_size: int = 1
     decode_context_parallel_size: int = 1
@@ -100,7 +108,7 @@ class EngineArgs:
         model_path = resolve_model_path(self.model)
         model = ModelConfig.from_pretrained(model_path, self.dtype, self.max_model_len,
                                             tokenizer=self._tokenizer_path())
-        max_batched = self.max_num_batched_tokens or max(8192, self.max_num_seqs)
+        max_batched, threshold = self.step_budget(model.max_model_len)
         return EngineConfig(
             model=model,
             parallel=ParallelConfig(
@@ -122,6 +130,8 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs,
                 max_num_batched_tokens=max_batched,
                 max_waiting_requests=self.max_waiting_requests,
+                enable_chunked_prefill=self.enable_chunked_prefill,
+                long_prefill_token_threshold=threshold,
             ),
             device=device,
             seed=self.seed,
@@ -172,6 +182,20 @@ class EngineArgs:
                 raise ConfigError(f"{flag} {value}: with one data parallel replica "
                                   f"(--data-parallel-size 1) it can only be {single}")
 
+    def step_budget(self, max_model_len: int) -> tuple[int, int]:
+        """(max_num_batched_tokens, long_prefill_token_threshold) with defaults filled in.
+        Without chunked prefill the budget must hold a whole prompt, as in vLLM."""
+        budget = self.max_num_batched_tokens
+        if budget is None:
+            budget = max(DEFAULT_MAX_NUM_BATCHED_TOKENS, self.max_num_seqs)
+            if not self.enable_chunked_prefill:
+                budget = max(budget, max_model_len)
+        threshold = self.long_prefill_token_threshold
+        if threshold is None:
+            threshold = (max(1, int(budget * DEFAULT_LONG_PREFILL_SHARE))
+                         if self.enable_chunked_prefill else 0)
+        return budget, threshold
+
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
         """Engine flags with vLLM's names."""
@@ -197,6 +221,14 @@ class EngineArgs:
         g.add_argument("--max-num-seqs", type=int, default=256)
         g.add_argument("--max-num-batched-tokens", type=int, default=None)
         g.add_argument("--max-waiting-requests", type=int, default=4096)
+        g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                       default=True,
+                       help="compute long prompts over several steps, beside other requests "
+                            "(off: a prompt waits until it fits one step)")
+        g.add_argument("--long-prefill-token-threshold", type=int, default=None,
+                       help="most tokens one request computes in a step; 0: no cap (default: "
+                            f"{DEFAULT_LONG_PREFILL_SHARE:g} of --max-num-batched-tokens with "
+                            "chunked prefill, so a long prompt never takes a whole step)")
         g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
         g.add_argument("-pcp", "--prefill-context-parallel-size", type=int, default=1)
         g.add_argument("-dcp", "--decode-context-parallel-size", type=int, default=1)
