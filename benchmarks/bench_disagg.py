@@ -1,6 +1,7 @@
 """Prefill-decode disaggregation on one GPU: two `cpserve serve` instances share it
 (`--gpu-memory-utilization 0.4` each) with `cpserve proxy` in front; the Llama-3.1-8B shape,
-random bf16 weights (`--load-format dummy`), prompts as token ids.
+random bf16 weights (`--load-format dummy`) and serving_model.py's tokenizer, prompts as
+token ids.
 
     python benchmarks/bench_disagg.py --out DIR                # one H200, about 5 minutes
     python benchmarks/bench_disagg.py --out DIR --smoke        # tiny model on CPU: the logic
@@ -28,7 +29,6 @@ import http.client
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import statistics
@@ -42,15 +42,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-LLAMA_31_8B = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
-    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5,
-    rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 8192},
-    bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False, torch_dtype="bfloat16")
+from serving_model import LLAMA_31_8B, TINY, write_model_dir  # noqa: E402
+
 GPU = dict(long=32768, short=1024, streams=8, stream_tokens=256, max_len=40000,
            startup_s=200, budget_s=420)
 SMOKE = dict(long=600, short=64, streams=2, stream_tokens=12, max_len=1024, startup_s=240,
@@ -143,18 +138,9 @@ def _stream(url: str, body: dict, timeout: float = 600) -> list[tuple[float, int
 
 # Model -------------------------------------------------------------------------------------------
 def model_dir(smoke: bool, max_len: int) -> str:
-    from cpserve.models.demo import ensure_tiny_model
-
-    tiny = ensure_tiny_model()
-    if smoke:
-        return str(tiny)
+    """config.json and a tokenizer of exactly the model's vocabulary (serving_model.py)."""
     path = Path(tempfile.mkdtemp(prefix="cpserve-bench-disagg-"))
-    (path / "config.json").write_text(json.dumps(dict(
-        LLAMA_31_8B, max_position_embeddings=max(max_len, 131072))))
-    # The demo tokenizer: prompts are token ids, and logprobs count the generated tokens.
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(tiny / name, path / name)
-    return str(path)
+    return str(write_model_dir(path, TINY if smoke else LLAMA_31_8B, max_len))
 
 
 def prompt(n: int, vocab: int, seed: int) -> list[int]:
@@ -197,6 +183,7 @@ def decode_load(url: str, shape: dict, vocab: int, seed: int,
     prompts go there back to back meanwhile."""
     gaps: list[float] = []
     errors: list[str] = []
+    first_stream: list[float] = []  # its chunks' arrival, ms after the first (a sample)
     stop = threading.Event()
     long_done = [0]
 
@@ -207,6 +194,8 @@ def decode_load(url: str, shape: dict, vocab: int, seed: int,
                                    "ignore_eos": True})
             for (t0, _), (t1, n) in zip(chunks, chunks[1:]):
                 gaps.extend([(t1 - t0) / n] * n)
+            if i == 0:
+                first_stream.extend(round((t - chunks[0][0]) * 1e3, 1) for t, _ in chunks)
         except Exception as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
 
@@ -237,7 +226,8 @@ def decode_load(url: str, shape: dict, vocab: int, seed: int,
     gaps.sort()
     p99 = gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else None
     return {"itl_p99_s": p99, "itl_median_s": statistics.median(gaps) if gaps else None,
-            "tokens": len(gaps), "long_prompts_done": long_done[0], "errors": errors[:5]}
+            "tokens": len(gaps), "long_prompts_done": long_done[0], "errors": errors[:5],
+            "first_stream_ms": first_stream[:64]}
 
 
 def main() -> None:
@@ -255,14 +245,13 @@ def main() -> None:
     import torch
 
     device = "cpu" if args.smoke else torch.cuda.get_device_name(0)
-    vocab = 1024 if args.smoke else LLAMA_31_8B["vocab_size"]
+    vocab = (TINY if args.smoke else LLAMA_31_8B)["vocab_size"]
     path = model_dir(args.smoke, shape["max_len"])
     common = ["serve", path, "--served-model-name", "m", "--max-model-len", str(shape["max_len"]),
-              "--max-num-seqs", "16", "--block-size", "16"]
+              "--max-num-seqs", "16", "--block-size", "16", "--load-format", "dummy"]
     if not args.smoke:
-        common += ["--load-format", "dummy", "--dtype", "bfloat16",
-                   "--gpu-memory-utilization", "0.4", "--cudagraph-capture-sizes",
-                   "1", "2", "4", "8", "16"]
+        common += ["--dtype", "bfloat16", "--gpu-memory-utilization", "0.4",
+                   "--cudagraph-capture-sizes", "1", "2", "4", "8", "16"]
 
     def kv(role: str, transport: str = "auto") -> list[str]:
         return ["--kv-transfer-config", json.dumps({

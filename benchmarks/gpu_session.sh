@@ -30,6 +30,10 @@ for phase in "$@"; do
          | tee "$OUT/serving.log" | tail -40 ;;
     moe) mkdir -p "$OUT/moe"; timeout 420 python3 benchmarks/bench_moe.py --out "$OUT/moe" \
          --budget-s 380 2>&1 | tee "$OUT/moe/bench_moe.log" | tail -60 ;;
+    pd) mkdir -p "$OUT/pd"; timeout 150 python3 -m pytest -q -p no:cacheprovider \
+         tests/test_gpu_kv_transfer.py 2>&1 | tee "$OUT/pd/gpu-tests.log" | tail -15
+        timeout 480 python3 benchmarks/bench_disagg.py --out "$OUT/pd" 2>&1 \
+         | tee "$OUT/pd/bench_disagg.log" | tail -45 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
