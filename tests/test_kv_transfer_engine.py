@@ -244,3 +244,23 @@ def test_kv_transfer_config_refusals_name_the_key():
             KVTransferConfig.from_json(raw)
     parsed = KVTransferConfig.from_json({**base, "kv_port": "30000", "kv_buffer_device": "cuda"})
     assert (parsed.kv_port, parsed.is_producer, parsed.is_consumer) == (30000, True, True)
+
+
+def test_proxy_picks_instances_round_robin_or_by_fewest_in_flight():
+    from cpserve.entrypoints.proxy import Pool
+
+    urls = ["http://a:1", "http://b:1", "http://c:1"]
+    turns = Pool(urls, "round_robin")
+    assert [turns.pick().url for _ in range(4)] == [*urls, urls[0]]
+    least = Pool(urls, "least_loaded")
+    least.backends[0].in_flight, least.backends[1].in_flight = 2, 1
+    assert {least.pick().url for _ in range(3)} == {"http://c:1"}
+    least.backends[2].in_flight = 1  # b and c tie: both get turns
+    assert {least.pick().url for _ in range(4)} == {"http://b:1", "http://c:1"}
+
+
+def test_proxy_refuses_a_backend_that_is_not_a_url(capsys):
+    from cpserve.entrypoints.cli import main
+
+    assert main(["proxy", "--prefill", "127.0.0.1:8100", "--decode", "http://x:1"]) == 2
+    assert "'127.0.0.1:8100' is not an http:// or https:// URL" in capsys.readouterr().err

@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -301,7 +302,7 @@ def add_proxy_args(parser: argparse.ArgumentParser) -> None:
 def run_proxy(args: argparse.Namespace) -> int:
     for url in (*args.prefill, *args.decode):
         if not url.startswith(("http://", "https://")):
-            print(f"cpserve proxy: {url!r} is not an http:// or https:// URL", flush=True)
+            print(f"cpserve proxy: {url!r} is not an http:// or https:// URL", file=sys.stderr)
             return 2
     app = build_proxy_app(Proxy(args.prefill, args.decode, args.policy),
                           args.max_request_body_bytes)

@@ -133,6 +133,8 @@ class Puller:
 
     # One load -----------------------------------------------------------------------------
     def _run(self, load: Load) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # a thread starts on device 0
         try:
             engine = self._engine(load.remote)
             source = InstanceLayout.from_dict(engine["layout"])

@@ -105,6 +105,8 @@ class KVServer:
 
     def _serve(self, channel: Channel, peer: Any) -> None:
         pinned: list[Lease] = []  # device path: leases this peer holds pinned
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # a thread starts on device 0
         try:
             while not self._stop.is_set():
                 try:
