@@ -14,7 +14,9 @@ Phases (each skipped, and said so, once the time budget is spent):
                    (colocated) against through the proxy (prefill, transfer, decode)
     itl            ITL p99 of 8 streams decoding 256 tokens each (1k prompts) on the decode
                    instance: alone, and while 32k prompts go through the proxy back to back;
-                   then the same load on one instance (colocated: mixed steps)
+                   then the same load on one instance (colocated: mixed steps); and while
+                   the prefill instance computes 32k prompts that are not transferred (the
+                   cost of two processes sharing one GPU, apart from the transfers)
     transfer-tcp   the 32k transfer again, a decode instance with kv_transport "tcp"
 
 Writes DIR/<date>-<device>-disagg.json with every figure, the targets of issue 14 and
@@ -291,10 +293,14 @@ def main() -> None:
             result["skipped"].append("ttft")
         if left() > 90:
             itl = {"decode_alone": decode_load(proxy.url, shape, vocab, 400, None),
+                   # The 32k prompts through the proxy: the decode instance pulls their KV.
                    "disaggregated": decode_load(proxy.url, shape, vocab, 500,
                                                 (proxy.url, vocab)),
                    "colocated": decode_load(prefill.url, shape, vocab, 600,
                                             (prefill.url, vocab))}
+            if left() > 60:  # the prefill instance busy alone: what sharing the GPU costs
+                itl["prefill_busy_no_transfer"] = decode_load(proxy.url, shape, vocab, 800,
+                                                              (prefill.url, vocab))
             alone = itl["decode_alone"]["itl_p99_s"]
             itl["ratio"] = (itl["disaggregated"]["itl_p99_s"] / alone) if alone else None
             result["itl"] = itl
