@@ -214,6 +214,25 @@ def test_abort_while_loading_frees_the_blocks_once_the_ranks_stopped(engines):
     _assert_clean(prefill, decode)
 
 
+def test_instances_that_cannot_exchange_kv_are_named_at_the_handshake(engines):
+    prefill = engines["prefill"]
+    config = {"kv_connector": "CpserveConnector", "kv_role": "kv_consumer", "kv_port": 0}
+    other = LLMEngine.from_engine_args(EngineArgs(**{**COMMON, "block_size": 32},
+                                                  kv_transfer_config=config))
+    try:
+        (prompt,) = random_prompts([40], seed=9)
+        params = _prefill(prefill, "p", prompt)
+        other.add_request("d", {"prompt_token_ids": prompt}, _greedy(kv_transfer_params=params))
+        out = _run([other, prefill])["d"].outputs[0]
+        assert out.finish_reason == "error"
+        assert "cannot exchange KV: block_size differs" in out.error
+        assert "--block-size" in out.error
+        _settle(prefill)
+        _assert_clean(prefill, other)
+    finally:
+        other.shutdown()
+
+
 @pytest.mark.parametrize(("params", "message"), [
     ({"do_remote_prefill": True}, "kv_transfer_params.remote_engine_id is missing"),
     ({"do_remote_decode": "yes"}, "kv_transfer_params.do_remote_decode must be true"),
