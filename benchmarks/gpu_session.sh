@@ -37,6 +37,10 @@ for phase in "$@"; do
          | tee "$OUT/spec-decode.log" | tail -30 ;;
     spec-serving) timeout 400 python3 benchmarks/bench_serving.py --runs spec-ngram-32k,spec-mtp-32k \
          --no-hf --out-dir "$OUT" 2>&1 | tee "$OUT/spec-serving.log" | tail -20 ;;
+    pd) mkdir -p "$OUT/pd"; timeout 150 python3 -m pytest -q -p no:cacheprovider \
+         tests/test_gpu_kv_transfer.py 2>&1 | tee "$OUT/pd/gpu-tests.log" | tail -15
+        timeout 480 python3 benchmarks/bench_disagg.py --out "$OUT/pd" 2>&1 \
+         | tee "$OUT/pd/bench_disagg.log" | tail -45 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

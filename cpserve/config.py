@@ -316,6 +316,8 @@ class EngineConfig:
     sampling_defaults: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     # Speculative decoding (vLLM's --speculative-config), None when off.
     speculative: SpeculativeConfig | None = None
+    # --kv-transfer-config (prefill/decode disaggregation); a KVTransferConfig, None: off.
+    kv_transfer: Any = None
 
     def __post_init__(self) -> None:
         check_engine_config(self)
@@ -403,6 +405,10 @@ def check_engine_config(cfg: EngineConfig) -> None:
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"device={cfg.device!r} must be 'cpu', 'cuda' or 'auto'")
     _check_launch(cfg.launch, par)
+    if cfg.kv_transfer is not None:
+        from cpserve.kv_transfer.config import check_kv_transfer
+
+        check_kv_transfer(cfg.kv_transfer, cfg.launch.nnodes, par.world_size)
     sizes = cfg.cudagraph_capture_sizes
     if sizes is not None and (not sizes or any(not isinstance(n, int) or n < 1 for n in sizes)):
         raise ConfigError(f"cudagraph_capture_sizes={list(sizes)} must be a non-empty list of "

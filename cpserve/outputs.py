@@ -59,6 +59,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     extra: dict = field(default_factory=dict)
+    # A prefill instance's answer to do_remote_decode: where a decode instance finds the KV.
+    kv_transfer_params: dict | None = None
 
     @property
     def num_draft_tokens(self) -> int:

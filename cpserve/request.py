@@ -14,6 +14,8 @@ from cpserve.sampling_params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    # Admitted with blocks for its prompt, whose KV other instance's ranks are sending.
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -64,6 +66,10 @@ class Request:
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.finished_time: float | None = None
+        # Prefill-decode disaggregation (cpserve.kv_transfer), from kv_transfer_params:
+        self.remote_decode = False  # keep the KV for a decode instance when finished
+        self.remote_prefill = None  # a RemotePrefill: pull the prompt's KV before computing
+        self.kv_transfer_output: dict | None = None  # what to tell the decode instance
 
     @property
     def num_tokens(self) -> int:

@@ -46,6 +46,9 @@ class SamplingParams:
     # > 1 discourages tokens already in the prompt or the output, < 1 favours them (vLLM's and
     # transformers' rule: a positive logit is divided by it, a negative one multiplied).
     repetition_penalty: float = 1.0
+    # vLLM's kv_transfer_params (prefill/decode disaggregation, cpserve.kv_transfer.params):
+    # {"do_remote_decode": true} on a prefill instance, the params it returned on a decode one.
+    kv_transfer_params: dict | None = None
     # Filled by the engine from generation_config.json; not a user field.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 

@@ -8,9 +8,10 @@ stops at start-up with a message naming a flag it cannot honour:
 
 - flags that other issues implement (OTHER_ISSUES) may do either, so this test stays true as
   they land; until then argparse refuses them, which counts only if it names nothing else;
-- --kv-transfer-config is refused as "not supported yet", and --speculative-config's
-  deepseek_mtp because `tiny` has no MTP modules, so the full tutorial commands stop; without
-  the refused flags, they must start and serve.
+- --speculative-config's deepseek_mtp is refused because `tiny` has no MTP modules, and
+  --kv-transfer-config with the tutorial's connector (Mooncake, Ascend's) as one cpserve does
+  not have (it has CpserveConnector), so the full tutorial commands stop; without the refused
+  flags, they must start and serve.
 
 Two "nodes" on one machine (the tutorial's two prefill nodes, `--nnodes 2`, two ranks each)
 give the same greedy text as one process, and the headless node exits when node 0 stops.

@@ -55,8 +55,11 @@ def test_capture_sizes_are_the_decode_graph_buckets():
 @pytest.mark.parametrize(("argv", "message"), [
     (["--speculative-config", '{"num_speculative_tokens": 3, "method": "deepseek_mtp"}'],
      "--speculative-config method 'deepseek_mtp' needs a DeepSeek-V3 checkpoint"),
-    (["--kv-transfer-config", '{"kv_connector": "MooncakeConnectorV1"}'],
-     "--kv-transfer-config is not supported yet"),
+    (["--kv-transfer-config", '{"kv_connector": "MooncakeConnectorV1", "kv_role": "kv_both"}'],
+     "--kv-transfer-config: kv_connector 'MooncakeConnectorV1' is not supported; cpserve "
+     "supports 'CpserveConnector'"),
+    (["--kv-transfer-config", '{"kv_connector": "CpserveConnector"}'],
+     "--kv-transfer-config: kv_role None must be one of kv_producer, kv_consumer, kv_both"),
     (["--kv-transfer-config", "{...}"], "argument --kv-transfer-config: not valid JSON"),
     (["-cc", "[1, 2]"], "argument --compilation-config/-cc: must be a JSON object"),
     (["-cc", '{"cudagraph_mode": "PIECEWISE"}'], "cudagraph_mode=PIECEWISE: cpserve captures "

@@ -17,6 +17,7 @@ from cpserve.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from cpserve.kv_transfer.config import KVTransferConfig
 from cpserve.spec_decode.config import SpeculativeConfig
 
 
@@ -36,6 +37,7 @@ def config_to_dict(config: EngineConfig) -> dict:
                                     else list(config.cudagraph_capture_sizes)),
         "max_logprobs": config.max_logprobs,
         "speculative": None if config.speculative is None else config.speculative.to_dict(),
+        "kv_transfer": None if config.kv_transfer is None else config.kv_transfer.to_dict(),
     }
 
 
@@ -57,4 +59,6 @@ def config_from_dict(data: dict) -> EngineConfig:
         max_logprobs=data["max_logprobs"],
         speculative=(None if data["speculative"] is None
                      else SpeculativeConfig.from_dict(data["speculative"])),
+        kv_transfer=(None if data["kv_transfer"] is None
+                     else KVTransferConfig.from_dict(data["kv_transfer"])),
     )

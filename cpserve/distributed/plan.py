@@ -33,7 +33,8 @@ class StepPlan:
     `load` (an engine config as a plain dict: build a model runner for it), `probe_kv`
     (report which cache slots hold data), `draft` (run the MTP drafter after the last step:
     one `[next_token_ids, last_row, num_drafts]` per request of that step, see
-    spec_decode/mtp_proposer.py) or `shutdown`."""
+    spec_decode/mtp_proposer.py) or `shutdown`; and `kv`, what the ranks must do about KV
+    transfer between instances, with or without a step."""
 
     requests: list[PlannedRequest] = field(default_factory=list)
     freed_request_ids: list[str] = field(default_factory=list)
@@ -41,6 +42,8 @@ class StepPlan:
     load: dict | None = None
     probe_kv: bool = False
     draft: list | None = None
+    # KV transfer between instances (cpserve.kv_transfer.worker): leases, loads, polls.
+    kv: dict | None = None
 
     def encode(self) -> bytes:
         return msgpack.packb({
@@ -51,6 +54,7 @@ class StepPlan:
             "load": self.load,
             "probe_kv": self.probe_kv,
             "draft": self.draft,
+            "kv": self.kv,
         }, use_bin_type=True)
 
     @staticmethod
@@ -58,7 +62,8 @@ class StepPlan:
         raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
         return StepPlan(requests=[PlannedRequest(*fields) for fields in raw["requests"]],
                         freed_request_ids=list(raw["freed"]), shutdown=bool(raw["shutdown"]),
-                        load=raw["load"], probe_kv=bool(raw["probe_kv"]), draft=raw["draft"])
+                        load=raw["load"], probe_kv=bool(raw["probe_kv"]), draft=raw["draft"],
+                        kv=raw["kv"])
 
 
 def broadcast_plan(plan: StepPlan | None, group: Group, src: int = 0) -> StepPlan:

@@ -24,15 +24,13 @@ from cpserve.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from cpserve.kv_transfer.config import KVTransferConfig
 
 logger = logging.getLogger(__name__)
 
 # vLLM flags for features that later releases of cpserve add: parsed (so a command line that
 # carries them gets a clear answer) and refused at start-up.
-NOT_YET_SUPPORTED = {
-    "kv_transfer_config": ("--kv-transfer-config",
-                           "KV cache transfer between instances (prefill/decode disaggregation)"),
-}
+NOT_YET_SUPPORTED: dict[str, tuple[str, str]] = {}
 
 # Step budget when --max-num-batched-tokens is not given (with chunked prefill).
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
@@ -148,6 +146,8 @@ class EngineArgs:
             speculative=parse_speculative_config(self.speculative_config,
                                                  (self.model, str(model_path)),
                                                  model.hf_config),
+            kv_transfer=(None if self.kv_transfer_config is None
+                         else KVTransferConfig.from_json(self.kv_transfer_config)),
         )
 
     def _tokenizer_path(self) -> str | None:
@@ -312,4 +312,6 @@ def _add_vllm_args(parser: argparse.ArgumentParser) -> None:
                         '"prompt_lookup_max": 4} or {"method": "deepseek_mtp", '
                         '"num_speculative_tokens": 3}')
     g.add_argument("--kv-transfer-config", type=json_object, default=None, metavar="JSON",
-                   help="not supported yet (refused)")
+                   help='prefill/decode disaggregation: {"kv_connector": "CpserveConnector", '
+                        '"kv_role": "kv_producer" | "kv_consumer" | "kv_both", "kv_ip": ..., '
+                        '"kv_port": ..., "kv_load_failure_policy": "fail" | "recompute"}')

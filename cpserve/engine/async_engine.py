@@ -170,6 +170,10 @@ class AsyncEngine:
         # Since when unfinished work has waited for progress; None while idle.
         self._waiting_for_progress_since: float | None = None
         self._thread = threading.Thread(target=self._run, name="cpserve-engine", daemon=True)
+        if getattr(engine, "kv_transfer", None) is not None:
+            # A lease released or expired while idle: run the engine loop for it.
+            engine.kv_transfer.wakeup = lambda: self._submit(_Call(lambda _: None),
+                                                             raise_if_dead=False)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, **kwargs: Any) -> AsyncEngine:

@@ -49,6 +49,7 @@ class EngineStats:
     prefix_cache_queries_total: int
     prefix_cache_hits_total: int
     spec_decode: SpecDecodeStats | None = None  # None unless speculative decoding is on
+    kv_transfer: object = None  # KVTransferStats with --kv-transfer-config
 
 
 class LLMEngine:
@@ -65,10 +66,16 @@ class LLMEngine:
         layout = KVLayout(config.cache.block_size, par.num_kv_shards, par.interleave)
         self.kv = KVCacheManager(layout, self.executor.num_blocks,
                                  config.cache.enable_prefix_caching)
+        self.kv_transfer = None  # prefill/decode disaggregation: leases and loads
+        if config.kv_transfer is not None:
+            from cpserve.kv_transfer.scheduler_side import KVTransferScheduler
+
+            self.kv_transfer = KVTransferScheduler(config.kv_transfer, self.kv,
+                                                   self.executor.runner.kv_transfer)
         spec = config.speculative
         self.scheduler = Scheduler(config.scheduler, self.kv,
                                    spec.lookahead_tokens if spec else 0,
-                                   config.model.max_model_len)
+                                   config.model.max_model_len, connector=self.kv_transfer)
         self.drafter = build_drafter(config, self.executor)
         self.spec_stats = SpecDecodeStats(spec.num_speculative_tokens) if spec else None
         print(layout_report(par, self.executor.num_blocks, config.cache.block_size),
@@ -99,6 +106,7 @@ class LLMEngine:
         text, token_ids = self._tokenize(prompt)
         self._check_prompt(token_ids)
         self._check_token_ids(params)
+        transfer = self._kv_transfer_request(params)
         params._eos_token_ids = self.config.model.eos_token_ids
         children = []
         for index in range(params.n):
@@ -109,8 +117,11 @@ class LLMEngine:
             generator = None
             if params.seed is not None:
                 generator = make_generator(params.child_seed(index), self.device)
-            children.append(Request(child_id, token_ids, child_params, arrival_time,
-                                    parent_id=request_id, index=index, generator=generator))
+            child = Request(child_id, token_ids, child_params, arrival_time,
+                            parent_id=request_id, index=index, generator=generator)
+            if transfer is not None:
+                child.remote_decode, child.remote_prefill = transfer
+            children.append(child)
         self.outputs.add(ParentRequest(request_id, text, token_ids, params, children))
         for child in children:
             self.requests[child.request_id] = child
@@ -136,6 +147,23 @@ class LLMEngine:
             return None, list(prompt)
         raise ValueError("a prompt must be a string, a list of token ids, or a dict with "
                          "'prompt' or 'prompt_token_ids'")
+
+    def _kv_transfer_request(self, params: SamplingParams) -> tuple | None:
+        """(remote_decode, remote_prefill) from the request's kv_transfer_params."""
+        if params.kv_transfer_params is None:
+            return None
+        from cpserve.kv_transfer.params import parse
+
+        kvt = self.config.kv_transfer
+        transfer = parse(params.kv_transfer_params,
+                         is_producer=kvt.is_producer if kvt else None,
+                         is_consumer=kvt.is_consumer if kvt else None)
+        if (transfer.remote_decode or transfer.remote_prefill) and params.n != 1:
+            raise ValueError("kv_transfer_params: a KV transfer is for one completion (n=1)")
+        if transfer.remote_prefill is not None and params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: a decode instance that receives the prompt's KV "
+                             "does not compute the prompt, so it has no prompt logprobs")
+        return transfer.remote_decode, transfer.remote_prefill
 
     def _check_logprobs(self, params: SamplingParams) -> None:
         limit = self.config.max_logprobs
@@ -208,7 +236,7 @@ class LLMEngine:
             requests.append(PlannedRequest(
                 r.request_id, item.token_ids, item.start_pos, list(block_ids), item.is_new,
                 num_logit_rows(item), len(item.draft_token_ids)))
-        return StepPlan(requests, list(out.freed_request_ids))
+        return StepPlan(requests, list(out.freed_request_ids), kv=out.kv_ops)
 
     def _postprocess(self, out: SchedulerOutput, logits: StepLogits) -> list[RequestOutput]:
         """Sample, append and check stops. What goes wrong for one request (logits that are
@@ -314,12 +342,20 @@ class LLMEngine:
             prefix_cache_queries_total=self.kv.prefix_queries,
             prefix_cache_hits_total=self.kv.prefix_hits,
             spec_decode=self.spec_stats.snapshot() if self.spec_stats else None,
+            kv_transfer=self.kv_transfer.snapshot() if self.kv_transfer is not None else None,
         )
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
 
+    def kv_transfer_status(self) -> dict:
+        """Leases, loads and counters of KV transfer, after checking the block pool."""
+        self.check_integrity()
+        return {**self.kv_transfer.status(), "integrity": "ok"}
+
     def shutdown(self) -> None:
+        if self.kv_transfer is not None:
+            self.kv_transfer.close()
         self.executor.shutdown()
 
 

@@ -64,6 +64,9 @@ class ModelRunner:
         self.groups = groups
         self.device = device
         par, cache, model_cfg = config.parallel, config.cache, config.model
+        # GPU memory in use before this process loads anything (another instance sharing the
+        # GPU): gpu_memory_utilization is this instance's share, as in vLLM.
+        self._gpu_used_at_start = _gpu_used(device)
         self.layout = KVLayout(cache.block_size, par.num_kv_shards, par.interleave)
         self.model_groups = dataclasses.replace(groups,
                                                 expert_parallel=par.enable_expert_parallel)
@@ -86,12 +89,19 @@ class ModelRunner:
         if config.load_format == "dummy":
             self._randomize_kv_caches()
         self.graphs = DecodeGraphs.for_runner(self)
+        self.kv_transfer = None  # --kv-transfer-config: this rank's server and loads
+        if config.kv_transfer is not None:
+            from cpserve.kv_transfer.worker import KVTransferWorker
+
+            self.kv_transfer = KVTransferWorker(self)
 
     def close(self) -> None:
         """Release the decode graphs before the process groups go: graphs that captured NCCL
         collectives hold work on their communicators (a rank that kept them while its group
         was destroyed did not exit in the 2026-11-22 benchmark run)."""
         self.graphs = None
+        if self.kv_transfer is not None:
+            self.kv_transfer.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -143,8 +153,12 @@ class ModelRunner:
         peak memory it needed.
 
             total * gpu_memory_utilization
-              - memory others hold on this GPU (CUDA context, NCCL buffers, other processes)
+              - what this process holds outside torch's allocator (NCCL buffers, ...)
               - peak of this process's tensors during the step (weights + activations)
+
+        Memory other processes held when this one started is not this instance's to
+        count (two instances of 0.4 share a GPU, as with vLLM), but the cache must fit in
+        what is free: if it does not, it gets what is free.
         """
         tokens = min(self.config.scheduler.max_num_batched_tokens,
                      self.config.model.max_model_len - 1)
@@ -167,14 +181,17 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         held_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        budget = total * self.config.cache.gpu_memory_utilization - held_by_others - peak
+        outside_torch = max(0, held_by_others - self._gpu_used_at_start)
+        budget = total * self.config.cache.gpu_memory_utilization - outside_torch - peak
+        activations = peak - torch.cuda.memory_allocated(self.device)
+        budget = min(budget, free - activations)
         if budget <= 0:
             raise RuntimeError(
                 f"no GPU memory left for the KV cache: a step of {tokens} tokens peaks at "
                 f"{peak / 2**30:.1f} GiB, others hold {held_by_others / 2**30:.1f} GiB of "
-                f"{total / 2**30:.1f} GiB; raise --gpu-memory-utilization "
-                f"({self.config.cache.gpu_memory_utilization}) or lower "
-                "--max-num-batched-tokens")
+                f"{total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free); raise "
+                f"--gpu-memory-utilization ({self.config.cache.gpu_memory_utilization}) or "
+                "lower --max-num-batched-tokens")
         self.profiled_kv_budget = budget
         self.profile_report = (f"profiled a {tokens}-token step: peak {peak / 2**30:.2f} GiB, "
                                f"others {held_by_others / 2**30:.2f} GiB, KV budget "
@@ -218,6 +235,8 @@ class ModelRunner:
 
         Rows: request by request in plan order, the last `num_logits` new tokens of each.
         """
+        if plan.kv is not None:
+            self.kv_transfer.apply(plan.kv)
         self._apply_table_diffs(plan)
         if not plan.requests:
             return None
@@ -321,6 +340,13 @@ class ModelRunner:
         owned_dev = owned.to(hidden.device)
         rows[owned_dev] = hidden[index[owned].to(hidden.device)]
         return all_reduce(rows, self.groups.pcp_group)
+
+
+def _gpu_used(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
 
 
 def _to_device(meta: StepAttentionMetadata, device: torch.device) -> StepAttentionMetadata:

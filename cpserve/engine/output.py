@@ -131,6 +131,7 @@ class OutputProcessor:
             finished=parent.finished,
             num_cached_tokens=first.num_cached_tokens,
             metrics=metrics,
+            kv_transfer_params=first.kv_transfer_output,
         )
 
 

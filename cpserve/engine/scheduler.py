@@ -20,6 +20,11 @@ With vLLM's flags: `long_prefill_token_threshold` caps the tokens one request co
 step, so while a long prompt prefills the rest of the budget serves decodes and new
 arrivals; without `enable_chunked_prefill` a waiting prompt is admitted only when all its
 uncomputed tokens fit the step's remaining budget.
+
+With `--kv-transfer-config` (cpserve.kv_transfer) a `connector` takes part: a request whose
+prompt KV another instance computed is admitted by allocating its blocks and waits aside
+until they are filled, then comes back with its prompt counted as computed; a finished
+request may leave its blocks under a lease for another instance to read.
 """
 
 from __future__ import annotations
@@ -27,10 +32,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cpserve.config import SchedulerConfig
 from cpserve.kv.manager import KVCacheManager
 from cpserve.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from cpserve.kv_transfer.scheduler_side import KVTransferScheduler
 
 
 @dataclass
@@ -66,6 +75,7 @@ class SchedulerOutput:
     num_preempted: int = 0
     # Finished with an error this step (`Request.error` says why); they need an output.
     failed: list[Request] = field(default_factory=list)
+    kv_ops: dict | None = None  # for the ranks: KV transfer between instances
 
     @property
     def num_tokens(self) -> int:
@@ -73,18 +83,21 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled and not self.freed_request_ids and not self.failed
+        return (not self.scheduled and not self.freed_request_ids and not self.failed
+                and not self.kv_ops)
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, lookahead_tokens: int = 0,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None,
+                 connector: KVTransferScheduler | None = None) -> None:
         self.config = config
         self.kv = kv
         # Slots past a completing step that its request will write before the next one
         # (an MTP module drafting), allocated with the step's, never past max_model_len.
         self.lookahead_tokens = lookahead_tokens
         self.max_model_len = max_model_len
+        self.connector = connector  # KV transfer between instances, if configured
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._freed: list[str] = []
@@ -94,13 +107,20 @@ class Scheduler:
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running
+                    or (self.connector is not None and self.connector.has_work()))
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(freed_request_ids=self._freed)
         self._freed = []
         budget = self.config.max_num_batched_tokens
         now = time.time()
+        if self.connector is not None:
+            ready, failed = self.connector.begin_step()
+            self.waiting.extendleft(reversed(ready))
+            for request in failed:
+                self.finish(request, RequestStatus.FINISHED_ERROR)
+                out.failed.append(request)
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -125,14 +145,23 @@ class Scheduler:
             budget -= num_new
             i += 1
 
+        loading = len(self.connector.loads) if self.connector is not None else 0
         while (self.waiting and budget > 0 and not out.num_preempted
-               and len(self.running) < self.config.max_num_seqs):
+               and len(self.running) + loading < self.config.max_num_seqs):
             request = self.waiting[0]
+            if request.remote_prefill is not None:  # its prompt's KV comes from elsewhere
+                if not self.connector.start_load(request):
+                    break  # it waits for blocks
+                self.waiting.popleft()
+                loading += 1
+                continue
+            # KV computed already: only for a request whose KV came from another instance.
+            computed = request.num_computed_tokens
             cached = (self.kv.find_cached_prefix(request)
-                      if request.num_computed_tokens == 0 and request.may_read_prefix_cache
-                      else [])
+                      if computed == 0 and request.may_read_prefix_cache else [])
             num_cached = len(cached) * self.kv.layout.virtual_block_size
-            num_new = self._capped(request.num_tokens - num_cached)
+            start = max(computed, num_cached)
+            num_new = self._capped(request.num_tokens - start)
             if not self.config.enable_chunked_prefill and num_new > budget:
                 break  # the whole prompt in one step, or not yet
             num_new = min(num_new, budget)
@@ -143,15 +172,18 @@ class Scheduler:
                 self._fail_for_capacity(request, num_new, out)
                 continue
             self.waiting.popleft()
-            self.kv.record_prefix_lookup(request.num_tokens, num_cached)
+            if computed == 0:
+                self.kv.record_prefix_lookup(request.num_tokens, num_cached)
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
                 request.num_cached_tokens = num_cached
-            request.num_computed_tokens = num_cached
+            request.num_computed_tokens = start
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new, new_blocks, is_new=True))
             budget -= num_new
+        if self.connector is not None:
+            out.kv_ops = self.connector.take_ops()
         return out
 
     def _allocate(self, request: Request, num_new: int, cached: list[int] = (),
@@ -211,5 +243,6 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = status
         request.finished_time = time.time()
-        self.kv.free(request)
+        if self.connector is None or not self.connector.on_finish(request, status):
+            self.kv.free(request)
         self._freed.append(request.request_id)

@@ -34,7 +34,7 @@ def serve_plans(groups: ParallelGroups, device: torch.device) -> None:
             gather_to_driver(runner.written_slots(), groups)
         elif plan.draft is not None:
             runner.propose_drafts(plan.draft)
-        elif plan.requests or plan.freed_request_ids:  # an empty plan only keeps us alive
+        elif plan.requests or plan.freed_request_ids or plan.kv:  # empty: a keep-alive
             runner.execute(plan)
 
 

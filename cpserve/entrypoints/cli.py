@@ -1,8 +1,9 @@
-"""The `cpserve` command: `generate`, `serve` and `bench serve`.
+"""The `cpserve` command: `generate`, `serve`, `proxy` and `bench serve`.
 
     cpserve generate [MODEL] --prompt TEXT [--max-tokens N ...]   offline, prints the text
     cpserve serve [MODEL] [--host --port --api-key ...]           the OpenAI-compatible server
     cpserve bench serve --base-url URL [...]                      load test of any such server
+    cpserve proxy --prefill URL... --decode URL... [--port P]     prefill/decode disaggregation
 
 Engine flags (`-tp`, `-pcp`, `-dcp`, `--block-size`, ...) are vLLM's, from `EngineArgs`; as
 with vLLM, `--flag_name` is accepted for `--flag-name`, and `--help` groups them by vLLM's
@@ -90,6 +91,14 @@ def _serve_headless(args: argparse.Namespace) -> int:
     return run_headless_node(parallel, launch, config.device)
 
 
+def _proxy(args: argparse.Namespace) -> int:
+    from cpserve.entrypoints.proxy import run_proxy
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                                                   "%(message)s")
+    return run_proxy(args)
+
+
 def _bench_serve(args: argparse.Namespace) -> int:
     from cpserve.bench import serve
 
@@ -120,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     for sub in (generate, serve):
         group_like_vllm(sub)
+
+    proxy = commands.add_parser(
+        "proxy", help="one OpenAI endpoint in front of prefill and decode instances",
+        usage="%(prog)s --prefill URL [URL ...] --decode URL [URL ...] [options]")
+    from cpserve.entrypoints.proxy import add_proxy_args
+
+    add_proxy_args(proxy)
+    proxy.set_defaults(func=_proxy)
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")

@@ -32,6 +32,8 @@ class KVCacheManager:
         self._salt = (salt if salt is not None else os.urandom(16)) + struct.pack(
             "<3q", layout.block_size, layout.num_shards, layout.interleave)
         self.block_tables: dict[str, list[int]] = {}
+        # Blocks of finished requests held for another instance to read (kv_transfer leases).
+        self.leased: dict[str, list[int]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # chain of each request's full blocks
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found
@@ -126,5 +128,15 @@ class KVCacheManager:
         if request.is_finished:
             self._hashes.pop(request.request_id, None)
 
+    def lease(self, request: Request) -> list[int]:
+        """Keep a finished request's blocks (cached hashes too) until `release_lease`."""
+        table = self.block_tables.pop(request.request_id, [])
+        self._hashes.pop(request.request_id, None)
+        self.leased[request.request_id] = table
+        return table
+
+    def release_lease(self, request_id: str) -> None:
+        self.pool.release(reversed(self.leased.pop(request_id, [])))
+
     def check_integrity(self) -> None:
-        self.pool.check_integrity(self.block_tables.values())
+        self.pool.check_integrity([*self.block_tables.values(), *self.leased.values()])

@@ -2,7 +2,8 @@
 the CLI, and `ServerThread` to run an app in the background (tests, notebooks).
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET|POST /ping, GET /metrics, POST /tokenize, POST /detokenize, GET /version.
+GET|POST /ping, GET /metrics, POST /tokenize, POST /detokenize, GET /version; with
+--kv-transfer-config, GET /kv_transfer/status.
 """
 
 from __future__ import annotations
@@ -112,6 +113,12 @@ def build_app(engine: AsyncEngine, *, served_model_names: Sequence[str] = ("tiny
     @app.get("/version")
     async def version() -> dict:
         return {"version": cpserve.__version__}
+
+    if engine.config.kv_transfer is not None:
+        @app.get("/kv_transfer/status")
+        async def kv_transfer_status() -> dict:
+            """Leases and loads in flight, and a check of the block pool (no leak)."""
+            return await engine.call(lambda e: e.kv_transfer_status())
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict:

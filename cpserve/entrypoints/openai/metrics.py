@@ -274,6 +274,10 @@ class ServerMetrics:
             yield from _spec_decode_families(s.spec_decode, names, values)
         for histogram in self._histograms:
             yield from histogram.families(self.labels)
+        if getattr(s, "kv_transfer", None) is not None:
+            from cpserve.kv_transfer.metrics import families
+
+            yield from families(s.kv_transfer, self.labels)
 
     def render(self) -> bytes:
         return _generate_latest(self.registry)

@@ -70,7 +70,9 @@ class SamplingFields(_Request):
         Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None = None
     prompt_logprobs: Logprobs | None = None  # vLLM's extension
     ignore_eos: bool = False
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    # null is 0: vLLM's disaggregation proxy sends `"min_tokens": null` to the decode instance.
+    min_tokens: Annotated[int, Field(ge=0)] | None = 0
+    min_completion_tokens: None = None  # the same proxy's, always null: accepted as such
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stream: bool = False
@@ -83,6 +85,8 @@ class SamplingFields(_Request):
     repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    # vLLM's prefill/decode disaggregation protocol (cpserve.kv_transfer.params checks it).
+    kv_transfer_params: dict[str, Any] | None = None
 
     def unsupported_fields(self) -> list[tuple[str, str]]:
         """(field, why) for each field set to something cpserve cannot honour."""

@@ -113,6 +113,11 @@ class OpenAIServing:
         if req.prompt_logprobs is not None and req.stream:
             raise APIError(400, "prompt_logprobs cannot be streamed: ask without stream",
                            "prompt_logprobs")
+        params = req.kv_transfer_params
+        if params and params.get("do_remote_decode") and req.stream:
+            raise APIError(400, "kv_transfer_params.do_remote_decode: the KV's whereabouts come "
+                                "with the whole response; ask without stream",
+                           "kv_transfer_params")
 
     def check_queue_room(self, num_sequences: int) -> None:
         """A call of more sequences than the waiting queue holds can never be admitted: 400
@@ -163,7 +168,7 @@ class OpenAIServing:
                 repetition_penalty=self._field(req, "repetition_penalty", 1.0),
                 seed=req.seed,
                 max_tokens=max_tokens,
-                min_tokens=req.min_tokens,
+                min_tokens=req.min_tokens or 0,
                 stop=req.stop,
                 stop_token_ids=req.stop_token_ids,
                 ignore_eos=req.ignore_eos,
@@ -172,6 +177,7 @@ class OpenAIServing:
                 skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 logit_bias=logit_bias,
+                kv_transfer_params=req.kv_transfer_params,
             )
         except ValueError as exc:
             raise APIError(400, str(exc)) from None

@@ -105,6 +105,8 @@ class _Run:
         }
         if self.req.prompt_logprobs is not None:  # vLLM's extension, never streamed
             response["prompt_logprobs"] = vllm_prompt_logprobs(self.s, out.prompt_logprobs)
+        if out.kv_transfer_params:  # a prefill instance's answer (vLLM's field)
+            response["kv_transfer_params"] = out.kv_transfer_params
         return response
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:

@@ -55,6 +55,9 @@ class CompletionServing:
             raise APIError(400, "max_tokens must be at least 1 (0 is allowed only with echo)",
                            "max_tokens")
         prompt_list = _prompt_list(req.prompt)
+        if req.kv_transfer_params and len(prompt_list) > 1:
+            raise APIError(400, "kv_transfer_params: a KV transfer is for one prompt, the "
+                                f"request has {len(prompt_list)}", "kv_transfer_params")
         s.check_queue_room(len(prompt_list) * req.n)
         prompts = await s.encode_prompts(prompt_list)
         echo_only = req.max_tokens == 0
@@ -151,7 +154,7 @@ class _Run:
             i = self._prompt_index(rid)
             choices.extend(self._choice(i, out, c) for c in out.outputs)
         choices.sort(key=lambda choice: choice["index"])
-        return {
+        response = {
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
@@ -159,6 +162,10 @@ class _Run:
             "choices": choices,
             "usage": self._usage(finals),
         }
+        kv_params = [o.kv_transfer_params for o in finals.values() if o.kv_transfer_params]
+        if kv_params:  # a prefill instance's answer (vLLM's field)
+            response["kv_transfer_params"] = kv_params[0]
+        return response
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
         body = {"id": self.id, "object": "text_completion", "created": self.created,
