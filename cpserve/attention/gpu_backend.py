@@ -115,19 +115,20 @@ class GPUBackend:
         self.full_op = self._library_piece
 
     # write ----------------------------------------------------------------------------------
-    def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
-        write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    def write_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
+        write_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     # paged ----------------------------------------------------------------------------------
     def paged_attention(self, q, k_cache, v_cache, block_tables, query_seq, query_kv_len, scale,
-                        v_dim=None):
+                        v_dim=None, k_scale=1.0, v_scale=1.0):
         dv = v_dim if v_cache is None else v_cache.shape[-1]
         if not _kernel_dims(q.shape[-1], dv):
             self.fallbacks.add(f"paged: head dims {q.shape[-1]}/{dv}")
             return self.reference.paged_attention(q, k_cache, v_cache, block_tables, query_seq,
-                                                  query_kv_len, scale, v_dim)
+                                                  query_kv_len, scale, v_dim, k_scale, v_scale)
         return paged_attention_triton(q, k_cache, v_cache, block_tables, query_seq,
-                                      query_kv_len, scale, v_dim)
+                                      query_kv_len, scale, v_dim, k_scale=k_scale,
+                                      v_scale=v_scale)
 
     # dense ----------------------------------------------------------------------------------
     def dense_attention(self, q, k, v, q_pos, k_pos, q_seq, k_seq, scale):

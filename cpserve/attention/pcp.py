@@ -59,7 +59,8 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
                         k_cache: torch.Tensor, v_cache: torch.Tensor | None,
                         meta: StepAttentionMetadata, scale: float, groups: ParallelGroups,
                         backend: AttentionBackend, exchange: str,
-                        v_dim: int | None = None) -> torch.Tensor:
+                        v_dim: int | None = None,
+                        kv_scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """q/k/v: this rank's split tokens [n, H, D]. Returns their attention output.
 
     With `v=None` (latent attention) only the keys travel; values are their first v_dim
@@ -78,7 +79,7 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
     def attend_block(block: torch.Tensor, src: int):
         rows = slice(src * pad, (src + 1) * pad)
         keys, values, stored = split(block)
-        backend.write_kv(keys, stored, k_cache, v_cache, meta.gathered_slots[rows])
+        backend.write_kv(keys, stored, k_cache, v_cache, meta.gathered_slots[rows], *kv_scale)
         return backend.dense_attention(q, keys, values, meta.split_pos,
                                        meta.gathered_pos[rows], meta.split_seq,
                                        meta.gathered_seq[rows], scale)
@@ -96,7 +97,7 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
                 kv = incoming
     else:
         keys, values, stored = split(all_gather(kv, groups.pcp_group, dim=1))
-        backend.write_kv(keys, stored, k_cache, v_cache, meta.gathered_slots)
+        backend.write_kv(keys, stored, k_cache, v_cache, meta.gathered_slots, *kv_scale)
         out, lse = backend.dense_attention(q, keys, values, meta.split_pos, meta.gathered_pos,
                                            meta.split_seq, meta.gathered_seq, scale)
 
@@ -106,7 +107,7 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
         seq = meta.gathered_seq.clamp(min=0)
         o_all, l_all = sharded_kv_attention(all_q, k_cache, v_cache, meta.block_tables, seq,
                                             meta.gathered_prefix_len, scale, groups, backend,
-                                            v_dim)
+                                            v_dim, kv_scale)
         mine = slice(me * pad, me * pad + q.shape[0])
         out, lse = merge_two(out, lse, o_all[mine], l_all[mine])
     return out

@@ -44,6 +44,8 @@ class EngineArgs:
     pcp_kv_exchange: str = "allgather"
     enforce_eager: bool = False
     load_format: str = "auto"
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
 
     def create_engine_config(self) -> EngineConfig:
         from cpserve.models.demo import resolve_model_path
@@ -54,7 +56,7 @@ class EngineArgs:
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but no CUDA GPU is visible")
         model = ModelConfig.from_pretrained(resolve_model_path(self.model), self.dtype,
-                                            self.max_model_len)
+                                            self.max_model_len, self.quantization)
         max_batched = self.max_num_batched_tokens or max(8192, self.max_num_seqs)
         return EngineConfig(
             model=model,
@@ -71,6 +73,7 @@ class EngineArgs:
                 kv_cache_memory_gib=self.kv_cache_memory,
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 enable_prefix_caching=self.enable_prefix_caching,
+                kv_cache_dtype=self.kv_cache_dtype,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,
@@ -116,6 +119,15 @@ class EngineArgs:
                        help="no CUDA graphs for decode steps")
         g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="dummy: random weights made on the device, for benchmarks")
+        q = parser.add_argument_group("quantization")
+        q.add_argument("-q", "--quantization", default=None,
+                       help="fp8: quantize bf16 weights to FP8 at load (per channel); "
+                            "FP8 checkpoints (fp8, compressed-tensors) are found from their "
+                            "config.json without it")
+        q.add_argument("--kv-cache-dtype", default="auto",
+                       help="auto: the model's dtype; fp8 (fp8_e4m3): an e4m3 KV cache, "
+                            "half the bytes per token, scales from the checkpoint or "
+                            "computed at start-up")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:

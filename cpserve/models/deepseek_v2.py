@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cpserve.attention.context import AttentionContext
@@ -40,6 +39,7 @@ from cpserve.kv.spec import KVCacheSpec
 from cpserve.models.decoder import CausalLM, DecoderLayer
 from cpserve.models.layers import (
     ColumnParallelLinear,
+    ReplicatedLinear,
     RMSNorm,
     RowParallelLinear,
     sharded_parameter,
@@ -50,19 +50,6 @@ from cpserve.models.rope import RotaryEmbedding, StepPositions
 
 # transformers' and DeepSeek's q_a_layernorm / kv_a_layernorm keep the default eps.
 LATENT_NORM_EPS = 1e-6
-
-
-class ReplicatedLinear(nn.Module):
-    """The whole linear layer on every rank."""
-
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype,
-                 bias: bool = False) -> None:
-        super().__init__()
-        self.weight = sharded_parameter((out_features, in_features), dtype)
-        self.bias = sharded_parameter((out_features,), dtype) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 def softmax_scale(qk_head_dim: int, rope: dict) -> float:
@@ -130,6 +117,7 @@ class MLAAttention(nn.Module):
         per_head = self.nope + self.v_head_dim
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, h * per_head,
                                               first_head * per_head, dtype)
+        self.kv_b_proj.quantizable = False  # its weight is absorbed (_up_projections)
         self.o_proj = RowParallelLinear(h * self.v_head_dim, hidden, tp_rank, groups.tp_group,
                                         dtype)
         if bias:  # added once, after the all-reduce
