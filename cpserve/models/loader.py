@@ -63,9 +63,9 @@ def load_weights(model: nn.Module, config: ModelConfig,
             if file not in handles:
                 handles[file] = stack.enter_context(safe_open(file, framework="pt",
                                                               device="cpu"))
-            tensor_slice = handles[file].get_slice(name)
             if shard is None:
-                return tensor_slice[:]
+                return handles[file].get_tensor(name)
+            tensor_slice = handles[file].get_slice(name)
             dim, start, length = shard
             where = [slice(None)] * len(tensor_slice.get_shape())
             where[dim] = slice(start, start + length)
