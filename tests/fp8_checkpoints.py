@@ -101,13 +101,15 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             (dst / file.name).write_bytes(file.read_bytes())
 
 
-def make_fp8_pair(tmp: Path, kind: str, fmt: str, seed: int = 0) -> tuple[Path, Path]:
-    """A random `kind` model (tests.checkpoints) with the FP8-friendly shape, written as an
-    FP8 checkpoint of format `fmt` and as its dequantized fp32 twin."""
+def make_fp8_pair(tmp: Path, kind: str, fmt: str, seed: int = 0,
+                  **overrides) -> tuple[Path, Path]:
+    """A random `kind` model (tests.checkpoints) with the FP8-friendly shape (or `overrides`),
+    written as an FP8 checkpoint of format `fmt` and as its dequantized fp32 twin."""
     if kind.startswith("deepseek"):
-        source = make_deepseek_checkpoint(tmp / "source", kind, seed, **DEEPSEEK_FP8)
+        source = make_deepseek_checkpoint(tmp / "source", kind, seed,
+                                          **{**DEEPSEEK_FP8, **overrides})
     else:
-        source = make_checkpoint(tmp / "source", kind, seed, **LLAMA_FP8)
+        source = make_checkpoint(tmp / "source", kind, seed, **{**LLAMA_FP8, **overrides})
     tensors = load_file(source / "model.safetensors")
     config = json.loads((source / "config.json").read_text())
     fp8_dir, deq_dir = tmp / f"fp8-{fmt}", tmp / f"dequantized-{fmt}"
