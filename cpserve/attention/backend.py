@@ -70,6 +70,13 @@ def _stored(x: torch.Tensor, cache: torch.Tensor, scale: float) -> torch.Tensor:
     return to_fp8(x.float() / scale) if cache.dtype == FP8 else x.to(cache.dtype)
 
 
+def _copy_slots(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    flat = cache.view(-1, *cache.shape[2:])
+    if flat.dtype == FP8:  # index_copy_ has no FP8 kernel on CPU: copy the bytes
+        flat, values = flat.view(torch.uint8), values.view(torch.uint8)
+    flat.index_copy_(0, slots, values)
+
+
 def _loaded(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Cache contents as values: FP8 times its scale, in fp32."""
     return x.float() * scale if x.dtype == FP8 else x
@@ -83,11 +90,9 @@ class TorchReferenceBackend:
     def write_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
         keep = slot_mapping >= 0
         slots = slot_mapping[keep]
-        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots,
-                                                         _stored(k[keep], k_cache, k_scale))
+        _copy_slots(k_cache, slots, _stored(k[keep], k_cache, k_scale))
         if v_cache is not None:
-            v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots,
-                                                             _stored(v[keep], v_cache, v_scale))
+            _copy_slots(v_cache, slots, _stored(v[keep], v_cache, v_scale))
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, query_seq, query_kv_len, scale,
                         v_dim=None, k_scale=1.0, v_scale=1.0):
