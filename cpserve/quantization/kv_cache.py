@@ -35,7 +35,7 @@ from cpserve.kv.spec import KVCacheSpec
 from cpserve.quantization.fp8 import FP8, FP8_MAX, to_fp8
 
 HEADROOM = 2.0
-WARMUP_TOKENS = 512
+WARMUP_TOKENS = 256
 KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".kv_scale", ".k_proj.output_scale",
                      ".v_proj.output_scale")
 

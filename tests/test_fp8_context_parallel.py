@@ -1,0 +1,84 @@
+"""FP8 under every kind of parallel layout: each gives the single-process tokens.
+
+Block-FP8 weights (TP slices of 128 x 128 blocks and their scales), the FP8 KV cache (scales
+measured on all ranks together, K/V quantized on whichever shard holds them) and DeepSeek's
+latent cache in FP8 (MLA + MoE, experts dequantized at load). The ranks of a layout start once
+(a module-scoped worker pool) and every case loads its engine into them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpserve import LLM, SamplingParams
+from cpserve.config import ParallelConfig
+from cpserve.engine.worker import start_worker_pool
+from tests.checkpoints import random_prompts
+from tests.fp8_checkpoints import make_fp8_pair
+
+# tp 2 with dcp 2 (the one KV head's copies become shards), pcp 2, and all three.
+LAYOUTS = [(2, 1, 2), (1, 2, 1), (2, 2, 2)]
+BLOCK_SIZE = 4
+PROMPT_LENGTHS = [3, 19, 45]
+NEW_TOKENS = 6
+# fp32; collectives and TP only change the order of summation.
+LOGPROB_TOL = 1e-4
+COMMON = dict(block_size=BLOCK_SIZE, num_kv_blocks=256, enable_prefix_caching=False, seed=0)
+# (model, kv_cache_dtype, engine settings): the FP8 cache with chunked prefill and the ring
+# exchange, so that chunks read FP8 K/V other ranks wrote.
+CASES = [("llama", "auto", {}),
+         ("llama", "fp8", dict(max_num_batched_tokens=32, pcp_kv_exchange="ring",
+                               cp_kv_cache_interleave_size=BLOCK_SIZE)),
+         ("deepseek", "fp8", dict(max_num_batched_tokens=32))]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return {"llama": str(make_fp8_pair(tmp_path_factory.mktemp("llama"), "llama3", "block")[0]),
+            "deepseek": str(make_fp8_pair(tmp_path_factory.mktemp("ds"), "deepseek-v3",
+                                          "block")[0])}
+
+
+def _generate(llm: LLM) -> list[tuple[list[int], list[float]]]:
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(PROMPT_LENGTHS)]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    llm.engine.check_integrity()
+    return [(o.outputs[0].token_ids,
+             [o.outputs[0].logprobs[i][t].logprob for i, t in enumerate(o.outputs[0].token_ids)])
+            for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints):
+    """One process, whole prompts, for each (model, kv_cache_dtype)."""
+    results = {}
+    for model, kv_dtype, _ in CASES:
+        with LLM(checkpoints[model], kv_cache_dtype=kv_dtype, **COMMON) as llm:
+            results[model, kv_dtype] = _generate(llm)
+    return results
+
+
+@pytest.fixture(scope="module", params=LAYOUTS, ids=lambda p: f"tp{p[0]}-pcp{p[1]}-dcp{p[2]}")
+def pool(request):
+    tp, pcp, dcp = request.param
+    with start_worker_pool(ParallelConfig(tp, pcp, dcp), "cpu") as pool:
+        yield pool
+
+
+def test_same_tokens_as_one_process(pool, checkpoints, references):
+    p = pool.parallel
+    for model, kv_dtype, settings in CASES:
+        case = f"{model} kv_cache_dtype={kv_dtype} {settings}"
+        with LLM(checkpoints[model], worker_pool=pool, tensor_parallel_size=p.tp,
+                 prefill_context_parallel_size=p.pcp, decode_context_parallel_size=p.dcp,
+                 kv_cache_dtype=kv_dtype, **{**COMMON, **settings}) as llm:
+            if kv_dtype == "fp8":
+                assert llm.engine.executor.runner.kv_spec.dtype == torch.float8_e4m3fn
+            results = _generate(llm)
+        for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results,
+                                                                  references[model, kv_dtype]):
+            assert tokens == ref_tokens, case
+            assert torch.allclose(torch.tensor(logprobs), torch.tensor(ref_logprobs),
+                                  atol=LOGPROB_TOL), case
