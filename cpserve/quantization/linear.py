@@ -11,7 +11,8 @@
 
 Where each runs (`fp8_compute`): W8A8 on CUDA, weight-only on CPU, where FP8 GEMMs would only
 be emulated; CPSERVE_FP8_COMPUTE=w8a8 or weight-only overrides it (tests run W8A8 on CPU with
-the reference kernels).
+the reference kernels). CPSERVE_FP8_KERNELS=reference runs the PyTorch references on CUDA too
+(the GPU tests compare the two).
 """
 
 from __future__ import annotations
@@ -58,8 +59,12 @@ REFERENCE_KERNELS = Fp8Kernels(quantize_groups, block_scaled_mm_reference,
 
 
 def kernels_for(device: torch.device) -> Fp8Kernels:
-    """Triton and cuBLASLt on CUDA; the PyTorch references elsewhere."""
-    if device.type != "cuda":
+    """Triton and cuBLASLt on CUDA; the PyTorch references elsewhere, or when
+    CPSERVE_FP8_KERNELS=reference asks for them."""
+    choice = os.environ.get("CPSERVE_FP8_KERNELS", "auto")
+    if choice not in ("auto", "reference"):
+        raise ConfigError(f"CPSERVE_FP8_KERNELS={choice!r} must be 'auto' or 'reference'")
+    if device.type != "cuda" or choice == "reference":
         return REFERENCE_KERNELS
     from cpserve.quantization.kernels.block_gemm import block_scaled_mm_triton
     from cpserve.quantization.kernels.quantize import quantize_groups_triton
