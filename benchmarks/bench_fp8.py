@@ -61,8 +61,9 @@ QUICK = dict(layers=2, long=2048, mid=1024, short=512, decode_steps=4, forced=64
              gemm_m=(1, 8, 256), model=dict(hidden_size=512, intermediate_size=1024,
                                             num_attention_heads=4, num_key_value_heads=2,
                                             vocab_size=8192))
-# Seconds per phase (wall, in its own process).
-PHASES = {"kernels": 90, "bf16": 150, "fp8": 120, "block": 90, "fp8kv": 90}
+# Seconds per phase (wall, in its own process); about 4.5 minutes in all is expected, and the
+# limits add up to 6.
+PHASES = {"kernels": 60, "bf16": 90, "fp8": 80, "block": 70, "fp8kv": 60}
 
 
 def sync(device: str) -> None:
@@ -362,10 +363,18 @@ def targets(merged: dict, s: dict) -> list[dict]:
     r = ratio(run_of(merged, "fp8", "prefill"), run_of(merged, "bf16", "prefill"), "ttft_s")
     rows.append(dict(what=f"prefill {s['long']}, FP8 weights / bf16 TTFT", target="<= 0.85",
                      value=r, met=None if r is None else r <= 0.85))
-    caps = {c["phase"]: c["tokens"] for c in merged.get("capacity", [])}
-    r = caps["fp8kv"] / caps["bf16"] if "fp8kv" in caps and "bf16" in caps else None
-    rows.append(dict(what="FP8 KV capacity / bf16 KV (same memory settings)", target="2.0",
-                     value=r, met=None if r is None else abs(r - 2) < 0.02))
+    caps = {c["phase"]: c for c in merged.get("capacity", [])}
+    if "fp8kv" in caps and "bf16" in caps:
+        tokens = caps["fp8kv"]["tokens"] / caps["bf16"]["tokens"]
+        per_token = (caps["bf16"]["bytes_per_token_layer"]
+                     / caps["fp8kv"]["bytes_per_token_layer"])
+        # Bytes per token are exactly half; the profiled budget can differ a little (the
+        # profiling step of an FP8 cache holds a few more temporaries).
+        rows.append(dict(what="FP8 KV capacity in tokens / bf16 KV (same memory settings)",
+                         target="2x", value=tokens, met=per_token == 2 and abs(tokens - 2) < 0.06,
+                         note=f"bytes per token {per_token:g}x fewer"))
+    else:
+        rows.append(dict(what="FP8 KV capacity / bf16 KV", target="2x", value=None, met=None))
     for context, batch in ((s["long"], 8), (s["long"], 4), (s["mid"], 8)):
         fp8 = run_of(merged, "fp8kv", "decode", context=context, batch=batch)
         bf16 = run_of(merged, "bf16", "decode", context=context, batch=batch)

@@ -107,8 +107,9 @@ class MergedColumnParallelLinear(LinearBase):
 
     def __init__(self, in_features: int, outputs: list[tuple[str, int, int]],
                  dtype: torch.dtype, bias: bool = False) -> None:
-        self.sizes = [rows for _, rows, _ in outputs]
-        super().__init__(sum(self.sizes), in_features, dtype)
+        sizes = [rows for _, rows, _ in outputs]
+        super().__init__(sum(sizes), in_features, dtype)
+        self.sizes = sizes
         self.weight.parts = _stacked_parts(outputs, "weight")
         if bias:
             self.bias = sharded_parameter((sum(self.sizes),), dtype)
