@@ -117,6 +117,17 @@ def test_unused_tensors_are_listed_in_a_warning(tmp_path, caplog):
     assert "model.layers.0.mlp.extra_adapter.weight" in warnings[0]
 
 
+@pytest.mark.parametrize("dtype,words", [(torch.int32, "a quantized format"),
+                                         (torch.float8_e5m2, "only e4m3")])
+def test_tensors_a_cast_would_garble_are_refused(tmp_path, dtype, words):
+    """Packed integer weights (GPTQ's, AWQ's) or e5m2: refused, not cast."""
+    path = make_checkpoint(tmp_path / "m", "llama3")
+    name = "model.layers.0.mlp.up_proj.weight"
+    _rewrite(path, lambda t: t.update({name: t[name].to(dtype)}))
+    with pytest.raises(ConfigError, match=f"{name}.*{words}"):
+        LLM(str(path), num_kv_blocks=16)
+
+
 @pytest.fixture(scope="module")
 def block_pair(tmp_path_factory):
     return make_fp8_pair(tmp_path_factory.mktemp("block"), "llama3", "block")

@@ -48,6 +48,17 @@ def _fit(loaded: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
                       f"parameter {tuple(shape)}")
 
 
+def _check_source_dtype(name: str, source, target: torch.dtype) -> None:
+    """Refuse what a cast would silently turn into garbage: packed integers (GPTQ, AWQ, ...),
+    FP8 kinds other than e4m3, dtypes torch does not know."""
+    if isinstance(source, str) or (source.is_floating_point != target.is_floating_point):
+        raise ConfigError(f"checkpoint tensor {name!r} is {source}, the model needs "
+                          f"{target}: a quantized format cpserve does not read")
+    if source.itemsize == 1 and source.is_floating_point and source != FP8:
+        raise ConfigError(f"checkpoint tensor {name!r} is {source}: only e4m3 FP8 "
+                          "(float8_e4m3fn) weights are supported")
+
+
 def load_weights(model: nn.Module, config: ModelConfig,
                  index: dict[str, TensorInfo] | None = None) -> set[str]:
     """Fill every parameter of `model` from the checkpoint; all must be found. Returns the
@@ -76,6 +87,7 @@ def load_weights(model: nn.Module, config: ModelConfig,
                 if name not in index:
                     raise ConfigError(f"checkpoint {config.path} has no tensor {name!r}")
                 target = param[where]
+                _check_source_dtype(name, index[name].dtype, target.dtype)
                 if index[name].dtype == FP8 and target.dtype != FP8:
                     loaded, scale_name = dequantized_slice(read, name, shard, index, quant,
                                                            target.dtype)
