@@ -26,16 +26,19 @@ NEW_TOKENS = 6
 LOGPROB_TOL = 1e-4
 COMMON = dict(block_size=BLOCK_SIZE, num_kv_blocks=256, enable_prefix_caching=False, seed=0)
 # (model, kv_cache_dtype, engine settings): the FP8 cache with chunked prefill and the ring
-# exchange, so that chunks read FP8 K/V other ranks wrote.
+# exchange, so that chunks read FP8 K/V other ranks wrote; --quantization fp8 of a bf16
+# checkpoint (a row-parallel shard's per-channel scales are those of the whole rows).
 CASES = [("llama", "auto", {}),
          ("llama", "fp8", dict(max_num_batched_tokens=32, pcp_kv_exchange="ring",
                                cp_kv_cache_interleave_size=BLOCK_SIZE)),
-         ("deepseek", "fp8", dict(max_num_batched_tokens=32))]
+         ("deepseek", "fp8", dict(max_num_batched_tokens=32)),
+         ("llama-bf16", "auto", dict(quantization="fp8"))]
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    return {"llama": str(make_fp8_pair(tmp_path_factory.mktemp("llama"), "llama3", "block")[0]),
+    llama, llama_bf16 = make_fp8_pair(tmp_path_factory.mktemp("llama"), "llama3", "block")
+    return {"llama": str(llama), "llama-bf16": str(llama_bf16),
             "deepseek": str(make_fp8_pair(tmp_path_factory.mktemp("ds"), "deepseek-v3",
                                           "block")[0])}
 
@@ -54,8 +57,10 @@ def _generate(llm: LLM) -> list[tuple[list[int], list[float]]]:
 def references(checkpoints):
     """One process, whole prompts, for each (model, kv_cache_dtype)."""
     results = {}
-    for model, kv_dtype, _ in CASES:
-        with LLM(checkpoints[model], kv_cache_dtype=kv_dtype, **COMMON) as llm:
+    for model, kv_dtype, settings in CASES:
+        quantization = settings.get("quantization")
+        with LLM(checkpoints[model], kv_cache_dtype=kv_dtype, quantization=quantization,
+                 **COMMON) as llm:
             results[model, kv_dtype] = _generate(llm)
     return results
 

@@ -131,7 +131,7 @@ def build_model(config: ModelConfig, groups: ParallelGroups, device: torch.devic
         warn_unused(index, load_weights(model, config, index), groups)
         model = model.to(device)
         if quant is not None:
-            finish_fp8_layers(model, quant, device, online=quant.online)
+            finish_fp8_layers(model, quant, device, quant.online, groups.tp_group)
         return model.eval()
     with torch.device(device):
         model = model_class(config.architecture)(config, groups)
@@ -144,5 +144,5 @@ def build_model(config: ModelConfig, groups: ParallelGroups, device: torch.devic
             else:
                 param.normal_(0.0, 0.02, generator=gen)
     if quant is not None:
-        finish_fp8_layers(model, quant, device, online=True)
+        finish_fp8_layers(model, quant, device, True, groups.tp_group)
     return model.eval()

@@ -55,9 +55,13 @@ def quantize_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return to_fp8(weight.float() / scale), scale
 
 
-def quantize_channels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One scale per output row: (fp8 weight [N, K], scale [N, 1])."""
-    scale = (weight.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
+def quantize_channels(weight: torch.Tensor,
+                      amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale per output row: (fp8 weight [N, K], scale [N, 1]). `amax` [N, 1]: the rows'
+    largest magnitudes, if they come from elsewhere (the whole row of a sharded weight)."""
+    if amax is None:
+        amax = weight.abs().amax(dim=1, keepdim=True)
+    scale = (amax.float() / FP8_MAX).clamp(min=MIN_SCALE)
     return to_fp8(weight.float() / scale), scale
 
 

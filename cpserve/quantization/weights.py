@@ -200,9 +200,10 @@ def _make_fp8_parameters(layer: LinearBase, quant: QuantizationConfig,
 
 # After loading -------------------------------------------------------------------------------
 def finish_fp8_layers(model: nn.Module, quant: QuantizationConfig, device: torch.device,
-                      online: bool) -> None:
+                      online: bool, tp_group=None) -> None:
     """Turn loaded (or, `online`, freshly quantized) FP8 weights into what runs: dequantized
-    weights (weight-only) or FP8 weights with kernel-ready scales (W8A8)."""
+    weights (weight-only) or FP8 weights with kernel-ready scales (W8A8). `tp_group`: the
+    ranks that share the rows of row-parallel layers (online per-channel scales)."""
     compute = "weight-only" if quant.activations == "none" else fp8_compute(device)
     method = Fp8LinearMethod(quant.block, kernels_for(device))
     for layer in model.modules():
@@ -211,7 +212,7 @@ def finish_fp8_layers(model: nn.Module, quant: QuantizationConfig, device: torch
         if layer.weight.dtype == FP8:
             weight, scale, input_scale = _loaded(layer, quant)
         elif online:
-            weight, scale = _quantize(layer.weight.data, quant)
+            weight, scale = _quantize(layer, quant, tp_group)
             input_scale = None  # no calibration data: activations are scaled per token
         else:
             continue  # left unquantized by the checkpoint
@@ -249,11 +250,24 @@ def _loaded(layer: LinearBase, quant: QuantizationConfig):
     return weight, scale, input_scale
 
 
-def _quantize(weight: torch.Tensor, quant: QuantizationConfig):
-    if quant.weights == "block":
+def _quantize(layer: LinearBase, quant: QuantizationConfig, tp_group):
+    weight = layer.weight.data
+    if quant.weights == "block":  # a shard holds whole blocks: its scales are the blocks'
         return quantize_blocks(weight, quant.block)
     if quant.weights == "channel":
-        q, scale = quantize_channels(weight)
+        # A row-parallel rank holds a slice of every row (dim 1 sharded): the row's scale is
+        # the largest over the TP group, as one process would compute it, so every layout
+        # quantizes the same way.
+        amax = weight.abs().amax(dim=1, keepdim=True).float()
+        shard = getattr(layer.weight, "shard", None)
+        if shard is not None and shard[0] == 1:
+            all_reduce_max(amax, tp_group)
+        q, scale = quantize_channels(weight, amax)
         return q, scale.reshape(-1)
     q, scale = quantize_tensor(weight)
     return q, scale.expand(weight.shape[0]).clone()
+
+
+def all_reduce_max(tensor: torch.Tensor, group) -> None:
+    if group is not None:
+        torch.distributed.all_reduce(tensor, torch.distributed.ReduceOp.MAX, group=group)
