@@ -7,6 +7,7 @@ of KV shards, the virtual block size) are properties, never stored twice.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,8 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCaus
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+# vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN: run past the model's positions, knowingly.
+ALLOW_LONG_ENV = "CPSERVE_ALLOW_LONG_MAX_MODEL_LEN"
 
 
 class ConfigError(ValueError):
@@ -80,9 +83,16 @@ class ModelConfig:
         if arch is None:
             raise ConfigError(f"model architecture {architectures} is not supported; "
                               f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        derived_max = int(hf.get("max_position_embeddings", 2048))
         if max_model_len is None:
-            max_model_len = derived_max
+            max_model_len = int(hf.get("max_position_embeddings", 2048))
+        longest = _longest_context(hf)
+        if int(max_model_len) > longest and os.environ.get(ALLOW_LONG_ENV) != "1":
+            raise ConfigError(
+                f"max_model_len={max_model_len} is longer than the {longest} positions this "
+                f"model was made for (max_position_embeddings="
+                f"{hf.get('max_position_embeddings')}, rope scaling "
+                f"{_rope_parameters(hf)['rope_type']}): outputs past them are wrong. Lower "
+                f"--max-model-len, or set {ALLOW_LONG_ENV}=1 to run that long anyway")
         return ModelConfig(
             path=str(path),
             architecture=arch,
@@ -131,6 +141,21 @@ class ModelConfig:
     @property
     def rope(self) -> dict[str, Any]:
         return _rope_parameters(self.hf_config)
+
+
+def _longest_context(hf: dict[str, Any]) -> int:
+    """The longest context the checkpoint supports, derived as vLLM derives it:
+    max_position_embeddings, stretched by a rope scaling that extends it (yarn from its
+    original length times the factor, linear and dynamic by the factor); llama3 and longrope
+    checkpoints already give the extended length."""
+    longest = int(hf.get("max_position_embeddings", 2048))
+    rope = _rope_parameters(hf)
+    factor = rope.get("factor")
+    if factor and rope["rope_type"] in ("yarn", "linear", "dynamic"):
+        if rope["rope_type"] == "yarn" and rope.get("original_max_position_embeddings"):
+            longest = int(rope["original_max_position_embeddings"])
+        longest = int(longest * float(factor))
+    return longest
 
 
 def _resolve_dtype(dtype: str | torch.dtype, hf: dict[str, Any]) -> torch.dtype:
@@ -310,3 +335,18 @@ def check_engine_config(cfg: EngineConfig) -> None:
         raise ConfigError(f"load_format={cfg.load_format!r} must be 'auto' or 'dummy'")
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"device={cfg.device!r} must be 'cpu', 'cuda' or 'auto'")
+
+
+def check_kv_capacity(cfg: EngineConfig, num_blocks: int) -> None:
+    """The start-up rule that needs the cache's size, known once the model runner decided it:
+    one request of `max_model_len` tokens must fit, or it could never finish (vLLM refuses
+    such a configuration at start-up too)."""
+    capacity = num_blocks * cfg.virtual_block_size
+    max_len = cfg.model.max_model_len
+    if max_len > capacity:
+        raise ConfigError(
+            f"max_model_len={max_len} does not fit in the KV cache, which holds {capacity} "
+            f"tokens ({num_blocks} blocks of {cfg.virtual_block_size} tokens): a request of "
+            f"max_model_len tokens could never finish. Lower --max-model-len to at most "
+            f"{capacity}, or give the KV cache more room with --num-kv-blocks, "
+            "--kv-cache-memory (CPU) or --gpu-memory-utilization (GPU)")

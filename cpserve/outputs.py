@@ -25,8 +25,10 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: list[PositionLogprobs] | None
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    # "stop", "length", "abort", "error" (see `error`) or None while running
+    finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    error: str | None = None  # why the engine failed this completion (finish_reason "error")
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -17,10 +17,13 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    # The engine could not finish it (it can never get enough KV, its logits were not
+    # finite, ...): `Request.error` says why; other requests go on.
+    FINISHED_ERROR = "error"
 
     @property
     def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort")
+        return self.value in ("stop", "length", "abort", "error")
 
 
 class Request:
@@ -48,6 +51,7 @@ class Request:
         self.num_cached_tokens = 0  # prefix-cache hit at first admission
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
+        self.error: str | None = None  # why it ended with FINISHED_ERROR
         self.cumulative_logprob = 0.0
         self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[PositionLogprobs | None] | None = (
@@ -68,6 +72,12 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.finished
+
+    @property
+    def may_read_prefix_cache(self) -> bool:
+        """Prompt logprobs need the logits of every prompt token, which cached KV cannot give
+        (vLLM skips the cache for them too); a finished collection needs no more."""
+        return not self.wants_prompt_logprobs
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -19,6 +19,31 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+# A text longer than this many characters per allowed token is first counted on its head.
+_HEAD_CHARS_PER_TOKEN = 16
+# How far back from the head's end to look for the end of a word.
+_WORD_END_SEARCH_CHARS = 4096
+
+
+class PromptTooLongError(ValueError):
+    """A prompt with more tokens than allowed; `at_least` when only its head was counted."""
+
+    def __init__(self, num_tokens: int, limit: int, at_least: bool = False) -> None:
+        self.limit = limit
+        self.count = f"at least {num_tokens}" if at_least else str(num_tokens)  # for messages
+        super().__init__(f"the prompt has {self.count} tokens, more than the {limit} allowed")
+
+
+def _word_end_before(text: str, end: int) -> int | None:
+    """A cut <= end after which the text starts with whitespace and before which it does not
+    end with whitespace: where pre-tokenizers end a word, so the head's tokens are also tokens
+    of the whole text. None if no such cut is near."""
+    for i in range(end, max(end - _WORD_END_SEARCH_CHARS, 1), -1):
+        if text[i].isspace() and not text[i - 1].isspace():
+            return i
+    return None
+
+
 # SentencePiece marks a word start with U+2581; decoding a lone "▁word" token drops the
 # space, which logprobs should still show.
 _SPIECE_SPACE = "\u2581"
@@ -40,6 +65,26 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def encode_within(self, text: str, limit: int, add_special_tokens: bool = True) -> list[int]:
+        """`encode(text)`, or PromptTooLongError if that has more than `limit` tokens; a text
+        far too long is refused after tokenizing its head only (a 10 MB text costs seconds).
+
+        The head ends where a word ends, so the pre-tokenizers of byte-level BPE (GPT-2,
+        Llama 3, Qwen) and SentencePiece split it as they split the whole text: the whole
+        has at least as many tokens as the head.
+        """
+        head_chars = _HEAD_CHARS_PER_TOKEN * (limit + 1)
+        if len(text) > head_chars:
+            cut = _word_end_before(text, head_chars)
+            if cut is not None:
+                num_head = len(self.hf.encode(text[:cut], add_special_tokens=add_special_tokens))
+                if num_head > limit:
+                    raise PromptTooLongError(num_head, limit, at_least=True)
+        ids = self.encode(text, add_special_tokens)
+        if len(ids) > limit:
+            raise PromptTooLongError(len(ids), limit)
+        return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens,

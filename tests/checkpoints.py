@@ -84,6 +84,18 @@ def make_deepseek_checkpoint(path: Path, kind: str, seed: int = 0, dtype=torch.f
     return path
 
 
+def make_poisoned_checkpoint(path: Path, token_id: int) -> Path:
+    """A Llama checkpoint whose embedding row of `token_id` is infinite: any prompt holding
+    that token gives non-finite logits, as a model overflowing in half precision would."""
+    from safetensors.torch import load_file, save_file
+
+    path = make_checkpoint(path, "llama3")
+    weights = load_file(path / "model.safetensors")
+    weights["model.embed_tokens.weight"][token_id] = float("inf")
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
 def load_hf_model(path: Path, dtype=torch.float32):
     import transformers
 

@@ -23,7 +23,8 @@ PROMPT_LENGTHS = [1, 3, 7, 19, 45, 70]
 NEW_TOKENS = 12
 # fp32; collectives only change the order of summation.
 LOGPROB_TOL = 1e-4
-COMMON = dict(block_size=BLOCK_SIZE, num_kv_blocks=512, enable_prefix_caching=False, seed=0)
+COMMON = dict(block_size=BLOCK_SIZE, num_kv_blocks=512, max_model_len=256,
+              enable_prefix_caching=False, seed=0)
 
 
 def _generate(llm: LLM) -> list[tuple[list[int], list[float]]]:
@@ -121,11 +122,44 @@ def test_prefix_cache_same_tokens_and_hits(pool, shared_reference):
 
 def test_prefix_cache_eviction_under_block_pressure(pool, shared_reference):
     # Room for about two requests: cached blocks of finished ones must be evicted and reused.
-    blocks = 2 * -(-(len(SHARED_PROMPTS[2]) + 6) // (BLOCK_SIZE * pool.parallel.pcp * pool.parallel.dcp))
-    with _llm(pool, enable_prefix_caching=True, num_kv_blocks=blocks) as llm:
+    virtual_block = BLOCK_SIZE * pool.parallel.pcp * pool.parallel.dcp
+    blocks = 2 * -(-(len(SHARED_PROMPTS[2]) + 6) // virtual_block)
+    with _llm(pool, enable_prefix_caching=True, num_kv_blocks=blocks,
+              max_model_len=blocks * virtual_block) as llm:
         for _ in range(2):
             for prompt, expected in zip(SHARED_PROMPTS, shared_reference):
                 assert _generate_shared(llm, [prompt]) == [expected]
             unrelated = random_prompts([40, 41], seed=9)
             _generate_shared(llm, unrelated)
         assert llm.engine.kv.pool.num_free == blocks
+
+
+# Prompt logprobs with the prefix cache on: every prompt token, as transformers computes it ----
+
+
+@pytest.fixture(scope="module")
+def hf_prompt_logprobs():
+    from cpserve.models.demo import ensure_tiny_model
+    from tests.checkpoints import load_hf_model
+
+    model = load_hf_model(ensure_tiny_model())
+    result = []
+    for prompt in SHARED_PROMPTS:
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt])).logits[0].float()
+        logprobs = logits.log_softmax(-1)[:-1].gather(1, torch.tensor(prompt[1:])[:, None])
+        result.append(logprobs.squeeze(1).tolist())
+    return result
+
+
+def test_prompt_logprobs_with_prefix_cache_match_transformers(pool, hf_prompt_logprobs):
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=1)
+    with _llm(pool, enable_prefix_caching=True, max_num_batched_tokens=32) as llm:
+        _generate_shared(llm, SHARED_PROMPTS[:1])  # caches the document's blocks
+        outputs = llm.generate([{"prompt_token_ids": p} for p in SHARED_PROMPTS], params,
+                               use_tqdm=False)
+        llm.engine.check_integrity()
+    for out, prompt, expected in zip(outputs, SHARED_PROMPTS, hf_prompt_logprobs):
+        assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+        ours = [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], prompt[1:])]
+        assert torch.allclose(torch.tensor(ours), torch.tensor(expected), atol=LOGPROB_TOL)

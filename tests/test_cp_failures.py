@@ -40,7 +40,8 @@ def test_idle_ranks_stay_alive_and_a_killed_rank_is_named():
     params = SamplingParams(temperature=0, max_tokens=4)
     # A short collective timeout: idle ranks must be kept alive by the driver's keep-alives.
     with start_worker_pool(ParallelConfig(1, 2, 1), "cpu", timeout_s=3) as pool:
-        llm = LLM("tiny", worker_pool=pool, prefill_context_parallel_size=2, num_kv_blocks=64)
+        llm = LLM("tiny", worker_pool=pool, prefill_context_parallel_size=2, num_kv_blocks=64,
+                  max_model_len=1024)
         first = llm.generate("hello there", params, use_tqdm=False)
         time.sleep(5)
         assert llm.generate("hello there", params, use_tqdm=False)[0].outputs[0].token_ids == \
@@ -60,7 +61,8 @@ def test_a_rank_that_stops_answering_is_noticed():
     import signal
 
     with start_worker_pool(ParallelConfig(2, 1, 1), "cpu", timeout_s=3) as pool:
-        llm = LLM("tiny", worker_pool=pool, tensor_parallel_size=2, num_kv_blocks=64)
+        llm = LLM("tiny", worker_pool=pool, tensor_parallel_size=2, num_kv_blocks=64,
+                  max_model_len=1024)
         os.kill(pool._processes[0].pid, signal.SIGSTOP)
         started = time.monotonic()
         with pytest.raises(WorkerDiedError, match="stopped answering"):

@@ -30,7 +30,8 @@ def test_kv_cache_holds_one_latent_per_token_and_layer(checkpoint):
     hf = json.loads((checkpoint / "config.json").read_text())
     latent = hf["kv_lora_rank"] + hf["qk_rope_head_dim"]
     layers, block_size, blocks, fp32 = hf["num_hidden_layers"], 4, 64, 4
-    with LLM(str(checkpoint), block_size=block_size, num_kv_blocks=blocks) as llm:
+    with LLM(str(checkpoint), block_size=block_size, num_kv_blocks=blocks,
+             max_model_len=blocks * block_size) as llm:
         runner = llm.engine.executor.runner
         assert runner.kv_spec.bytes_per_token * layers == latent * layers * fp32
         assert runner.bytes_per_block == latent * layers * fp32 * block_size
@@ -70,7 +71,8 @@ def test_dummy_load_format_builds_random_weights_without_a_checkpoint(checkpoint
         shutil.copy(checkpoint / name, tmp_path / name)
     assert not (tmp_path / "model.safetensors").exists()
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=0)
-    with LLM(str(tmp_path), block_size=4, num_kv_blocks=64, load_format="dummy") as llm:
+    with LLM(str(tmp_path), block_size=4, num_kv_blocks=64, max_model_len=256,
+             load_format="dummy") as llm:
         model = llm.engine.executor.runner.model
         for module in model.modules():
             for name, p in module.named_parameters(recurse=False):

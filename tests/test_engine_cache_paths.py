@@ -27,7 +27,7 @@ def test_sharded_checkpoint_with_index_file(tmp_path):
     prompts = random_prompts([5, 21])
     reference = hf_greedy(model, prompts, 8)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    with LLM(str(sharded), num_kv_blocks=64) as llm:
+    with LLM(str(sharded), num_kv_blocks=64, max_model_len=512) as llm:
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [tokens for tokens, _ in reference]
 
@@ -38,7 +38,8 @@ def test_preemption_with_prefix_caching_keeps_tokens_and_cache_consistent():
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
     def run(**kwargs):
-        with LLM("tiny", block_size=4, max_num_batched_tokens=32, seed=0, **kwargs) as llm:
+        with LLM("tiny", block_size=4, max_num_batched_tokens=32, seed=0, max_model_len=160,
+                 **kwargs) as llm:
             outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                    use_tqdm=False)
             engine = llm.engine

@@ -15,7 +15,8 @@ from cpserve.config import ConfigError
 from cpserve.quantization.fp8 import FP8
 from tests.checkpoints import make_checkpoint, random_prompts
 
-COMMON = dict(block_size=4, num_kv_blocks=512, enable_prefix_caching=False, seed=0)
+COMMON = dict(block_size=4, num_kv_blocks=512, max_model_len=1024, enable_prefix_caching=False,
+              seed=0)
 PROMPTS = random_prompts([3, 19, 45, 70], seed=2)
 NEW_TOKENS = 10
 # fp32 model, FP8 cache on both sides: only summation order differs.
@@ -38,7 +39,7 @@ def _assert_same(results, reference, tol=LOGPROB_TOL) -> None:
 
 
 def test_bytes_per_token_halved_and_capacity_doubled(capfd):
-    with LLM("tiny", dtype="bfloat16", num_kv_blocks=4) as llm:
+    with LLM("tiny", dtype="bfloat16", num_kv_blocks=256) as llm:
         bf16 = llm.engine.executor.runner.kv_spec
     per_block = bf16.bytes_per_token * 16 * llm.engine.config.model.num_layers
     memory = {"kv_cache_memory": 300 * per_block / 2**30, "block_size": 16}  # 300 blocks
@@ -107,7 +108,8 @@ def _with_kv_scales(path, layers: range, value: float) -> None:
 def test_scales_from_the_checkpoint(tmp_path, capfd):
     path = make_checkpoint(tmp_path / "scaled", "llama3")
     _with_kv_scales(path, range(2), 0.03)
-    with LLM(str(path), kv_cache_dtype="fp8", **COMMON) as llm:
+    small = {**COMMON, "max_model_len": 512}  # the checkpoint's positions
+    with LLM(str(path), kv_cache_dtype="fp8", **small) as llm:
         assert llm.engine.executor.runner.kv_scales == [(pytest.approx(0.03),
                                                          pytest.approx(0.06))] * 2
         _greedy(llm, PROMPTS[:1])
@@ -115,4 +117,4 @@ def test_scales_from_the_checkpoint(tmp_path, capfd):
     partial = make_checkpoint(tmp_path / "partial", "llama3")
     _with_kv_scales(partial, range(1), 0.03)
     with pytest.raises(ConfigError, match="model.layers.1.self_attn.k_scale"):
-        LLM(str(partial), kv_cache_dtype="fp8", **COMMON)
+        LLM(str(partial), kv_cache_dtype="fp8", **small)

@@ -97,7 +97,7 @@ def test_missing_tensor_is_an_error_naming_it(tmp_path):
     path = make_checkpoint(tmp_path / "m", "llama3")
     _rewrite(path, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
     with pytest.raises(ConfigError, match="model.layers.1.mlp.down_proj.weight"):
-        LLM(str(path), num_kv_blocks=16)
+        LLM(str(path), num_kv_blocks=32)
 
 
 def test_unused_tensors_are_listed_in_a_warning(tmp_path, caplog):
@@ -110,7 +110,7 @@ def test_unused_tensors_are_listed_in_a_warning(tmp_path, caplog):
 
     _rewrite(path, add)
     with caplog.at_level(logging.WARNING, logger="cpserve.models.loader"):
-        LLM(str(path), num_kv_blocks=16).shutdown()
+        LLM(str(path), num_kv_blocks=32).shutdown()
     warnings = [r.getMessage() for r in caplog.records if r.name == "cpserve.models.loader"]
     assert len(warnings) == 1
     assert "1 checkpoint tensor(s) were not used" in warnings[0]
@@ -125,7 +125,7 @@ def test_tensors_a_cast_would_garble_are_refused(tmp_path, dtype, words):
     name = "model.layers.0.mlp.up_proj.weight"
     _rewrite(path, lambda t: t.update({name: t[name].to(dtype)}))
     with pytest.raises(ConfigError, match=f"{name}.*{words}"):
-        LLM(str(path), num_kv_blocks=16)
+        LLM(str(path), num_kv_blocks=32)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_fp8_tensors_without_their_scales_are_refused(block_pair, tmp_path):
         else:
             _rewrite(path, change)
         with pytest.raises(ConfigError, match=words.replace("[", r"\[")):
-            LLM(str(path), num_kv_blocks=16)
+            LLM(str(path), num_kv_blocks=32)
 
 
 def test_tp_shard_must_cover_whole_blocks(tmp_path):

@@ -126,6 +126,9 @@ def reference_support(logits, temperature, top_k, top_p, min_p) -> set[int]:
     scaled = [x / temperature for x in logits]
     order = sorted(range(len(scaled)), key=lambda i: -scaled[i])
     kept = set(order)
+    if min_p > 0:
+        top = max(scaled)
+        kept = {i for i in kept if math.exp(scaled[i] - top) >= min_p}
     if 0 < top_k < len(scaled):
         kth = scaled[order[top_k - 1]]
         kept = {i for i in kept if scaled[i] >= kth}
@@ -142,9 +145,6 @@ def reference_support(logits, temperature, top_k, top_p, min_p) -> set[int]:
                 cut = scaled[i]
                 break
         kept = {i for i in kept if scaled[i] >= cut}
-    if min_p > 0:
-        top = max(scaled)
-        kept = {i for i in kept if math.exp(scaled[i] - top) >= min_p}
     return kept
 
 
@@ -390,3 +390,56 @@ def test_top_ids_break_ties_by_lowest_id(device):
     values[1] = float("-inf")
     expected = values.sort(dim=-1, descending=True, stable=True).indices[:, :40]
     assert torch.equal(_top_ids(values.to(device), 40).cpu(), expected)
+
+
+# ---------------------------------------------------------------- vLLM's order, bias, limits
+
+
+def test_min_p_applies_before_top_p_as_in_vllm():
+    # min-p drops the two 0.1 tokens; top-p then sees [0.625, 0.375] and keeps the first
+    # alone. The other order (top-p on all four, then min-p) would keep {0, 1}.
+    logits = log_probs(0.5, 0.3, 0.1, 0.1)
+    assert kept_set(logits, min_p=0.3, top_p=0.6) == {0}
+
+
+def test_logit_bias_moves_greedy_and_sampled_tokens_but_not_raw_logprobs():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]] * 2)
+    greedy = SamplingParams(temperature=0, logit_bias={3: 5.0}, logprobs=0)
+    banned = SamplingParams(temperature=1.0, seed=3, logit_bias={0: -100, 1: -100, 2: -100})
+    out = Sampler(seed=0)(logits, [row(greedy), row(banned)])
+    assert out[0].token_id == 3 and out[1].token_id == 3
+    # Logprobs stay the model's (vLLM's raw logprobs), whatever the bias.
+    assert out[0].logprob == pytest.approx(logits[0].log_softmax(-1)[3].item())
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-30, 5e-6])
+def test_temperatures_below_epsilon_are_greedy_not_nan(temperature):
+    params = SamplingParams(temperature=temperature, logprobs=1)
+    assert params.greedy
+    logits = torch.tensor([[0.5, 3.0, 2.9, -1.0]])
+    out = Sampler(seed=0)(logits, [row(params)])[0]
+    assert out.token_id == 1 and math.isfinite(out.logprob)
+
+
+@pytest.mark.parametrize("field,value,limit", [
+    ("stop", ["x"] * 65, "limit is 64"),
+    ("stop", ["x" * 1025], "1024 characters"),
+    ("stop_token_ids", list(range(1025)), "limit is 1024"),
+    ("logit_bias", {i: 1.0 for i in range(1025)}, "limit is 1024"),
+    ("logit_bias", {3: 100.5}, r"\[-100, 100\]"),
+    ("logit_bias", {3: float("nan")}, r"\[-100, 100\]"),
+    ("logit_bias", {-1: 1.0}, "token ids"),
+    ("seed", 2**64, "seed must be an integer in"),
+    ("seed", -(2**63) - 1, "seed must be an integer in"),
+])
+def test_every_list_and_number_is_bounded(field, value, limit):
+    with pytest.raises(ValueError, match=limit):
+        SamplingParams(**{field: value})
+
+
+def test_child_seeds_stay_in_torch_range():
+    params = SamplingParams(seed=2**64 - 1, n=3)
+    seeds = [params.child_seed(i) for i in range(3)]
+    assert seeds[0] == 2**64 - 1 and len(set(seeds)) == 3
+    for seed in seeds:
+        make_generator(seed, "cpu")  # torch raises for a seed out of its range

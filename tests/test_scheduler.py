@@ -108,3 +108,42 @@ def test_prefix_cache_hit_skips_computed_tokens():
     assert b.num_cached_tokens == 12
     assert s.kv.prefix_hits == 12
     s.kv.check_integrity()
+
+
+def test_a_request_the_cache_cannot_hold_alone_fails_instead_of_preempting_itself():
+    # 8 blocks of 4 tokens = 32 tokens of KV; the request grows past it while others wait.
+    s = make_scheduler(num_blocks=8, max_tokens=8)
+    big = add(s, "big", 20, max_tokens=40)
+    small = add(s, "small", 6, max_tokens=3)
+    for _ in range(200):
+        if not s.has_unfinished():
+            break
+        run_step(s)
+    assert not s.has_unfinished(), "the scheduler spun without finishing its requests"
+    assert big.status == RequestStatus.FINISHED_ERROR
+    assert "needs KV for 33 tokens" in big.error and "holds (32 tokens)" in big.error
+    assert small.status == RequestStatus.FINISHED_LENGTH and len(small.output_token_ids) == 3
+    assert s.kv.pool.num_free == 8
+    s.kv.check_integrity()
+
+
+def test_a_waiting_request_that_can_never_be_admitted_fails_and_the_next_runs():
+    s = make_scheduler(num_blocks=2, max_tokens=64)  # 8 tokens of KV
+    too_long = add(s, "too-long", 12)
+    fits = add(s, "fits", 3, max_tokens=2)
+    out = s.schedule()
+    assert out.failed == [too_long] and too_long.status == RequestStatus.FINISHED_ERROR
+    assert [item.request for item in out.scheduled] == [fits]
+    s.kv.check_integrity()
+
+
+def test_prompt_logprobs_requests_do_not_read_the_prefix_cache():
+    """A cache hit would skip the logits of the cached prompt tokens (vLLM skips it too)."""
+    s = make_scheduler(prefix_caching=True, max_tokens=64)
+    add(s, "a", 12, max_tokens=1)
+    run_step(s)
+    r = Request("b", list(range(100, 114)), SamplingParams(max_tokens=1, prompt_logprobs=0))
+    s.add_request(r)
+    assert run_step(s) == {"b": 14}
+    assert r.num_cached_tokens == 0
+    s.kv.check_integrity()

@@ -130,6 +130,31 @@ def test_idle_engine_thread_sleeps(engine):
     assert engine.health() is None
 
 
+def test_health_reports_an_engine_that_makes_no_progress(engine, monkeypatch):
+    """Work is unfinished and nothing moves (here the engine thread is held by a command):
+    /health must say so, and recover once steps run again."""
+    monkeypatch.setattr(engine, "stall_timeout_s", 0.3)
+
+    async def run():
+        stream = RequestStream()
+        await engine.add_requests(stream, [("stuck", "The morning train", LONG)])
+        await stream.get()  # it is running
+        assert engine.health() is None
+        held = asyncio.ensure_future(engine.call(lambda e: time.sleep(1.2)))
+        deadline = time.monotonic() + 1.0
+        while engine.health() is None:
+            assert time.monotonic() < deadline, "health never reported the stall"
+            await asyncio.sleep(0.02)
+        assert "no progress" in engine.health()
+        await held
+        await stream.get()  # steps run again
+        assert engine.health() is None
+        engine.abort(["stuck"])
+        await wait_idle(engine)
+
+    asyncio.run(run())
+
+
 def test_engine_death_fails_everyone():
     llm_engine = LLMEngine.from_engine_args(ARGS)
     real_step = llm_engine.step

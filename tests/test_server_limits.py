@@ -148,6 +148,16 @@ def test_full_waiting_queue_is_503(server):
     server.good_request_works()
 
 
+def test_a_call_bigger_than_the_whole_queue_is_400_even_when_idle(server):
+    # max_waiting_requests=1: two prompts could never be queued at once. Once, an idle
+    # queue took any call: 100,000 prompts got in and starved every other client.
+    with pytest.raises(openai.BadRequestError) as raised:
+        server.client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=1)
+    assert "--max-waiting-requests 1" in raised.value.message
+    assert server.metric("cpserve:num_requests_waiting") == 0
+    server.good_request_works()
+
+
 # ---- max_tokens and the context window ----------------------------------------------------
 
 
@@ -159,9 +169,19 @@ def test_chat_without_max_tokens_may_fill_the_context(server):
     assert out.choices[0].finish_reason == "length"
 
 
-def test_completion_max_tokens_is_cut_to_the_context(server):
+def test_max_tokens_beyond_the_context_is_refused_as_vllm_does(server):
     prompt = [100] * (MAX_MODEL_LEN - 3)
-    out = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=50,
+    with pytest.raises(openai.BadRequestError) as raised:
+        server.client.completions.create(model="tiny", prompt=prompt, max_tokens=50)
+    assert raised.value.body["param"] == "max_tokens"
+    assert f"maximum context length is {MAX_MODEL_LEN}" in raised.value.message
+    assert f"(50 > {MAX_MODEL_LEN} - {MAX_MODEL_LEN - 3})" in raised.value.message
+    with pytest.raises(openai.BadRequestError) as raised:
+        server.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}],
+            max_completion_tokens=MAX_MODEL_LEN)
+    assert raised.value.body["param"] == "max_completion_tokens"
+    out = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=3,
                                            extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 3 and out.choices[0].finish_reason == "length"
     with pytest.raises(openai.BadRequestError) as raised:

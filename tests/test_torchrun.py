@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 GENERATE = ["generate", "tiny", "--prompt", "Hello, world", "--max-tokens", "8",
-            "--temperature", "0", "--device", "cpu", "--num-kv-blocks", "64"]
+            "--temperature", "0", "--device", "cpu", "--num-kv-blocks", "64",
+            "--max-model-len", "1024"]
 
 
 def _free_port() -> int:

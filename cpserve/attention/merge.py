@@ -40,3 +40,16 @@ def merge_two(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
               lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge two partial results of the same queries (the running update of a ring)."""
     return merge_attention_states(torch.stack([out_a, out_b]), torch.stack([lse_a, lse_b]))
+
+
+def fold_into(running: tuple[torch.Tensor, torch.Tensor] | None, out: torch.Tensor,
+              lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold one more partial result into a running (out, lse) held in fp32: a ring's update.
+
+    Keeping the running output in the inputs' dtype (bf16) would round it once per PCP rank;
+    in fp32 the caller rounds once, at the end.
+    """
+    out, lse = out.float(), lse.float()
+    if running is None:
+        return out, lse
+    return merge_two(running[0], running[1], out, lse)

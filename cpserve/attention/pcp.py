@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from cpserve.attention.backend import AttentionBackend
-from cpserve.attention.merge import merge_two
+from cpserve.attention.merge import fold_into
 from cpserve.attention.metadata import StepAttentionMetadata
 from cpserve.attention.sharded import sharded_kv_attention
 from cpserve.distributed.groups import ParallelGroups, all_gather
@@ -86,15 +86,14 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
 
     if exchange == "ring" and pcp > 1:
         ring = RingComm(groups)
-        out = lse = None
+        running = None  # fp32 until the end
         for step in range(pcp):
             incoming = ring.send_recv(kv) if step < pcp - 1 else None
-            block_out, block_lse = attend_block(kv, (me - step) % pcp)
-            out, lse = ((block_out, block_lse) if out is None
-                        else merge_two(out, lse, block_out, block_lse))
+            running = fold_into(running, *attend_block(kv, (me - step) % pcp))
             if incoming is not None:
                 ring.wait()
                 kv = incoming
+        out, lse = running
     else:
         keys, values, stored = split(all_gather(kv, groups.pcp_group, dim=1))
         backend.write_kv(keys, stored, k_cache, v_cache, meta.gathered_slots, *kv_scale)
@@ -109,5 +108,5 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
                                             meta.gathered_prefix_len, scale, groups, backend,
                                             v_dim, kv_scale)
         mine = slice(me * pad, me * pad + q.shape[0])
-        out, lse = merge_two(out, lse, o_all[mine], l_all[mine])
-    return out
+        out, lse = fold_into((out.float(), lse), o_all[mine], l_all[mine])
+    return out.to(q.dtype)

@@ -9,7 +9,8 @@
 The pool knows nothing of models: what a worker does with plans is `worker_loop`, given by
 the engine (`cpserve.engine.worker.serve_plans`). This module is transport and launch only.
 
-Locally the driver spawns the other ranks itself; under torchrun every rank is started by
+Locally the driver starts the other ranks itself, as new interpreters (`local_ranks`: a
+user's script needs no main guard); under torchrun every rank is started by
 torchrun, rank 0 becomes the driver and the others serve plans inside `WorkerPool(...)` and
 exit when the driver shuts down. A pool outlives engines: an engine with another config of
 the same layout (tp, pcp, dcp) loads its model into the running ranks.
@@ -27,10 +28,10 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from cpserve.config import ParallelConfig
 from cpserve.distributed.groups import ParallelGroups, build_groups, single_process_groups
+from cpserve.distributed.local_ranks import LocalRank
 from cpserve.distributed.plan import StepPlan, broadcast_plan
 
 # What a non-driver rank runs until shutdown: follows the driver's plans.
@@ -39,6 +40,18 @@ WorkerLoop = Callable[[ParallelGroups, torch.device], None]
 # A rank that does not answer a collective for this long is taken for dead. Steps are kept
 # short by max_num_batched_tokens; an idle driver sends keep-alive plans well within it.
 DEFAULT_TIMEOUT_S = 25.0
+
+
+# Starting a rank's interpreter (torch, the model code) takes seconds on a loaded host: the
+# rendezvous waits at least this long, whatever the collectives' timeout.
+RENDEZVOUS_TIMEOUT_S = 60.0
+
+
+_STARTED_KEY = "cpserve/started/"
+
+
+def _rendezvous_timeout(timeout_s: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=max(timeout_s, RENDEZVOUS_TIMEOUT_S))
 
 
 def default_timeout_s() -> float:
@@ -94,14 +107,15 @@ def gather_to_driver(values: torch.Tensor, groups: ParallelGroups) -> list[torch
     return [p[: int(s.item())] for p, s in zip(parts, sizes)]
 
 
-def _spawned_worker(rank: int, store_port: int, parallel: dict, device: str,
-                    timeout_s: float, worker_loop: WorkerLoop) -> None:
-    """Entry point of a locally spawned rank (only plain values cross the process boundary)."""
+def run_spawned_rank(rank: int, store_port: int, parallel: dict, device: str,
+                     timeout_s: float, worker_loop: WorkerLoop) -> None:
+    """Entry point of a locally spawned rank (see `local_ranks`: plain values only)."""
     try:
         _share_cpu_threads(device, ParallelConfig(**parallel).world_size)
         local_device = rank_device(device, rank)
         store = dist.TCPStore("127.0.0.1", store_port, is_master=False,
-                              timeout=datetime.timedelta(seconds=timeout_s))
+                              timeout=_rendezvous_timeout(timeout_s))
+        store.set(f"{_STARTED_KEY}{rank}", "1")
         groups = _init_distributed(ParallelConfig(**parallel), rank, {"store": store},
                                    local_device, timeout_s)
         worker_loop(groups, local_device)
@@ -187,19 +201,36 @@ class WorkerPool:
         # The driver owns the rendezvous store (port chosen by the OS) and drops it at shutdown.
         self._store = dist.TCPStore("127.0.0.1", 0, self.world_size, is_master=True,
                                     wait_for_workers=False,
-                                    timeout=datetime.timedelta(seconds=self.timeout_s))
-        ctx = mp.get_context("spawn")
+                                    timeout=_rendezvous_timeout(self.timeout_s))
         for rank in range(1, self.world_size):
-            proc = ctx.Process(target=_spawned_worker, daemon=True, name=f"cpserve-rank{rank}",
-                               args=(rank, self._store.port, asdict(self.parallel), device,
-                                     self.timeout_s, self.worker_loop))
-            proc.start()
-            self._processes.append(proc)
+            self._processes.append(LocalRank(rank, self._store.port, asdict(self.parallel),
+                                             device, self.timeout_s, self.worker_loop))
+        self._wait_for_ranks_to_start()
         threading.Thread(target=self._watch_workers, daemon=True).start()
         _share_cpu_threads(device, self.world_size)
         self.device = rank_device(device, 0)
         self.groups = _init_distributed(self.parallel, 0, {"store": self._store}, self.device,
                                         self.timeout_s)
+
+    def _wait_for_ranks_to_start(self) -> None:
+        """Starting an interpreter takes seconds on a loaded host, which must not eat into
+        the process group's timeout: every rank checks in on the store first. A rank that
+        exits meanwhile is reported at once (its own error is printed above)."""
+        keys = [f"{_STARTED_KEY}{rank}" for rank in range(1, self.world_size)]
+        deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
+        while True:
+            try:
+                self._store.wait(keys, datetime.timedelta(seconds=0.5))
+                return
+            except RuntimeError:  # DistStoreError: not all there yet
+                pass
+            dead = [(r, p.exitcode) for r, p in enumerate(self._processes, 1)
+                    if p.exitcode is not None]
+            if dead or time.monotonic() > deadline:
+                self._kill_workers()
+                what = (f"rank {dead[0][0]} exited with code {dead[0][1]} while starting"
+                        if dead else f"ranks did not start within {RENDEZVOUS_TIMEOUT_S:g} s")
+                raise WorkerDiedError(f"cpserve worker {what}")
 
     def _watch_workers(self) -> None:
         """Notice a spawned rank that exits, so that errors can name it."""

@@ -89,6 +89,7 @@ class EngineArgs:
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
         """Engine flags with vLLM's names."""
+        from cpserve.engine.model_runner import CPU_DEFAULT_KV_GIB
         if with_model:
             parser.add_argument("model", nargs="?", default="tiny",
                                 help="checkpoint directory, or 'tiny' for the built-in demo model")
@@ -103,7 +104,7 @@ class EngineArgs:
         g.add_argument("--num-kv-blocks", type=int, default=None,
                        help="KV blocks per rank (overrides --kv-cache-memory)")
         g.add_argument("--kv-cache-memory", type=float, default=None,
-                       help="GiB of KV cache per rank (CPU default: 1 GiB)")
+                       help=f"GiB of KV cache per rank (CPU default: {CPU_DEFAULT_KV_GIB} GiB)")
         g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=True)

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
+# How long the engine thread waits before trying again after a step that could run nothing.
+_IDLE_RETRY_S = 0.01
 
 
 class EngineDeadError(RuntimeError):
@@ -136,8 +138,9 @@ class AsyncEngine:
     """Runs `LLMEngine.step()` in a background thread and serves coroutines.
 
     `max_waiting_requests` bounds the engine's waiting queue: an add that would go past it
-    fails with `QueueFullError`. `stall_timeout_s` is how long one step may run before
-    `health()` calls the engine stuck.
+    fails with `QueueFullError`. `stall_timeout_s` is how long the engine may go without
+    progress (a step computing tokens or finishing requests) while it has unfinished work
+    before `health()` calls it stuck: one step running that long, or steps that do nothing.
     """
 
     def __init__(self, engine: LLMEngine, *, max_waiting_requests: int | None = None,
@@ -159,6 +162,8 @@ class AsyncEngine:
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
         self._stats = engine.stats()
         self._step_started: float | None = None
+        # Since when unfinished work has waited for progress; None while idle.
+        self._waiting_for_progress_since: float | None = None
         self._thread = threading.Thread(target=self._run, name="cpserve-engine", daemon=True)
 
     @classmethod
@@ -234,9 +239,14 @@ class AsyncEngine:
             return "the inference engine has stopped"
         if not self._thread.is_alive():
             return "the inference engine is not running"
+        now = time.monotonic()
         started = self._step_started
-        if started is not None and time.monotonic() - started > self.stall_timeout_s:
-            return f"an engine step has been running for over {self.stall_timeout_s:.0f} s"
+        if started is not None and now - started > self.stall_timeout_s:
+            return f"an engine step has been running for over {self.stall_timeout_s:g} s"
+        since = self._waiting_for_progress_since
+        if since is not None and now - since > self.stall_timeout_s:
+            return (f"the inference engine has made no progress for over "
+                    f"{self.stall_timeout_s:g} s while requests are unfinished")
         return None
 
     @property
@@ -280,10 +290,17 @@ class AsyncEngine:
                     break
                 outputs = []
                 if engine.has_unfinished_requests():
+                    if self._waiting_for_progress_since is None:
+                        self._waiting_for_progress_since = time.monotonic()
                     self._step_started = time.monotonic()
-                    outputs = engine.step()
+                    outputs = engine.step()  # an output for every request that progressed
                     self._step_started = None
                 has_work = engine.has_unfinished_requests()
+                if outputs or not has_work:
+                    self._waiting_for_progress_since = time.monotonic() if has_work else None
+                else:
+                    with self._cv:  # nothing could run: do not spin on the scheduler
+                        self._cv.wait(_IDLE_RETRY_S)
                 # Before delivering: whoever sees an output sees stats at least that new.
                 self._stats = engine.stats()
                 self._deliver(outputs)
@@ -314,11 +331,16 @@ class AsyncEngine:
             except Exception as exc:
                 command.future.set_exception(exc)
             return
-        # Counted in sequences, as the scheduler queues them (n per request); an empty queue
-        # takes any one call, so no request is refused on an idle server.
+        # Counted in sequences, as the scheduler queues them (n per request). A call bigger
+        # than the whole queue could never be admitted: that is the caller's error.
         num_waiting = engine.stats().num_waiting
         incoming = sum(params.n for _, _, params, _ in command.requests)
-        if num_waiting and num_waiting + incoming > self.max_waiting_requests:
+        if incoming > self.max_waiting_requests:
+            command.future.set_exception(ValueError(
+                f"the request asks for {incoming} sequences, more than the server queues at "
+                f"once (--max-waiting-requests {self.max_waiting_requests})"))
+            return
+        if num_waiting + incoming > self.max_waiting_requests:
             command.future.set_exception(QueueFullError(
                 f"the server is busy: {num_waiting} requests are waiting, the limit is "
                 f"{self.max_waiting_requests}; retry later"))

@@ -7,6 +7,7 @@ driver's logits, and turns tokens into text and finished requests into outputs.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Iterable
@@ -14,21 +15,30 @@ from dataclasses import dataclass
 
 import torch
 
-from cpserve.config import EngineConfig
+from cpserve.config import ConfigError, EngineConfig, check_kv_capacity
 from cpserve.distributed.groups import layout_report
 from cpserve.distributed.plan import PlannedRequest, StepPlan
 from cpserve.distributed.worker_pool import WorkerPool
 from cpserve.engine.args import EngineArgs
 from cpserve.engine.executor import Executor
 from cpserve.engine.output import OutputProcessor, ParentRequest
-from cpserve.engine.sampler import Sampler, SamplingRow, make_generator, prompt_logprobs
+from cpserve.engine.sampler import (
+    SampledToken,
+    Sampler,
+    SamplingRow,
+    make_generator,
+    prompt_logprobs,
+)
 from cpserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from cpserve.engine.step_logits import StepLogits, num_logit_rows
 from cpserve.kv.layout import KVLayout
 from cpserve.kv.manager import KVCacheManager
 from cpserve.outputs import RequestOutput
 from cpserve.request import Request, RequestStatus
 from cpserve.sampling_params import SamplingParams
-from cpserve.tokenizer import Tokenizer
+from cpserve.tokenizer import PromptTooLongError, Tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +58,11 @@ class LLMEngine:
         self.config = config
         self.tokenizer = Tokenizer.from_pretrained(config.model.path)
         self.executor = Executor(config, worker_pool)
+        try:
+            check_kv_capacity(config, self.executor.num_blocks)
+        except ConfigError:
+            self.executor.shutdown()
+            raise
         par = config.parallel
         layout = KVLayout(config.cache.block_size, par.num_kv_shards, par.interleave)
         self.kv = KVCacheManager(layout, self.executor.num_blocks,
@@ -77,9 +92,10 @@ class LLMEngine:
         """Validate and queue a request. Bad input raises ValueError and changes nothing."""
         if request_id in self.outputs.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, token_ids = self._tokenize(prompt)
         params.validate()
+        text, token_ids = self._tokenize(prompt)
         self._check_prompt(token_ids)
+        self._check_token_ids(params)
         params._eos_token_ids = self.config.model.eos_token_ids
         children = []
         for index in range(params.n):
@@ -89,7 +105,7 @@ class LLMEngine:
                 child_params = _copy_params(params, prompt_logprobs=None)
             generator = None
             if params.seed is not None:
-                generator = make_generator(params.seed + index, self.device)
+                generator = make_generator(params.child_seed(index), self.device)
             children.append(Request(child_id, token_ids, child_params, arrival_time,
                                     parent_id=request_id, index=index, generator=generator))
         self.outputs.add(ParentRequest(request_id, text, token_ids, params, children))
@@ -109,7 +125,10 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:  # would still tokenize to a lone BOS; refuse it like no tokens
                 raise ValueError("the prompt is empty: it must have at least one token")
-            return prompt, self.tokenizer.encode(prompt)
+            try:
+                return prompt, self.tokenizer.encode_within(prompt, self._max_prompt_tokens)
+            except PromptTooLongError as exc:
+                raise ValueError(self._too_long(exc.count)) from None
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
         raise ValueError("a prompt must be a string, a list of token ids, or a dict with "
@@ -122,15 +141,27 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        # Start-up made sure the KV cache holds max_model_len tokens (check_kv_capacity).
+        if len(token_ids) > self._max_prompt_tokens:
+            raise ValueError(self._too_long(str(len(token_ids))))
+
+    @property
+    def _max_prompt_tokens(self) -> int:
+        return self.config.model.max_model_len - 1  # room for one generated token
+
+    def _too_long(self, count: str) -> str:
         max_len = self.config.model.max_model_len
-        if len(token_ids) >= max_len:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens, but max_model_len is "
-                             f"{max_len}: at most {max_len - 1} prompt tokens leave room for "
-                             "one generated token")
-        capacity = self.kv.capacity_tokens
-        if len(token_ids) + 1 > capacity:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens, more than the whole KV "
-                             f"cache holds ({capacity} tokens)")
+        return (f"the prompt has {count} tokens, but max_model_len is {max_len}: at most "
+                f"{max_len - 1} prompt tokens leave room for one generated token")
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        vocab = self.config.model.vocab_size
+        for name, ids in (("stop_token_ids", params.stop_token_ids),
+                          ("logit_bias", params.logit_bias or ())):
+            bad = sorted(t for t in ids if t >= vocab)
+            if bad:
+                raise ValueError(f"{name} has token id {bad[0]}, outside the vocabulary "
+                                 f"[0, {vocab})")
 
     def abort_request(self, request_ids: Iterable[str]) -> None:
         """Stop requests (by the id given to add_request) and free their KV blocks at once."""
@@ -150,38 +181,28 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
-        logits = self.executor.execute(self._plan(scheduled))
+        logits = StepLogits(scheduled.scheduled, self.config.model.vocab_size,
+                            self._collect_prompt_logprobs)
+        self.executor.execute(self._plan(scheduled), logits)
         return self._postprocess(scheduled, logits)
 
     def _plan(self, out: SchedulerOutput) -> StepPlan:
         requests = []
         for item in out.scheduled:
             r = item.request
-            num_logits = _num_logits(item)
             block_ids = self.kv.block_table(r.request_id) if item.is_new else item.new_block_ids
             requests.append(PlannedRequest(
                 r.request_id, r.all_token_ids[item.start_pos:item.start_pos + item.num_new_tokens],
-                item.start_pos, list(block_ids), item.is_new, num_logits))
+                item.start_pos, list(block_ids), item.is_new, num_logit_rows(item)))
         return StepPlan(requests, list(out.freed_request_ids))
 
-    def _postprocess(self, out: SchedulerOutput, logits: torch.Tensor | None) -> list[RequestOutput]:
+    def _postprocess(self, out: SchedulerOutput, logits: StepLogits) -> list[RequestOutput]:
+        """Sample, append and check stops. What goes wrong for one request (logits that are
+        not finite, its prompt logprobs failing) fails it alone."""
         self.scheduler.update_after_step(out)
+        failures = dict(logits.failures)
         now = time.time()
-        sample_items, sample_rows, rows = [], [], []
-        row = 0
-        for item in out.scheduled:
-            r = item.request
-            num_rows = _num_logits(item)
-            if r.wants_prompt_logprobs:
-                self._collect_prompt_logprobs(r, item.start_pos, logits[row:row + num_rows])
-            if item.completes:
-                sample_items.append(item)
-                rows.append(row + num_rows - 1)
-                sample_rows.append(SamplingRow(r.params, r.generator, r.output_token_ids))
-            row += num_rows
-        sampled = self.sampler(logits[rows], sample_rows) if sample_rows else []
-        touched = {item.request.parent_id for item in out.scheduled}
-        for item, token in zip(sample_items, sampled):
+        for item, token in self._sample(logits, failures):
             r = item.request
             if r.first_token_time is None:
                 r.first_token_time = now
@@ -191,17 +212,59 @@ class LLMEngine:
             status = self.outputs.on_token(r, token)
             if status is not None:
                 self.scheduler.finish(r, status)
+        for r, message in failures.items():
+            self._fail(r, message)
+        touched = {item.request.parent_id for item in out.scheduled}
+        touched.update(r.parent_id for r in out.failed)
         return self.outputs.make_outputs(touched, self.requests)
 
-    def _collect_prompt_logprobs(self, r: Request, start: int, logits: torch.Tensor) -> None:
-        """Row i of `logits` predicts the token at position start + i + 1."""
+    def _sample(self, logits: StepLogits,
+                failures: dict[Request, str]) -> list[tuple[ScheduledRequest, SampledToken]]:
+        """A token for each request that completed this step, except failed ones."""
+        items = logits.sampled_items
+        if not items:
+            return []
+        finite = torch.isfinite(logits.sample_logits).all(dim=1).tolist()
+        keep = []
+        for j, item in enumerate(items):
+            if item.request in failures:
+                continue
+            if not finite[j]:
+                failures[item.request] = ("the model's logits for the next token are not "
+                                          "finite (NaN or infinity)")
+                continue
+            keep.append(j)
+        if not keep:
+            return []
+        # Parameters were validated when the request came, and the logits are finite: what
+        # the sampler could still raise would be a bug of the engine's, not one request's.
+        rows = [SamplingRow(items[j].request.params, items[j].request.generator,
+                            items[j].request.output_token_ids) for j in keep]
+        tokens = self.sampler(logits.sample_logits[keep], rows)
+        return [(items[j], token) for j, token in zip(keep, tokens)]
+
+    def _fail(self, r: Request, message: str) -> None:
+        logger.warning("request %s failed: %s", r.request_id, message)
+        r.error = message
+        self.scheduler.finish(r, RequestStatus.FINISHED_ERROR)
+
+    def _collect_prompt_logprobs(self, item: ScheduledRequest, offset: int,
+                                 logits: torch.Tensor) -> str | None:
+        """Row i of `logits` predicts the token at position item.start_pos + offset + i + 1.
+        Returns why the request must fail, if it must."""
+        r = item.request
+        start = item.start_pos + offset
         targets = r.prompt_token_ids[start + 1:start + 1 + logits.shape[0]]
         first_missing = len(r.prompt_logprobs) - (start + 1)  # rows already collected
-        if len(targets) > first_missing >= 0:
-            new = prompt_logprobs(logits[first_missing:len(targets)], targets[first_missing:],
-                                  r.params.prompt_logprobs)
-            self.outputs.decode_logprobs(new)
-            r.prompt_logprobs.extend(new)
+        if not len(targets) > first_missing >= 0:
+            return None
+        rows = logits[first_missing:len(targets)]
+        if not torch.isfinite(rows).all():
+            return "the model's logits for the prompt tokens are not finite (NaN or infinity)"
+        new = prompt_logprobs(rows, targets[first_missing:], r.params.prompt_logprobs)
+        self.outputs.decode_logprobs(new)
+        r.prompt_logprobs.extend(new)
+        return None
 
     # Introspection -------------------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -221,12 +284,6 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
-
-
-def _num_logits(item: ScheduledRequest) -> int:
-    """Logit rows a scheduled request needs: every new token while prompt logprobs are being
-    collected, else the last one if it completes the request (to sample), else none."""
-    return item.num_new_tokens if item.request.wants_prompt_logprobs else int(item.completes)
 
 
 def _copy_params(params: SamplingParams, **changes) -> SamplingParams:

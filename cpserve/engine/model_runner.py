@@ -10,6 +10,7 @@ of the largest step, and decode steps replay CUDA graphs (see `DecodeGraphs`).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,6 +30,11 @@ from cpserve.quantization import kv_cache as fp8_kv
 CPU_DEFAULT_KV_GIB = 0.25
 PROFILE_REQUEST_ID = "__cpserve_profile__"
 WARMUP_REQUEST_ID = "__cpserve_kv_warmup__"
+# fp32 logits computed at once, whatever the number of rows a step asks for.
+LOGITS_SLICE_BYTES = 256 * 2**20
+
+# Takes the fp32 logits of rows [first_row, first_row + len(logits)) of a step, on the driver.
+LogitsConsumer = Callable[[int, torch.Tensor], None]
 
 
 class ModelRunner:
@@ -129,7 +135,8 @@ class ModelRunner:
             budget = self._profile_kv_budget()
         else:
             budget = CPU_DEFAULT_KV_GIB * 2**30
-        blocks = torch.tensor([max(int(budget // self.bytes_per_block), 1)])
+        # Too small a budget gives 0 blocks, which the engine refuses naming the flags.
+        blocks = torch.tensor([int(budget // self.bytes_per_block)])
         if self.groups.cpu_group is not None:
             torch.distributed.all_reduce(blocks, torch.distributed.ReduceOp.MIN,
                                          group=self.groups.cpu_group)
@@ -171,6 +178,7 @@ class ModelRunner:
                 f"{total / 2**30:.1f} GiB; raise --gpu-memory-utilization "
                 f"({self.config.cache.gpu_memory_utilization}) or lower "
                 "--max-num-batched-tokens")
+        self.profiled_kv_budget = budget
         self.profile_report = (f"profiled a {tokens}-token step: peak {peak / 2**30:.2f} GiB, "
                                f"others {held_by_others / 2**30:.2f} GiB, KV budget "
                                f"{budget / 2**30:.2f} GiB")
@@ -200,8 +208,10 @@ class ModelRunner:
         return par.pcp > 1 and num_new >= par.min_split_tokens
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, use_graphs: bool = True) -> torch.Tensor | None:
-        """Run the plan. Returns fp32 logits [rows, vocab] on the driver, None elsewhere.
+    def execute(self, plan: StepPlan, use_graphs: bool = True,
+                consume_logits: LogitsConsumer | None = None) -> torch.Tensor | None:
+        """Run the plan. Returns fp32 logits [rows, vocab] on the driver, None elsewhere; with
+        `consume_logits`, the driver gets them slice by slice instead and None is returned.
 
         Rows: request by request in plan order, the last `num_logits` new tokens of each.
         """
@@ -229,8 +239,28 @@ class ModelRunner:
         rows = self._logit_rows(plan, seqs, step.seq, step.offset, hidden)
         if rows is None or self.groups.pcp_rank != 0:
             return None
-        logits = self.model.compute_logits(rows).float()
-        return logits if self.groups.is_driver else None
+        return self._logits_in_slices(rows, consume_logits)
+
+    def _logits_in_slices(self, rows: torch.Tensor,
+                          consume: LogitsConsumer | None) -> torch.Tensor | None:
+        """fp32 logits of `rows`, at most LOGITS_SLICE_BYTES of them at a time.
+
+        Prompt logprobs ask for a logit row per prompt token, which the profiling step does
+        not count (8k rows of a 128k vocabulary would be 4 GiB): each slice goes to
+        `consume(first_row, logits)` on the driver and is dropped before the next. Every TP
+        rank of PCP rank 0 computes the same slices (the LM head gathers over the vocabulary).
+        """
+        per_slice = max(1, LOGITS_SLICE_BYTES // (4 * self.config.model.vocab_size))
+        kept = []
+        for first in range(0, rows.shape[0], per_slice):
+            logits = self.model.compute_logits(rows[first:first + per_slice]).float()
+            if not self.groups.is_driver:
+                continue
+            if consume is not None:
+                consume(first, logits)
+            else:
+                kept.append(logits)
+        return torch.cat(kept) if kept else None
 
     def _logit_rows(self, plan, seqs, local_seq, local_offset, hidden) -> torch.Tensor | None:
         """Hidden states of the tokens whose logits are needed, on PCP rank 0.

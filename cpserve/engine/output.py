@@ -107,6 +107,7 @@ class OutputProcessor:
                 logprobs=list(child.logprobs) if child.logprobs is not None else None,
                 finish_reason=status.value if status.finished else None,
                 stop_reason=child.stop_reason,
+                error=child.error,
             ))
         first = parent.children[0]
         finished_times = [c.finished_time for c in parent.children if c.finished_time]

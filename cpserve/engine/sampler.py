@@ -4,25 +4,29 @@ Pipeline for one batch of fp32 logits ``[num_rows, vocab]`` (CPU or CUDA)::
 
     raw logits ──────────────────────────────────────────► raw logprobs (log-softmax, vLLM's
         │                                                   default "raw_logprobs")
+        ├─ + logit_bias
         ├─ min_tokens: eos / stop ids -> -inf  (rows still below min_tokens)
         │
-        ├─ greedy rows (temperature == 0): argmax, ties -> lowest id
+        ├─ greedy rows (temperature < 1e-5): argmax, ties -> lowest id
         │
-        └─ sampled rows: / temperature -> top-k -> top-p -> min-p -> exponential race
+        └─ sampled rows: / temperature -> min-p -> top-k -> top-p -> exponential race
                                           └──── support_mask() ────┘
+
+The order of the filters is vLLM's: min-p first (its threshold is relative to the top
+token, so it does not depend on what the others keep), then top-k, then top-p over what is
+left, renormalised.
 
 Support rules (all comparisons are on the row's temperature-scaled fp32 logits, so "tie"
 means equal scaled logits; bf16 models produce many of them):
 
+* min-p (``m > 0``): drop tokens whose probability is < ``m * max probability``.
 * top-k (``k > 0``): keep every token whose logit is >= the k-th largest logit. Ties at the
   boundary are all kept, so more than k tokens can survive; the result never depends on the
   order a sort happens to put equal values in.
-* top-p (``p < 1``), over the top-k survivors renormalised: walk the survivors from most to
-  least likely; the cut token is the first at which the cumulative probability reaches p
-  (``>= p``, in fp32). Keep every token whose logit is >= the cut token's, so the top token
-  is always kept and ties with the cut token are kept too.
-* min-p (``m > 0``): drop tokens whose probability (after the two filters above) is
-  < ``m * max probability``.
+* top-p (``p < 1``), over the min-p and top-k survivors renormalised: walk the survivors from
+  most to least likely; the cut token is the first at which the cumulative probability
+  reaches p (``>= p``, in fp32). Keep every token whose logit is >= the cut token's, so the
+  top token is always kept and ties with the cut token are kept too.
 
 The draw is an exponential race: ``token = argmax(probs / E)`` with ``E ~ Exp(1)`` i.i.d. per
 vocab entry, which picks token i with probability ``probs[i] / sum(probs)``. A seeded row
@@ -111,7 +115,8 @@ class Sampler:
         params = [row.params for row in rows]
         # Greedy rows divide by 1 (exact), so one tensor serves both kinds of row.
         temperature = [1.0 if p.greedy else p.temperature for p in params]
-        scaled = logits / torch.tensor(temperature, device=device).unsqueeze(1)
+        scaled = _with_logit_bias(logits, params) / torch.tensor(
+            temperature, device=device).unsqueeze(1)
         _block_stop_tokens_below_min_tokens(scaled, rows)
 
         token_ids = scaled.argmax(dim=-1)  # first maximum: ties go to the lowest id
@@ -201,6 +206,11 @@ def _filter(
     """
     vocab = scaled.shape[1]
     keep = scaled > float("-inf")  # tokens blocked by min_tokens are never support
+    if any(m > 0 for m in min_p):
+        probs = scaled.softmax(dim=-1)
+        min_p_t = torch.tensor(min_p, dtype=torch.float32, device=scaled.device).unsqueeze(1)
+        keep &= probs >= min_p_t * probs.max(dim=-1, keepdim=True).values
+        scaled = scaled.masked_fill(~keep, float("-inf"))
     needs_sort = [i for i, (k, p) in enumerate(zip(top_k, top_p)) if 0 < k < vocab or p < 1.0]
     if needs_sort:
         device = scaled.device
@@ -216,10 +226,6 @@ def _filter(
             keep[needs_sort] &= sub >= threshold
 
     probs = scaled.masked_fill(~keep, float("-inf")).softmax(dim=-1)
-    if any(m > 0 for m in min_p):
-        min_p_t = torch.tensor(min_p, dtype=torch.float32, device=scaled.device).unsqueeze(1)
-        keep &= probs >= min_p_t * probs.max(dim=-1, keepdim=True).values
-        probs = probs.masked_fill(~keep, 0.0)
     return keep, probs
 
 
@@ -250,6 +256,21 @@ def _top_k_top_p_threshold(
     cut = torch.minimum(cut, last_survivor)
     p_threshold = torch.where((top_p < 1.0).unsqueeze(1), sorted_logits.gather(1, cut), neg_inf)
     return torch.maximum(k_threshold, p_threshold)
+
+
+def _with_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The logits plus each row's `logit_bias` (a new tensor only when some row has one)."""
+    rows, ids, biases = [], [], []
+    for i, p in enumerate(params):
+        for token_id, bias in (p.logit_bias or {}).items():
+            rows.append(i)
+            ids.append(token_id)
+            biases.append(float(bias))
+    if not rows:
+        return logits
+    biased = logits.clone()
+    biased[rows, ids] += torch.tensor(biases, dtype=biased.dtype, device=biased.device)
+    return biased
 
 
 def _block_stop_tokens_below_min_tokens(scaled: torch.Tensor, rows: list[SamplingRow]) -> None:

@@ -7,6 +7,10 @@ what is left of the budget, so a long prompt is prefilled in chunks beside the d
 others. When KV blocks run out, the most recently admitted running request is preempted: its
 blocks are freed and its tokens recomputed later. Waiting requests are admitted in order while
 budget and blocks last, after taking any cached prefix.
+
+A request that cannot get its blocks while it is the only one holding any will never get
+them: it ends with an error at once (`SchedulerOutput.failed`) instead of preempting itself
+for ever. Start-up refuses a `max_model_len` the cache cannot hold, so this is a last guard.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class SchedulerOutput:
     # Requests whose KV the workers can forget: finished, aborted or preempted since last step.
     freed_request_ids: list[str] = field(default_factory=list)
     num_preempted: int = 0
+    # Finished with an error this step (`Request.error` says why); they need an output.
+    failed: list[Request] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -48,7 +54,7 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled and not self.freed_request_ids
+        return not self.scheduled and not self.freed_request_ids and not self.failed
 
 
 class Scheduler:
@@ -78,6 +84,9 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             new_blocks = self.kv.allocate(request, num_new)
             while new_blocks is None:
+                if len(self.running) == 1:  # alone and still short of blocks: never fits
+                    self._fail_for_capacity(request, num_new, out)
+                    break
                 victim = self.running.pop()
                 self._preempt(victim, out)
                 if victim is request:
@@ -92,12 +101,17 @@ class Scheduler:
         while (self.waiting and budget > 0 and not out.num_preempted
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
-            cached = self.kv.find_cached_prefix(request) if request.num_computed_tokens == 0 else []
+            cached = (self.kv.find_cached_prefix(request)
+                      if request.num_computed_tokens == 0 and request.may_read_prefix_cache
+                      else [])
             num_cached = len(cached) * self.kv.layout.virtual_block_size
             num_new = min(request.num_tokens - num_cached, budget)
             new_blocks = self.kv.allocate(request, num_new, cached)
             if new_blocks is None:
-                break
+                if self.running:
+                    break  # it waits for running requests to free blocks
+                self._fail_for_capacity(request, num_new, out)
+                continue
             self.waiting.popleft()
             self.kv.record_prefix_lookup(request.num_tokens, num_cached)
             request.status = RequestStatus.RUNNING
@@ -109,6 +123,13 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, num_new, new_blocks, is_new=True))
             budget -= num_new
         return out
+
+    def _fail_for_capacity(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
+        needed = max(request.num_computed_tokens, 0) + num_new
+        request.error = (f"the request needs KV for {needed} tokens, more than the whole KV "
+                         f"cache holds ({self.kv.capacity_tokens} tokens)")
+        self.finish(request, RequestStatus.FINISHED_ERROR)
+        out.failed.append(request)
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.kv.free(request)

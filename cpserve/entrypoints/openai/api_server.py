@@ -2,7 +2,7 @@
 the CLI, and `ServerThread` to run an app in the background (tests, notebooks).
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics, POST /tokenize, POST /detokenize, GET /version.
+GET|POST /ping, GET /metrics, POST /tokenize, POST /detokenize, GET /version.
 """
 
 from __future__ import annotations
@@ -80,9 +80,10 @@ def build_app(engine: AsyncEngine, *, served_model_names: Sequence[str] = ("tiny
 
     @app.get("/v1/models")
     async def list_models() -> dict:
+        # `root` names the model as served, not where its files are on this machine.
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "cpserve",
-             "root": engine.config.model.path, "max_model_len": serving.max_model_len}
+             "root": serving.model_name, "max_model_len": serving.max_model_len}
             for name in serving.model_names]}
 
     @app.get("/health")
@@ -91,6 +92,15 @@ def build_app(engine: AsyncEngine, *, served_model_names: Sequence[str] = ("tiny
         if reason is not None:
             return error_response(503, reason)
         return Response(status_code=200)
+
+    # vLLM's (and SageMaker's) alias of /health.
+    @app.get("/ping")
+    async def ping_get() -> Response:
+        return await health()
+
+    @app.post("/ping")
+    async def ping_post() -> Response:
+        return await health()
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -111,8 +121,9 @@ def build_app(engine: AsyncEngine, *, served_model_names: Sequence[str] = ("tiny
         else:
             text = req.prompt
             special = req.add_special_tokens is not False
-        ids = await serving.in_tokenizer_thread(
-            lambda: serving.tokenizer.encode(text, add_special_tokens=special))
+        param = "prompt" if req.messages is None else "messages"
+        ids = await serving.in_tokenizer_thread(serving.encode_text, text, special, param,
+                                                serving.max_model_len)
         return {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": list(ids)}
 
     @app.post("/detokenize")

@@ -71,6 +71,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     message = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
         return f"request body is not valid JSON: {message}", None
+    if first.get("type") == "extra_forbidden":
+        message = "cpserve does not support this field (unknown fields are refused, not ignored)"
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     return (f"{param}: {message}" if param else message) + more, param
 

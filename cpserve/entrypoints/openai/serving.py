@@ -24,6 +24,7 @@ from cpserve.entrypoints.openai.errors import APIError, error_body, to_api_error
 from cpserve.entrypoints.openai.protocol import ChatMessage, SamplingFields
 from cpserve.outputs import Logprob, PositionLogprobs, RequestOutput
 from cpserve.sampling_params import SamplingParams
+from cpserve.tokenizer import PromptTooLongError
 
 T = TypeVar("T")
 
@@ -97,25 +98,57 @@ class OpenAIServing:
             raise APIError(400, f"{param} contains token id {max(ids)}, but the vocabulary "
                                 f"has {self.vocab_size} tokens", param)
 
-    def max_tokens_for(self, num_prompt_tokens: int, requested: int | None) -> int:
-        """The requested budget, cut to what fits in the context (as vLLM does)."""
+    def check_supported(self, req: SamplingFields) -> None:
+        """Refuse, naming the field, what cpserve cannot honour; check counts that do not
+        depend on the prompt (before any tokenizing)."""
+        for field, why in req.unsupported_fields():
+            raise APIError(400, why, field)
+        if req.n > self.max_num_seqs:
+            raise APIError(400, f"n={req.n} is more than the server runs at once "
+                                f"(--max-num-seqs {self.max_num_seqs})", "n")
+        if req.prompt_logprobs is not None and req.stream:
+            raise APIError(400, "prompt_logprobs cannot be streamed: ask without stream",
+                           "prompt_logprobs")
+
+    def check_queue_room(self, num_sequences: int) -> None:
+        """A call of more sequences than the waiting queue holds can never be admitted: 400
+        at once, before its prompts are tokenized (a busy queue is the engine's 503)."""
+        limit = self.engine.max_waiting_requests
+        if num_sequences > limit:
+            raise APIError(400, f"the request asks for {num_sequences} sequences (prompts x n), "
+                                f"more than the server queues at once "
+                                f"(--max-waiting-requests {limit})", "prompt")
+
+    def max_tokens_for(self, num_prompt_tokens: int, requested: int | None,
+                       param: str = "max_tokens") -> int:
+        """The requested budget; without one, whatever the context leaves (as in vLLM). A
+        budget the context cannot hold is refused, as vLLM and OpenAI refuse it."""
         room = self.max_model_len - num_prompt_tokens
         if room < 1:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} "
                                 f"tokens, but the prompt has {num_prompt_tokens} tokens, which "
                                 "leaves no room to generate", "prompt")
-        return room if requested is None else min(requested, room)
+        if requested is None:
+            return room
+        if requested > room:
+            raise APIError(400, f"{param}={requested} is too large: this model's maximum "
+                                f"context length is {self.max_model_len} tokens and the prompt "
+                                f"has {num_prompt_tokens} tokens ({requested} > "
+                                f"{self.max_model_len} - {num_prompt_tokens})", param)
+        return requested
 
     def sampling_params(self, req: SamplingFields, *, max_tokens: int, logprobs: int | None,
                         prompt_logprobs: int | None) -> SamplingParams:
-        if req.presence_penalty or req.frequency_penalty or req.repetition_penalty != 1.0:
-            raise APIError(400, "presence_penalty, frequency_penalty and repetition_penalty "
-                                "are not supported")
-        if req.n > self.max_num_seqs:
-            raise APIError(400, f"n={req.n} is more than the server runs at once "
-                                f"(--max-num-seqs {self.max_num_seqs})", "n")
         if req.stop_token_ids:
             self.check_token_ids(req.stop_token_ids, "stop_token_ids")
+        logit_bias = None
+        if req.logit_bias is not None:
+            try:
+                logit_bias = {int(token): bias for token, bias in req.logit_bias.items()}
+            except ValueError:
+                raise APIError(400, "logit_bias keys must be token ids (integers as strings)",
+                               "logit_bias") from None
+            self.check_token_ids([t for t in logit_bias if t >= 0], "logit_bias")
         try:
             return SamplingParams(
                 n=req.n,
@@ -133,6 +166,7 @@ class OpenAIServing:
                 prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
+                logit_bias=logit_bias,
             )
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
@@ -147,16 +181,32 @@ class OpenAIServing:
     async def in_tokenizer_thread(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
 
+    def encode_text(self, text: str, add_special_tokens: bool, param: str,
+                    limit: int | None = None) -> list[int]:
+        """Tokens of a prompt, refusing one that cannot fit the context without tokenizing
+        all of a text far too long. In the tokenizer thread."""
+        limit = self.max_model_len - 1 if limit is None else limit  # room for one token
+        try:
+            return self.tokenizer.encode_within(text, limit, add_special_tokens)
+        except PromptTooLongError as exc:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} "
+                                f"tokens, but the {param} has {exc.count} tokens (at most "
+                                f"{limit} are allowed)", param) from None
+
     async def encode_prompts(self, prompts: Sequence[str | list[int]]) -> list[Prompt]:
-        texts = [p for p in prompts if isinstance(p, str)]
+        texts = [(i, p) for i, p in enumerate(prompts) if isinstance(p, str)]
+
+        def param(i: int) -> str:
+            return "prompt" if len(prompts) == 1 else f"prompt.{i}"
+
         encoded = iter(await self.in_tokenizer_thread(
-            lambda: [self.tokenizer.encode(t, add_special_tokens=True) for t in texts]))
+            lambda: [self.encode_text(t, True, param(i)) for i, t in texts]))
         result = []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
                 result.append(Prompt(p, list(next(encoded))))
             else:
-                self.check_token_ids(p, "prompt" if len(prompts) == 1 else f"prompt.{i}")
+                self.check_token_ids(p, param(i))
                 result.append(Prompt(None, list(p)))
         return result
 
@@ -178,8 +228,7 @@ class OpenAIServing:
                           add_generation_prompt: bool) -> Prompt:
         text = await self.render_chat(messages, add_generation_prompt)
         # The template already wrote BOS and the other special tokens.
-        ids = await self.in_tokenizer_thread(
-            lambda: self.tokenizer.encode(text, add_special_tokens=False))
+        ids = await self.in_tokenizer_thread(self.encode_text, text, False, "messages")
         return Prompt(text, list(ids))
 
     def token_str(self, token_id: int, logprob: Logprob | None) -> str:
@@ -227,6 +276,27 @@ class OpenAIServing:
                                  for tid, lp in top],
             })
         return content
+
+
+def raise_if_failed(output: RequestOutput) -> None:
+    """A completion the engine had to give up on fails the call (the other requests of the
+    server go on): a 500 saying why, since nothing in the request was invalid."""
+    for completion in output.outputs:
+        if completion.finish_reason == "error":
+            raise APIError(500, f"the engine could not complete this request: "
+                                f"{completion.error}")
+
+
+def vllm_prompt_logprobs(serving: OpenAIServing,
+                         positions: Sequence[PositionLogprobs | None] | None) -> list | None:
+    """`prompt_logprobs` as vLLM's API returns them: per prompt token None (the first) or
+    {token id: {"logprob", "rank", "decoded_token"}}."""
+    if positions is None:
+        return None
+    return [None if position is None else {
+        str(token_id): {"logprob": _finite(lp.logprob), "rank": lp.rank,
+                        "decoded_token": serving.token_str(token_id, lp)}
+        for token_id, lp in position.items()} for position in positions]
 
 
 def new_completion_logprobs() -> dict[str, list]:
@@ -304,6 +374,8 @@ async def collect_final(engine: AsyncEngine, stream: RequestStream,
         raise to_api_error(exc) from None
     finally:
         engine.abort(stream.unfinished_ids)
+    for output in finals.values():
+        raise_if_failed(output)
     return finals
 
 

@@ -26,9 +26,11 @@ from cpserve.entrypoints.openai.serving import (
     SSEResponse,
     add_to_engine,
     collect_final,
+    raise_if_failed,
     sse,
     sse_error,
     usage,
+    vllm_prompt_logprobs,
 )
 from cpserve.outputs import CompletionOutput, RequestOutput
 
@@ -41,15 +43,19 @@ class ChatServing:
         s = self.serving
         s.check_model(req.model)
         s.check_ready()
+        s.check_supported(req)
         if req.tools:
             raise APIError(400, "tools are not supported", "tools")
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+        s.check_queue_room(req.n)
         prompt = await s.encode_chat(req.messages, req.add_generation_prompt)
         requested = req.max_completion_tokens or req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         params = s.sampling_params(
-            req, max_tokens=s.max_tokens_for(len(prompt.token_ids), requested),
-            logprobs=(req.top_logprobs or 0) if req.logprobs else None, prompt_logprobs=None)
+            req, max_tokens=s.max_tokens_for(len(prompt.token_ids), requested, param),
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            prompt_logprobs=req.prompt_logprobs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         stream = await add_to_engine(s.engine, [(request_id, prompt.token_ids, params)])
         run = _Run(s, req, request_id, prompt, s.holdback(params))
@@ -89,7 +95,7 @@ class _Run:
                 "finish_reason": c.finish_reason,
                 "stop_reason": c.stop_reason,
             })
-        return {
+        response = {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
@@ -97,6 +103,9 @@ class _Run:
             "choices": choices,
             "usage": usage([self.prompt], [out]),
         }
+        if self.req.prompt_logprobs is not None:  # vLLM's extension, never streamed
+            response["prompt_logprobs"] = vllm_prompt_logprobs(self.s, out.prompt_logprobs)
+        return response
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
         body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -106,16 +115,25 @@ class _Run:
         return sse(body)
 
     def _delta(self, c: CompletionOutput) -> dict | None:
+        """The next chunk of choice c. Its first one carries the role, and comes with the
+        choice's first token (as in vLLM), not before the prefill: clients time the first
+        chunk as the time to first token."""
         state = self.states[c.index]
+        if not c.token_ids and not c.finished():
+            return None  # still prefilling
         logprobs = self._logprobs(state, c)
         state.tokens_sent = len(c.token_ids)
         finished = c.finished()
         text = state.next_text(c.text, finished)
-        if not text and not (logprobs and logprobs["content"]) and not finished:
+        delta = {"content": text} if text else {}
+        if not state.prefix_sent:
+            state.prefix_sent = True
+            delta = {"role": "assistant", "content": text}
+        elif not text and not (logprobs and logprobs["content"]) and not finished:
             return None
         return {
             "index": c.index,
-            "delta": {"content": text} if text else {},
+            "delta": delta,
             "logprobs": logprobs,
             "finish_reason": c.finish_reason if finished else None,
             "stop_reason": c.stop_reason if finished else None,
@@ -124,12 +142,9 @@ class _Run:
     async def stream(self, stream: RequestStream) -> AsyncIterator[str]:
         latest: RequestOutput | None = None
         try:
-            # The role first, as OpenAI does, before any token is ready.
-            yield self._chunk([{"index": k, "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None, "finish_reason": None}
-                               for k in range(self.req.n)])
             while not stream.finished:
                 for out in (await stream.get()).values():
+                    raise_if_failed(out)
                     latest = out
                     for c in out.outputs:
                         choice = self._delta(c)

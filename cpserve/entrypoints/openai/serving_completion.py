@@ -29,9 +29,11 @@ from cpserve.entrypoints.openai.serving import (
     add_to_engine,
     collect_final,
     new_completion_logprobs,
+    raise_if_failed,
     sse,
     sse_error,
     usage,
+    vllm_prompt_logprobs,
 )
 from cpserve.outputs import CompletionOutput, RequestOutput
 
@@ -44,6 +46,7 @@ class CompletionServing:
         s = self.serving
         s.check_model(req.model)
         s.check_ready()
+        s.check_supported(req)
         if req.suffix:
             raise APIError(400, "suffix is not supported", "suffix")
         if req.best_of is not None and req.best_of != req.n:
@@ -51,15 +54,21 @@ class CompletionServing:
         if req.max_tokens == 0 and not req.echo:
             raise APIError(400, "max_tokens must be at least 1 (0 is allowed only with echo)",
                            "max_tokens")
-        prompts = await s.encode_prompts(_prompt_list(req.prompt))
+        prompt_list = _prompt_list(req.prompt)
+        s.check_queue_room(len(prompt_list) * req.n)
+        prompts = await s.encode_prompts(prompt_list)
         echo_only = req.max_tokens == 0
         request_id = f"cmpl-{uuid.uuid4().hex}"
+        # Echo with logprobs shows the prompt's; prompt_logprobs (vLLM) returns them apart.
+        wanted = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None)
+                  if k is not None]
+        prompt_logprobs = max(wanted) if wanted else None
         engine_requests = []
         for i, prompt in enumerate(prompts):
             max_tokens = 1 if echo_only else req.max_tokens
             params = s.sampling_params(
                 req, max_tokens=s.max_tokens_for(len(prompt.token_ids), max_tokens),
-                logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
+                logprobs=req.logprobs, prompt_logprobs=prompt_logprobs)
             engine_requests.append((f"{request_id}-{i}", prompt.token_ids, params))
         holdback = s.holdback(engine_requests[0][2])
         stream = await add_to_engine(s.engine, engine_requests)
@@ -122,13 +131,16 @@ class _Run:
         finish_reason = ("length" if self.echo_only else c.finish_reason) if finished else None
         if not text and not (logprobs and logprobs["tokens"]) and finish_reason is None:
             return None
-        return {
+        choice = {
             "index": state.index,
             "text": text,
             "logprobs": logprobs,
             "finish_reason": finish_reason,
             "stop_reason": None if self.echo_only else c.stop_reason,
         }
+        if self.req.prompt_logprobs is not None:  # never streamed
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(self.s, out.prompt_logprobs)
+        return choice
 
     def _usage(self, finals: dict[str, RequestOutput]) -> dict:
         return usage(self.prompts, list(finals.values()), count_generated=not self.echo_only)
@@ -160,6 +172,7 @@ class _Run:
         try:
             while not stream.finished:
                 for rid, out in (await stream.get()).items():
+                    raise_if_failed(out)
                     latest[rid] = out
                     i = self._prompt_index(rid)
                     for c in out.outputs:

@@ -1,0 +1,90 @@
+"""Ranks started on this host as fresh interpreters that import cpserve and nothing else.
+
+multiprocessing's "spawn" re-imports the user's main module in every child, so a script
+without an `if __name__ == "__main__":` guard runs again there and starts engines of its own
+(the README's example died with a DistStoreError that way); "fork" is unsafe once CUDA or
+threads are running. A rank here is `python -m cpserve.distributed.local_ranks SPEC`, where
+SPEC is JSON of plain values (rank, store port, layout, device, timeout, and the worker loop
+as "module:function"): no pickle, no user code re-run, the same with or without CUDA.
+
+    driver (the user's process)                    rank r (a new interpreter)
+    LocalRank(r, ...) --Popen(python -m ...)-->    main(): import the worker loop by name,
+                                                   join the TCPStore, follow the plans
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import json
+import os
+import subprocess
+import sys
+import weakref
+from collections.abc import Callable
+
+_LIVE: weakref.WeakSet[LocalRank] = weakref.WeakSet()
+
+
+class LocalRank:
+    """One rank's process, with the few `multiprocessing.Process` calls the pool uses."""
+
+    def __init__(self, rank: int, store_port: int, parallel: dict, device: str,
+                 timeout_s: float, worker_loop: Callable) -> None:
+        target = f"{worker_loop.__module__}:{worker_loop.__qualname__}"
+        if _resolve(target) is not worker_loop:
+            raise ValueError(f"the worker loop {target} must be a module-level function")
+        spec = json.dumps(dict(rank=rank, store_port=store_port, parallel=parallel,
+                               device=device, timeout_s=timeout_s, worker_loop=target))
+        # The driver's import path (a source checkout, pytest's rootdir), as spawn passes it.
+        path = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+        self.popen = subprocess.Popen([sys.executable, "-m", __name__, spec], env=env,
+                                      stdin=subprocess.DEVNULL)
+        _LIVE.add(self)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self.popen.kill()
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A driver that exits without shutting its pool down takes its ranks with it (as
+    multiprocessing does with daemon children) instead of leaving them to time out."""
+    for rank in list(_LIVE):
+        rank.kill()
+
+
+def _resolve(target: str) -> Callable:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv: list[str]) -> None:
+    from cpserve.distributed.worker_pool import run_spawned_rank
+
+    spec = json.loads(argv[1])
+    run_spawned_rank(spec["rank"], spec["store_port"], spec["parallel"], spec["device"],
+                     spec["timeout_s"], _resolve(spec["worker_loop"]))
+
+
+if __name__ == "__main__":
+    main(sys.argv)

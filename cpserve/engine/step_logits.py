@@ -1,0 +1,71 @@
+"""Where each logit row of a step goes: prompt logprobs at once, sampling rows kept.
+
+The model runner hands the driver a step's logits a slice at a time (`LOGITS_SLICE_BYTES`),
+so prompt logprobs over a long chunk never hold more than a slice. Rows are laid out request
+by request in plan order (see `ModelRunner.execute`):
+
+    rows:   | r0: 1 row | r1: every new token (prompt logprobs) ........ | r2: 1 row |
+    slices: [ slice 0 ........................ )[ slice 1 ................. )
+                 ^ sample                 r1's rows of slice 0 -> logprobs   ^ sample
+                                                r1's last row -> logprobs and sample
+
+A row whose logits are not finite fails its request, not the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from cpserve.engine.scheduler import ScheduledRequest
+from cpserve.request import Request
+
+# (request's scheduled item, offset of the first row among its rows, those rows' logits)
+# -> None, or why the request must fail.
+PromptRowsHandler = Callable[[ScheduledRequest, int, torch.Tensor], str | None]
+
+
+def num_logit_rows(item: ScheduledRequest) -> int:
+    """Logit rows a scheduled request needs: every new token while prompt logprobs are being
+    collected, else the last one if it completes the request (to sample), else none."""
+    return item.num_new_tokens if item.request.wants_prompt_logprobs else int(item.completes)
+
+
+class StepLogits:
+    """Consumes the slices of one step's logits (`__call__` is a `LogitsConsumer`)."""
+
+    def __init__(self, scheduled: list[ScheduledRequest], vocab_size: int,
+                 on_prompt_rows: PromptRowsHandler) -> None:
+        self.on_prompt_rows = on_prompt_rows
+        self.vocab_size = vocab_size
+        self.spans: list[tuple[ScheduledRequest, int, int]] = []  # item, first row, rows
+        self.sampled_items: list[ScheduledRequest] = []
+        self._sample_rows: list[int] = []
+        row = 0
+        for item in scheduled:
+            n = num_logit_rows(item)
+            if item.request.wants_prompt_logprobs:
+                self.spans.append((item, row, n))
+            if item.completes:
+                self.sampled_items.append(item)
+                self._sample_rows.append(row + n - 1)
+            row += n
+        self.num_rows = row
+        self.sample_logits: torch.Tensor | None = None  # [len(sampled_items), vocab]
+        self.failures: dict[Request, str] = {}  # requests to fail after the step, and why
+
+    def __call__(self, first: int, logits: torch.Tensor) -> None:
+        end = first + logits.shape[0]
+        for item, start, n in self.spans:
+            lo, hi = max(start, first), min(start + n, end)
+            if lo < hi and item.request not in self.failures:
+                error = self.on_prompt_rows(item, lo - start, logits[lo - first:hi - first])
+                if error is not None:
+                    self.failures[item.request] = error
+        wanted = [(j, row - first) for j, row in enumerate(self._sample_rows) if first <= row < end]
+        if wanted:
+            if self.sample_logits is None:
+                self.sample_logits = logits.new_empty(len(self._sample_rows), self.vocab_size)
+            index = [j for j, _ in wanted]
+            self.sample_logits[index] = logits[[r for _, r in wanted]]
