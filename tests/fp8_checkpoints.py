@@ -33,7 +33,7 @@ LLAMA_FP8 = dict(hidden_size=256, intermediate_size=256, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=128)
 # DeepSeek-V3 (MLA + MoE) likewise: 8 heads of (96 + 32) query / (96 + 32) kv_b rows, values of
 # 32 (o_proj takes 4 x 32 = 128 per rank), experts of 256; kv_a_proj_with_mqa has 160 rows
-# (a short last block, whole on every rank).
+# (a short last block, whole on every rank), stacked under q_a_proj's 128 in one FP8 GEMM.
 DEEPSEEK_FP8 = dict(hidden_size=256, intermediate_size=256, num_attention_heads=8,
                     num_key_value_heads=8, q_lora_rank=128, kv_lora_rank=128,
                     qk_nope_head_dim=96, qk_rope_head_dim=32, v_head_dim=32,
@@ -41,9 +41,10 @@ DEEPSEEK_FP8 = dict(hidden_size=256, intermediate_size=256, num_attention_heads=
 
 
 def is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
-    """Projection weights (the layers FP8 checkpoints quantize); not embeddings, norms,
-    the LM head or the MoE router."""
-    return tensor.dim() == 2 and name.endswith("_proj.weight")
+    """Projection weights (the layers FP8 checkpoints quantize, MLA's kv_a_proj_with_mqa
+    included, as in DeepSeek's FP8 releases); not embeddings, norms, the LM head or the MoE
+    router."""
+    return tensor.dim() == 2 and name.endswith(("_proj.weight", "_proj_with_mqa.weight"))
 
 
 def _e4m3(x: torch.Tensor) -> torch.Tensor:

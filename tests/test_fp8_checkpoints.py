@@ -19,7 +19,7 @@ PROMPT_LENGTHS = [1, 9, 40]
 LOGPROB_TOL = 1e-4
 COMMON = dict(block_size=4, num_kv_blocks=256, enable_prefix_caching=False)
 CASES = [("llama3", "block"), ("qwen2", "tensor"), ("qwen3", "channel"), ("llama3", "online"),
-         ("deepseek-v3", "block")]
+         ("deepseek-v3", "block"), ("qwen3-moe", "block"), ("qwen2-moe", "channel")]
 
 
 def _greedy(llm: LLM, prompts) -> list[tuple[list[int], list[float]]]:
@@ -55,12 +55,13 @@ def test_greedy_matches_transformers_on_the_dequantized_weights(pair):
         linears = [m for m in runner.model.modules() if isinstance(m, LinearBase)]
         # weight-only on CPU: every linear layer computes in fp32 from dequantized weights
         assert linears and all(m.weight.dtype == torch.float32 for m in linears)
-        if kind.startswith("deepseek"):
+        if kind.startswith("deepseek") or kind.endswith("moe"):
             # Routed experts and MLA's absorbed kv_b_proj (read directly, not through a linear
             # method) are dequantized as they are read, whatever the compute path.
-            layer = runner.model.model.layers[1]
+            layer = runner.model.model.layers[1 if kind.startswith("deepseek") else 0]
             assert layer.mlp.experts.w13.dtype == torch.float32
-            assert layer.self_attn.kv_b_proj.quantizable is False
+            if kind.startswith("deepseek"):
+                assert layer.self_attn.kv_b_proj.quantizable is False
         results = _greedy(llm, prompts)
     for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results, reference):
         assert tokens == ref_tokens

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from cpserve import LLM, SamplingParams
 from cpserve.config import ConfigError
 from cpserve.quantization.fp8 import FP8
-from tests.checkpoints import make_checkpoint, random_prompts
+from tests.checkpoints import make_checkpoint, make_deepseek_checkpoint, random_prompts
 
 COMMON = dict(block_size=4, num_kv_blocks=512, max_model_len=1024, enable_prefix_caching=False,
               seed=0)
@@ -118,3 +118,27 @@ def test_scales_from_the_checkpoint(tmp_path, capfd):
     _with_kv_scales(partial, range(1), 0.03)
     with pytest.raises(ConfigError, match="model.layers.1.self_attn.k_scale"):
         LLM(str(partial), kv_cache_dtype="fp8", **small)
+
+
+def test_mla_latent_fp8_cache_in_both_forms(tmp_path, monkeypatch):
+    """DeepSeek's latent cache in FP8 under MLA's expanded prefill (attention/forms.py): the
+    step's latents, rounded to what the cache holds, are up-projected for the dense part, and
+    chunks read the cached ones absorbed. The tokens are those of the absorbed form with
+    whole prompts (equal in exact arithmetic: fp32 summation order only)."""
+    from cpserve.attention import forms
+
+    path = str(make_deepseek_checkpoint(tmp_path / "ds", "deepseek-v3"))
+    settings = dict(block_size=4, num_kv_blocks=512, enable_prefix_caching=False, seed=0,
+                    kv_cache_dtype="fp8")
+    monkeypatch.setenv("CPSERVE_MLA_EXPANDED_MIN_TOKENS", "1000000")
+    with LLM(path, **settings) as llm:
+        assert llm.engine.executor.runner.kv_spec.dtype == FP8
+        absorbed = _greedy(llm)
+    expanded_calls = []
+    new_kv = forms.LatentForms.new_kv
+    monkeypatch.setattr(forms.LatentForms, "new_kv",
+                        lambda self, *a: expanded_calls.append(1) or new_kv(self, *a))
+    monkeypatch.setenv("CPSERVE_MLA_EXPANDED_MIN_TOKENS", "16")
+    with LLM(path, max_num_batched_tokens=32, **settings) as llm:
+        _assert_same(_greedy(llm), absorbed)
+    assert expanded_calls  # steps of 16 new tokens or more took the expanded form

@@ -169,3 +169,45 @@ def test_tp_shard_must_cover_whole_blocks(tmp_path):
         prepare_fp8_layers(model, config.quant_config, checkpoint_index(fp8_dir))
     message = str(err.value)
     assert "k_proj.weight" in message and "[64, 128)" in message and "size 128" in message
+
+
+def test_merged_layer_of_fp8_and_other_tensors_runs_dequantized(tmp_path, caplog):
+    """MLA's q_a_proj and kv_a_proj_with_mqa run as one GEMM: a checkpoint that quantized only
+    one of them loads that layer in the compute dtype (its FP8 part dequantized, with a
+    warning), and gives the tokens of the all-FP8 checkpoint (weight-only on CPU: the same
+    dequantized weights)."""
+    from cpserve import SamplingParams
+
+    fp8_dir, deq_dir = make_fp8_pair(tmp_path / "pair", "deepseek-v3", "block")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for file in fp8_dir.iterdir():
+        (mixed / file.name).write_bytes(file.read_bytes())
+    kv_a = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    twin = load_file(deq_dir / "model.safetensors")[kv_a]
+
+    def unquantize(tensors):
+        tensors[kv_a] = twin
+        tensors.pop(kv_a + "_scale_inv")
+
+    _rewrite(mixed, unquantize)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [5, 17, 30, 42, 7]}]
+    results = []
+    for path in (fp8_dir, mixed):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cpserve.quantization.weights"):
+            with LLM(str(path), num_kv_blocks=64, block_size=4, max_model_len=256) as llm:
+                attn = llm.engine.executor.runner.model.model.layers[0].self_attn
+                fused = attn.fused_qkv_a_proj
+                results.append(llm.generate(prompts, params, use_tqdm=False)[0]
+                               .outputs[0].token_ids)
+        warned = [r.getMessage() for r in caplog.records
+                  if r.name == "cpserve.quantization.weights"]
+        assert fused.weight.dtype == torch.float32  # CPU: weight-only either way
+        if path == mixed:
+            assert not hasattr(fused, "weight_scale_inv")  # no FP8 parameters for it
+            assert len(warned) == 1 and "self_attn.fused_qkv_a_proj" in warned[0]
+        else:
+            assert not warned
+    assert results[0] == results[1]

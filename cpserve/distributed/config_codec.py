@@ -1,4 +1,7 @@
-"""EngineConfig as a plain dict of JSON types, so it can cross a process boundary unpickled."""
+"""EngineConfig as a plain dict of JSON types, so it can cross a process boundary unpickled.
+
+Sampling defaults stay on the driver: only rank 0 samples.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,14 @@ from dataclasses import asdict
 
 import torch
 
-from cpserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from cpserve.config import (
+    CacheConfig,
+    EngineConfig,
+    LaunchConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 
 
 def config_to_dict(config: EngineConfig) -> dict:
@@ -21,6 +31,10 @@ def config_to_dict(config: EngineConfig) -> dict:
         "seed": config.seed,
         "enforce_eager": config.enforce_eager,
         "load_format": config.load_format,
+        "launch": asdict(config.launch),
+        "cudagraph_capture_sizes": (None if config.cudagraph_capture_sizes is None
+                                    else list(config.cudagraph_capture_sizes)),
+        "max_logprobs": config.max_logprobs,
     }
 
 
@@ -36,4 +50,8 @@ def config_from_dict(data: dict) -> EngineConfig:
         seed=data["seed"],
         enforce_eager=data["enforce_eager"],
         load_format=data["load_format"],
+        launch=LaunchConfig(**data["launch"]),
+        cudagraph_capture_sizes=(None if data["cudagraph_capture_sizes"] is None
+                                 else tuple(data["cudagraph_capture_sizes"])),
+        max_logprobs=data["max_logprobs"],
     )

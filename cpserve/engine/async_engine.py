@@ -52,13 +52,17 @@ class QueueFullError(RuntimeError):
 
 
 class EngineObserver(Protocol):
-    """Per-request timings, reported from the engine thread (keep these cheap)."""
+    """Per-step and per-request events, reported from the engine thread (keep these cheap)."""
+
+    def on_step(self, num_tokens: int) -> None: ...
 
     def on_first_token(self, ttft_s: float) -> None: ...
 
     def on_inter_token(self, itl_s: float) -> None: ...
 
     def on_finished(self, output: RequestOutput, e2e_s: float) -> None: ...
+
+    def on_aborted(self) -> None: ...
 
 
 class RequestStream:
@@ -144,7 +148,7 @@ class AsyncEngine:
     """
 
     def __init__(self, engine: LLMEngine, *, max_waiting_requests: int | None = None,
-                 stall_timeout_s: float = 300.0) -> None:
+                 stall_timeout_s: float = 300.0, log_requests: bool = False) -> None:
         self._engine = engine
         # Read-only after start-up, safe to share with the event loop.
         self.config = engine.config
@@ -152,6 +156,7 @@ class AsyncEngine:
         self.max_waiting_requests = (max_waiting_requests if max_waiting_requests is not None
                                      else engine.config.scheduler.max_waiting_requests)
         self.stall_timeout_s = stall_timeout_s
+        self.log_requests = log_requests  # --enable-log-requests: a line per request
         self.observers: list[EngineObserver] = []
         self.on_death: list[Callable[[BaseException], None]] = []
 
@@ -295,6 +300,8 @@ class AsyncEngine:
                     self._step_started = time.monotonic()
                     outputs = engine.step()  # an output for every request that progressed
                     self._step_started = None
+                    for observer in self.observers:
+                        observer.on_step(engine.last_step_num_tokens)
                 has_work = engine.has_unfinished_requests()
                 if outputs or not has_work:
                     self._waiting_for_progress_since = time.monotonic() if has_work else None
@@ -322,6 +329,10 @@ class AsyncEngine:
                 engine.abort_request(ids)
                 for rid in ids:
                     del self._tracked[rid]
+                    for observer in self.observers:
+                        observer.on_aborted()
+                    if self.log_requests:
+                        logger.info("Aborted request %s", rid)
             return
         if not command.future.set_running_or_notify_cancel():
             return
@@ -353,6 +364,10 @@ class AsyncEngine:
                 engine.add_request(rid, prompt, params, arrival_time=arrival)
                 added.append(rid)
                 self._tracked[rid] = _Tracked(command.stream, time.monotonic())
+                if self.log_requests:
+                    logger.info("Received request %s: prompt of %d %s, %s", rid, len(prompt),
+                                "characters" if isinstance(prompt, str) else "token ids",
+                                params)
         except Exception as exc:
             # All or none: a batch with one bad prompt adds nothing.
             if added:
@@ -373,6 +388,9 @@ class AsyncEngine:
             self._observe(tracked, output, now)
             if output.finished:
                 del self._tracked[output.request_id]
+                if self.log_requests:
+                    logger.info("Finished request %s: %s", output.request_id,
+                                ", ".join(str(c.finish_reason) for c in output.outputs))
             stream = tracked.stream
             by_loop.setdefault(stream.loop, {}).setdefault(stream, []).append(output)
         for loop, per_stream in by_loop.items():

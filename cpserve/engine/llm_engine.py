@@ -56,7 +56,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig, worker_pool: WorkerPool | None = None) -> None:
         self.config = config
-        self.tokenizer = Tokenizer.from_pretrained(config.model.path)
+        self.tokenizer = Tokenizer.from_pretrained(config.model.tokenizer or config.model.path)
         self.executor = Executor(config, worker_pool)
         try:
             check_kv_capacity(config, self.executor.num_blocks)
@@ -77,6 +77,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.last_step_num_tokens = 0  # tokens computed by the last step (a metric)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, worker_pool: WorkerPool | None = None) -> LLMEngine:
@@ -93,6 +94,7 @@ class LLMEngine:
         if request_id in self.outputs.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         params.validate()
+        self._check_logprobs(params)
         text, token_ids = self._tokenize(prompt)
         self._check_prompt(token_ids)
         self._check_token_ids(params)
@@ -133,6 +135,16 @@ class LLMEngine:
             return None, list(prompt)
         raise ValueError("a prompt must be a string, a list of token ids, or a dict with "
                          "'prompt' or 'prompt_token_ids'")
+
+    def _check_logprobs(self, params: SamplingParams) -> None:
+        limit = self.config.max_logprobs
+        if limit == -1:
+            limit = self.config.model.vocab_size
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(params, name)
+            if asked is not None and asked > limit:
+                raise ValueError(f"{name}={asked} is more than this server returns per token: "
+                                 f"at most {limit} (--max-logprobs)")
 
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -179,6 +191,7 @@ class LLMEngine:
     # One step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
+        self.last_step_num_tokens = scheduled.num_tokens
         if scheduled.is_empty:
             return []
         logits = StepLogits(scheduled.scheduled, self.config.model.vocab_size,
@@ -239,7 +252,8 @@ class LLMEngine:
         # Parameters were validated when the request came, and the logits are finite: what
         # the sampler could still raise would be a bug of the engine's, not one request's.
         rows = [SamplingRow(items[j].request.params, items[j].request.generator,
-                            items[j].request.output_token_ids) for j in keep]
+                            items[j].request.output_token_ids, items[j].request.prompt_token_ids)
+                for j in keep]
         tokens = self.sampler(logits.sample_logits[keep], rows)
         return [(items[j], token) for j, token in zip(keep, tokens)]
 

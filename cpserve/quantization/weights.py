@@ -21,6 +21,8 @@ Scale slices follow the weight slice of a tensor-parallel rank:
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -41,6 +43,8 @@ from cpserve.quantization.linear import (
     fp8_compute,
     kernels_for,
 )
+
+logger = logging.getLogger(__name__)
 
 # torch._scaled_mm needs K and N multiples of 16; other layers run weight-only.
 SCALED_MM_MULTIPLE = 16
@@ -131,7 +135,12 @@ def dequantized_slice(read, name: str, shard: tuple | None, index: dict[str, Ten
 def prepare_fp8_layers(model: nn.Module, quant: QuantizationConfig | None,
                        index: dict[str, TensorInfo]) -> None:
     """FP8 weight and scale parameters for every quantizable linear layer whose checkpoint
-    weights are FP8 (the others keep their dtype; FP8 tensors they read are dequantized)."""
+    weights are FP8 (the others keep their dtype; FP8 tensors they read are dequantized).
+
+    A merged layer (one GEMM for several checkpoint tensors, e.g. MLA's q_a_proj and
+    kv_a_proj_with_mqa) whose tensors are FP8 and not all of them stays in the compute dtype,
+    its FP8 parts dequantized as they are read: correct, without FP8's savings for it."""
+    mixed = []
     for prefix, layer in model.named_modules():
         if not isinstance(layer, LinearBase):
             continue
@@ -139,13 +148,17 @@ def prepare_fp8_layers(model: nn.Module, quant: QuantizationConfig | None,
         dtypes = {name: index[name].dtype for name, _, _ in reads if name in index}
         if FP8 not in dtypes.values():
             continue
+        for name, dtype in dtypes.items():  # every FP8 tensor's scale present, of the right shape
+            if dtype == FP8:
+                scale_info(name, index, quant)
         if len(set(dtypes.values())) > 1:
-            raise ConfigError(f"layer {prefix!r} stacks FP8 and non-FP8 checkpoint tensors: "
-                              f"{ {n: str(d) for n, d in dtypes.items()} }")
-        for name, _, _ in reads:  # every scale present and of the right shape
-            scale_info(name, index, quant)
-        if layer.quantizable:
+            mixed.append(prefix)
+        elif layer.quantizable:
             _make_fp8_parameters(layer, quant, index, reads)
+    if mixed:
+        logger.warning("%d merged layer(s) stack FP8 and non-FP8 checkpoint tensors and run in "
+                       "the compute dtype (their FP8 weights dequantized at load): %s",
+                       len(mixed), ", ".join(mixed[:4]) + (", ..." if len(mixed) > 4 else ""))
 
 
 def _relative_parts(param: nn.Parameter) -> list[tuple[str, tuple | None, tuple]]:
