@@ -17,7 +17,7 @@ for phase in "$@"; do
   case $phase in
     env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
          python3 -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)' ;;
-    kernels) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+    kernels) timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
          tests/test_kernels_backend.py tests/test_kernels_prefix.py tests/test_kernels_runner.py \
          tests/test_fused_moe.py tests/test_layer_kernels.py 2>&1 | tee "$OUT/kernel-tests.log" | tail -25 ;;
     parity) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
@@ -30,6 +30,10 @@ for phase in "$@"; do
          | tee "$OUT/serving.log" | tail -40 ;;
     moe) mkdir -p "$OUT/moe"; timeout 420 python3 benchmarks/bench_moe.py --out "$OUT/moe" \
          --budget-s 380 2>&1 | tee "$OUT/moe/bench_moe.log" | tail -60 ;;
+    fp8) mkdir -p "$OUT/fp8"; timeout 150 python3 -m pytest -q -p no:cacheprovider \
+         tests/test_kernels_fp8.py tests/test_gpu_fp8.py 2>&1 | tee "$OUT/fp8-tests.log" | tail -25
+         timeout 400 python3 benchmarks/bench_fp8.py --out-dir "$OUT/fp8" 2>&1 \
+         | tee "$OUT/fp8/bench_fp8.log" | tail -40 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

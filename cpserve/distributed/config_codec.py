@@ -22,7 +22,8 @@ from cpserve.config import (
 def config_to_dict(config: EngineConfig) -> dict:
     return {
         "model": {"path": config.model.path, "dtype": str(config.model.dtype).removeprefix("torch."),
-                  "max_model_len": config.model.max_model_len},
+                  "max_model_len": config.model.max_model_len,
+                  "quantization": config.model.quantization},
         "parallel": asdict(config.parallel),
         "cache": asdict(config.cache),
         "scheduler": asdict(config.scheduler),
@@ -41,7 +42,7 @@ def config_from_dict(data: dict) -> EngineConfig:
     model = data["model"]
     return EngineConfig(
         model=ModelConfig.from_pretrained(model["path"], getattr(torch, model["dtype"]),
-                                          model["max_model_len"]),
+                                          model["max_model_len"], model["quantization"]),
         parallel=ParallelConfig(**data["parallel"]),
         cache=CacheConfig(**data["cache"]),
         scheduler=SchedulerConfig(**data["scheduler"]),

@@ -107,7 +107,8 @@ class DecodeGraphs:
     def _capture(self, bucket: int) -> None:
         runner = self.runner
         ctx = AttentionContext(self._metadata(bucket), runner.kv_caches, runner.groups,
-                               runner.backend, runner.config.parallel.kv_exchange)
+                               runner.backend, runner.config.parallel.kv_exchange,
+                               kv_scales=runner.kv_scales)
 
         def forward() -> torch.Tensor:
             return runner.model(self.token_ids[:bucket], self.positions[:bucket], ctx)

@@ -70,6 +70,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv)
         print(layout_report(par, self.executor.num_blocks, config.cache.block_size),
               file=sys.stderr, flush=True)
+        if self.executor.runner.kv_report:  # an FP8 cache: its scales and what it buys
+            print(self.executor.runner.kv_report, file=sys.stderr, flush=True)
         self.sampler = Sampler(config.seed)
         self.outputs = OutputProcessor(self.tokenizer, config.model.max_model_len)
         self.requests: dict[str, Request] = {}
