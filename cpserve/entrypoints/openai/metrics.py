@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from cpserve.outputs import RequestOutput
+from cpserve.engine.output_processor import FinishedRequest
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                  5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -78,10 +78,10 @@ class ServerMetrics:
     def on_inter_token(self, itl_s: float) -> None:
         self.itl.observe(itl_s)
 
-    def on_finished(self, output: RequestOutput, e2e_s: float) -> None:
+    def on_finished(self, request: FinishedRequest, e2e_s: float) -> None:
         self.e2e.observe(e2e_s)
-        for completion in output.outputs:
-            self.finished.labels(finished_reason=completion.finish_reason or "abort").inc()
+        for reason in request.finish_reasons:
+            self.finished.labels(finished_reason=reason or "abort").inc()
 
     def render(self) -> bytes:
         return _generate_latest(self.registry)
