@@ -26,7 +26,8 @@ _DTYPES = {
 }
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+                           "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM",
+                           "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 
 # vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN: run past the model's positions, knowingly.
@@ -57,10 +58,12 @@ class ModelConfig:
     dtype: torch.dtype
     max_model_len: int
     eos_token_ids: tuple[int, ...]
+    tokenizer: str = ""  # the tokenizer's directory: the checkpoint's unless --tokenizer
 
     @staticmethod
     def from_pretrained(path: str | Path, dtype: str | torch.dtype = "auto",
-                        max_model_len: int | None = None) -> ModelConfig:
+                        max_model_len: int | None = None,
+                        tokenizer: str | None = None) -> ModelConfig:
         path = Path(path)
         config_file = path / "config.json"
         if not config_file.is_file():
@@ -89,6 +92,7 @@ class ModelConfig:
             dtype=_resolve_dtype(dtype, hf),
             max_model_len=int(max_model_len),
             eos_token_ids=_eos_token_ids(path, hf),
+            tokenizer=str(tokenizer) if tokenizer is not None else str(path),
         )
 
     # Shape, read through properties so the raw dict stays the single source.
@@ -128,6 +132,24 @@ class ModelConfig:
     @property
     def rope(self) -> dict[str, Any]:
         return _rope_parameters(self.hf_config)
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts of a mixture-of-experts layer; 0 for dense models. DeepSeek names
+        them `n_routed_experts`, Qwen-MoE `num_experts` (transformers 5 writes
+        `num_local_experts`)."""
+        hf = self.hf_config
+        return int(hf.get("n_routed_experts") or hf.get("num_experts")
+                   or hf.get("num_local_experts") or 0)
+
+    @property
+    def shared_expert_intermediate_size(self) -> int:
+        """Width of the always-on experts' MLP: DeepSeek's n_shared_experts stacked, or
+        Qwen2-MoE's shared expert; 0 when there is none."""
+        hf = self.hf_config
+        if hf.get("shared_expert_intermediate_size"):
+            return int(hf["shared_expert_intermediate_size"])
+        return int(hf.get("n_shared_experts") or 0) * int(hf.get("moe_intermediate_size") or 0)
 
 
 def _longest_context(hf: dict[str, Any]) -> int:
@@ -183,6 +205,9 @@ class ParallelConfig:
     kv_exchange: str = "allgather"
     # Prefill chunks shorter than this run replicated on every PCP rank instead of split.
     pcp_min_split_tokens: int = 0
+    # Routed experts partitioned over the tp * pcp ranks (whole experts per rank) instead of
+    # every rank holding a TP slice of each (vLLM's --enable-expert-parallel).
+    enable_expert_parallel: bool = False
 
     @property
     def tp(self) -> int:
@@ -231,6 +256,40 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_waiting_requests: int = 4096
+    # vLLM's meanings. Chunked prefill: a prompt may be computed over several steps, beside
+    # the decodes of others; without it a prompt waits until the whole of it fits a step.
+    enable_chunked_prefill: bool = True
+    # A request computes at most this many tokens in one step (0: no cap beyond the step
+    # budget), so a long prefill leaves room for decodes and new requests in every step.
+    long_prefill_token_threshold: int = 0
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Where the ranks of a layout run: one node, several nodes, or as torchrun started them.
+
+    With `nnodes = N`, the `world_size` ranks are split evenly, node `r` running global ranks
+    `[r * per_node, (r + 1) * per_node)`; node 0 holds rank 0 (the driver) and the rendezvous
+    store at `master_addr:master_port`. `executor_backend` is vLLM's
+    `--distributed-executor-backend`: None picks by itself (torchrun's environment, else "mp").
+    """
+
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29501
+    executor_backend: str | None = None
+
+    def ranks_per_node(self, world_size: int) -> int:
+        return world_size // self.nnodes
+
+    def local_ranks(self, world_size: int) -> range:
+        """Global ranks that run on this node."""
+        per_node = self.ranks_per_node(world_size)
+        return range(self.node_rank * per_node, (self.node_rank + 1) * per_node)
+
+
+EXECUTOR_BACKENDS = ("mp", "uni", "external_launcher")
 
 
 @dataclass(frozen=True)
@@ -243,6 +302,15 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False  # no CUDA graphs
     load_format: str = "auto"  # "dummy": random weights made on the device (benchmarks)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    # Decode CUDA graph batch sizes (vLLM's cudagraph_capture_sizes); None: the built-in list.
+    cudagraph_capture_sizes: tuple[int, ...] | None = None
+    # Most logprobs a request may ask for, per token (vLLM's --max-logprobs; -1: the vocabulary).
+    max_logprobs: int = 20
+    # Sampling fields a request leaves unset take these values (from generation_config.json,
+    # as vLLM's --generation-config auto does): temperature, top_p, top_k, min_p,
+    # repetition_penalty, max_tokens (from max_new_tokens, a cap for every request).
+    sampling_defaults: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         check_engine_config(self)
@@ -268,6 +336,21 @@ def check_engine_config(cfg: EngineConfig) -> None:
     ):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}={value!r} must be a positive integer")
+    threshold = sched.long_prefill_token_threshold
+    if not isinstance(threshold, int) or threshold < 0:
+        raise ConfigError(f"long_prefill_token_threshold={threshold!r} must be an integer >= 0 "
+                          "(0: no cap)")
+    if not sched.enable_chunked_prefill:
+        if sched.max_num_batched_tokens < model.max_model_len:
+            raise ConfigError(
+                f"max_num_batched_tokens={sched.max_num_batched_tokens} is smaller than "
+                f"max_model_len={model.max_model_len}: without chunked prefill every prompt must "
+                "fit one step; raise --max-num-batched-tokens, lower --max-model-len or drop "
+                "--no-enable-chunked-prefill")
+        if threshold > 0:
+            raise ConfigError(
+                f"long_prefill_token_threshold={threshold} chunks long prompts, which "
+                "--no-enable-chunked-prefill forbids: set one or the other")
     if par.kv_exchange not in ("allgather", "ring"):
         raise ConfigError(f"kv_exchange={par.kv_exchange!r} must be 'allgather' or 'ring'")
     if cache.block_size % par.interleave:
@@ -282,11 +365,6 @@ def check_engine_config(cfg: EngineConfig) -> None:
         if par.tp % par.dcp:
             raise ConfigError(f"decode_context_parallel_size={par.dcp} must divide "
                               f"tensor_parallel_size={par.tp} for this MLA model")
-        for key in ("intermediate_size", "moe_intermediate_size"):
-            size = model.hf_config.get(key)
-            if size and int(size) % par.tp:
-                raise ConfigError(f"tensor_parallel_size={par.tp} must divide {key}={size}: "
-                                  "each rank holds an equal slice of every MLP and expert")
     elif par.tp >= kv:
         if par.tp % kv:
             raise ConfigError(f"num_key_value_heads={kv} must divide tensor_parallel_size="
@@ -303,6 +381,12 @@ def check_engine_config(cfg: EngineConfig) -> None:
             raise ConfigError(
                 f"decode_context_parallel_size={par.dcp} must be 1 when tensor_parallel_size="
                 f"{par.tp} < num_key_value_heads={kv}: no rank holds a copy of another's KV heads")
+    hf = model.hf_config
+    if hf.get("use_sliding_window") or any(t != "full_attention"
+                                           for t in hf.get("layer_types") or []):
+        raise ConfigError("use_sliding_window / layer_types: sliding-window attention is not "
+                          "supported, only full attention")
+    _check_mlp_shapes(model, par)
     if cache.num_blocks is not None and cache.num_blocks < 1:
         raise ConfigError(f"num_blocks={cache.num_blocks} must be >= 1")
     if cache.kv_cache_memory_gib is not None and cache.kv_cache_memory_gib <= 0:
@@ -313,6 +397,14 @@ def check_engine_config(cfg: EngineConfig) -> None:
         raise ConfigError(f"load_format={cfg.load_format!r} must be 'auto' or 'dummy'")
     if cfg.device not in ("cpu", "cuda"):
         raise ConfigError(f"device={cfg.device!r} must be 'cpu', 'cuda' or 'auto'")
+    _check_launch(cfg.launch, par)
+    sizes = cfg.cudagraph_capture_sizes
+    if sizes is not None and (not sizes or any(not isinstance(n, int) or n < 1 for n in sizes)):
+        raise ConfigError(f"cudagraph_capture_sizes={list(sizes)} must be a non-empty list of "
+                          "positive batch sizes")
+    if not isinstance(cfg.max_logprobs, int) or cfg.max_logprobs < -1:
+        raise ConfigError(f"--max-logprobs {cfg.max_logprobs!r} must be -1 (the whole "
+                          "vocabulary) or a non-negative integer")
 
 
 def check_kv_capacity(cfg: EngineConfig, num_blocks: int) -> None:
@@ -328,3 +420,70 @@ def check_kv_capacity(cfg: EngineConfig, num_blocks: int) -> None:
             f"max_model_len tokens could never finish. Lower --max-model-len to at most "
             f"{capacity}, or give the KV cache more room with --num-kv-blocks, "
             "--kv-cache-memory (CPU) or --gpu-memory-utilization (GPU)")
+
+
+def _check_launch(launch: LaunchConfig, par: ParallelConfig) -> None:
+    if launch.executor_backend == "ray":
+        raise ConfigError("--distributed-executor-backend ray: cpserve has no Ray executor; "
+                          "use mp (cpserve starts the ranks, on several nodes with --nnodes) or "
+                          "external_launcher (ranks started by torchrun)")
+    if launch.executor_backend not in (None, *EXECUTOR_BACKENDS):
+        raise ConfigError(f"--distributed-executor-backend {launch.executor_backend!r} must be "
+                          f"one of {', '.join(EXECUTOR_BACKENDS)}")
+    if launch.executor_backend == "uni" and par.world_size > 1:
+        raise ConfigError(f"--distributed-executor-backend uni runs one process, but "
+                          f"tensor_parallel_size * prefill_context_parallel_size = "
+                          f"{par.world_size}; use mp")
+    if not isinstance(launch.nnodes, int) or launch.nnodes < 1:
+        raise ConfigError(f"--nnodes {launch.nnodes!r} must be a positive integer")
+    if not isinstance(launch.node_rank, int) or not 0 <= launch.node_rank < launch.nnodes:
+        raise ConfigError(f"--node-rank {launch.node_rank!r} must be in [0, --nnodes "
+                          f"{launch.nnodes})")
+    if par.world_size % launch.nnodes:
+        raise ConfigError(f"tensor_parallel_size * prefill_context_parallel_size = "
+                          f"{par.world_size} ranks cannot be split evenly over --nnodes "
+                          f"{launch.nnodes}")
+    if launch.nnodes > 1 and launch.executor_backend in ("uni", "external_launcher"):
+        raise ConfigError(f"--nnodes {launch.nnodes} starts ranks on several nodes itself (the "
+                          f"mp backend); with --distributed-executor-backend "
+                          f"{launch.executor_backend} leave --nnodes at 1 (torchrun takes "
+                          "the node flags)")
+    if not 0 < launch.master_port < 65536:
+        raise ConfigError(f"--master-port {launch.master_port} must be in [1, 65535]")
+
+
+def check_server_flags(api_server_count: int, headless: bool, node_rank: int) -> None:
+    """`cpserve serve` flags about its processes (vLLM's --api-server-count, --headless)."""
+    if api_server_count != 1:
+        raise ConfigError(f"--api-server-count {api_server_count}: cpserve runs one API server "
+                          "process per engine; only 1 is supported")
+    if headless and node_rank == 0:
+        raise ConfigError("--headless is for the nodes other than node 0 (--node-rank 1 and "
+                          "up): node 0 runs the driver and serves the API")
+    if not headless and node_rank != 0:
+        raise ConfigError(f"--node-rank {node_rank}: only node 0 serves the API; start this "
+                          "node with --headless")
+
+
+def _check_mlp_shapes(model: ModelConfig, par: ParallelConfig) -> None:
+    """TP slices every dense MLP, shared expert and (without expert parallelism) routed
+    expert into equal parts; expert parallelism gives each rank whole experts instead."""
+    hf = model.hf_config
+    sizes = {"intermediate_size": hf.get("intermediate_size")}
+    if not par.enable_expert_parallel:
+        sizes["moe_intermediate_size"] = hf.get("moe_intermediate_size")
+    sizes["the shared experts' intermediate size"] = model.shared_expert_intermediate_size
+    for key, size in sizes.items():
+        if size and int(size) % par.tp:
+            raise ConfigError(f"tensor_parallel_size={par.tp} must divide {key}={size}: "
+                              "each rank holds an equal slice of every MLP and expert")
+    if not par.enable_expert_parallel:
+        return
+    experts = model.num_experts
+    if not experts:
+        raise ConfigError(f"enable_expert_parallel: {model.architecture} has no experts to "
+                          "partition")
+    if experts % par.world_size:
+        raise ConfigError(f"enable_expert_parallel: tensor_parallel_size * "
+                          f"prefill_context_parallel_size = {par.world_size} must divide the "
+                          f"{experts} routed experts (each rank holds an equal share)")

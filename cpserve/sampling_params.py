@@ -43,6 +43,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
+    # > 1 discourages tokens already in the prompt or the output, < 1 favours them (vLLM's and
+    # transformers' rule: a positive logit is divided by it, a negative one multiplied).
+    repetition_penalty: float = 1.0
     # Filled by the engine from generation_config.json; not a user field.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -67,6 +70,8 @@ class SamplingParams:
             raise bad("top_k", "must be -1, 0 (disabled) or a positive integer")
         if not 0 <= self.min_p <= 1:
             raise bad("min_p", "must be in [0, 1]")
+        if not self.repetition_penalty > 0:
+            raise bad("repetition_penalty", "must be > 0")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise bad("max_tokens", "must be an integer >= 1")
         if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):

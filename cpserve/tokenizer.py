@@ -116,15 +116,18 @@ class Tokenizer:
         return bool(getattr(self.hf, "chat_template", None))
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            **template_kwargs) -> str:
-        """The chat rendered as text; `template_kwargs` reach the template (e.g. `tools`)."""
-        if not self.has_chat_template:
+                            chat_template: str | None = None, **template_kwargs) -> str:
+        """The chat rendered as text, by `chat_template` if given (the server's
+        --chat-template) else the tokenizer's own; `template_kwargs` reach the template."""
+        if chat_template is None and not self.has_chat_template:
             name = getattr(self.hf, "name_or_path", "") or "this checkpoint"
             raise ValueError(f"the tokenizer of {name} has no chat template (neither "
                              "tokenizer_config.json nor chat_template.jinja has one); "
-                             "use the completions API with a plain prompt instead")
+                             "start the server with --chat-template, or use the completions "
+                             "API with a plain prompt")
         return self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                           tokenize=False, **template_kwargs)
+                                           tokenize=False, chat_template=chat_template,
+                                           **template_kwargs)
 
     # Vocabulary
 

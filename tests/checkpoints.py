@@ -41,6 +41,9 @@ ARCHITECTURES.update({
     "deepseek-v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
         _DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy", n_group=4, topk_group=2,
         routed_scaling_factor=1.5)),
+    # Without q_lora, a kv_a bias keeps q_proj and kv_a_proj_with_mqa apart (two GEMMs).
+    "deepseek-v2-bias": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        _DEEPSEEK, q_lora_rank=None, attention_bias=True, topk_method="greedy")),
     "deepseek-v2-qlora": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
         _DEEPSEEK, q_lora_rank=48, topk_method="greedy", rope_parameters=_DEEPSEEK_YARN)),
     "deepseek-v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
@@ -49,6 +52,16 @@ ARCHITECTURES.update({
     "deepseek-v3-halves": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
         _DEEPSEEK, q_lora_rank=48, rope_interleave=False, attention_bias=True, n_group=4,
         topk_group=2, norm_topk_prob=False, routed_scaling_factor=1.0)),
+})
+
+# Qwen-MoE: 8 experts, 2 per token. Qwen2-MoE: a gated shared expert, layer 1 dense
+# (mlp_only_layers). Qwen3-MoE: q/k norms, renormalised top-k weights, every layer sparse.
+_QWEN_MOE = dict(moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
+ARCHITECTURES.update({
+    "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        _QWEN_MOE, shared_expert_intermediate_size=48, mlp_only_layers=[1])),
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        _QWEN_MOE, head_dim=32, norm_topk_prob=True)),
 })
 
 

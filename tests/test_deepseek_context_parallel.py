@@ -3,10 +3,14 @@ and each rank holding exactly its shard of the latent cache.
 
 MLA layouts: `dcp` divides `tp` (the latent is replicated over TP ranks, DCP shards it). The
 tiny model has 4 heads, so tp is 1, 2 or 4. The ranks of a layout start once (a module-scoped
-worker pool) and each case loads its engine into them.
+worker pool) and each case loads its engine into them. Every other layout runs steps of 16
+new tokens or more in MLA's expanded form (only latents exchanged and cached, the prefix read
+absorbed), the others absorbed throughout.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -52,11 +56,24 @@ def reference(checkpoint):
         return _generate(llm)
 
 
+EXPANDED_MIN_TOKENS = "16"
+
+
 @pytest.fixture(scope="module", params=LAYOUTS, ids=lambda p: f"tp{p[0]}-pcp{p[1]}-dcp{p[2]}")
 def pool(request):
     tp, pcp, dcp = request.param
-    with start_worker_pool(ParallelConfig(tp, pcp, dcp), "cpu") as pool:
-        yield pool
+    # Set before the ranks start (they read it from their environment), and for the driver.
+    expanded = LAYOUTS.index(request.param) % 2 == 1
+    saved = os.environ.get("CPSERVE_MLA_EXPANDED_MIN_TOKENS")
+    os.environ["CPSERVE_MLA_EXPANDED_MIN_TOKENS"] = EXPANDED_MIN_TOKENS if expanded else "1000000"
+    try:
+        with start_worker_pool(ParallelConfig(tp, pcp, dcp), "cpu") as pool:
+            yield pool
+    finally:
+        if saved is None:
+            os.environ.pop("CPSERVE_MLA_EXPANDED_MIN_TOKENS")
+        else:
+            os.environ["CPSERVE_MLA_EXPANDED_MIN_TOKENS"] = saved
 
 
 def _cases(pool: WorkerPool) -> list[tuple[int, str, int]]:

@@ -11,14 +11,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from cpserve.config import ConfigError
+from cpserve.models.experts import experts_grouped, experts_reference
 from cpserve.models.loader import load_weights
-from cpserve.models.moe import (
-    RoutedExperts,
-    RoutingConfig,
-    experts_grouped,
-    experts_reference,
-    select_experts,
-)
+from cpserve.models.moe import RoutedExperts, RoutingConfig, select_experts
 
 ROUTINGS = {
     "greedy": RoutingConfig(16, 3, "greedy", "softmax", 1, 1, 1.0, False),

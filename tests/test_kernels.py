@@ -119,6 +119,7 @@ def test_paged_attention_matches_reference(dtype, group, tiled, splits, monkeypa
     monkeypatch.setitem(paged_module.TUNING, "min_split_tokens", 4)
     monkeypatch.setitem(paged_module.TUNING, "max_splits", splits)
     monkeypatch.setitem(paged_module.TUNING, "block_n", 16)
+    monkeypatch.setitem(paged_module.TUNING, "tiled_block_n", 16)
     monkeypatch.setitem(paged_module.TUNING, "rows_per_tile", 16)
     case = paged_case(group * 10 + splits, dtype, group)
     got = paged_attention_triton(*case, 0.3, tiled=tiled)
@@ -129,6 +130,7 @@ def test_paged_attention_latent_values_and_odd_dims(monkeypatch):
     """MLA-style: one KV head for all query heads, values = first v_dim key channels,
     dims that are not powers of two."""
     monkeypatch.setitem(paged_module.TUNING, "block_n", 16)
+    monkeypatch.setitem(paged_module.TUNING, "tiled_block_n", 16)
     q, k_cache, _, tables, seq, lengths = paged_case(5, torch.float32, 4, dk=40, latent=True)
     got = paged_attention_triton(q, k_cache, None, tables, seq, lengths, 0.2, v_dim=24)
     want = REF.paged_attention(q, k_cache, None, tables, seq, lengths, 0.2, v_dim=24)
@@ -139,6 +141,7 @@ def test_paged_splits_follow_each_query_length(monkeypatch):
     """Split ranges scale with each query's own length, so a short query in a wide table
     still gets every split (none wasted on slots past its end) and stays exact."""
     monkeypatch.setitem(paged_module.TUNING, "block_n", 16)
+    monkeypatch.setitem(paged_module.TUNING, "tiled_block_n", 16)
     monkeypatch.setitem(paged_module.TUNING, "target_programs_per_sm", 64)
     monkeypatch.setitem(paged_module.TUNING, "min_split_tokens", 1)
     q, k_cache, v_cache, tables, seq, _ = paged_case(9, torch.float32, 2, page=8)

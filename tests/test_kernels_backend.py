@@ -47,7 +47,8 @@ def planned_backend(monkeypatch):
     """A GPU backend that plans every dense call, with reference pieces on CPU."""
     monkeypatch.setattr(gpu_backend, "SMALL_DENSE_PAIRS", 0)
     backend = GPUBackend(DEVICE)
-    if DEVICE != "cuda":
+    if DEVICE != "cuda":  # every run a library piece, however short
+        monkeypatch.setattr(gpu_backend, "MIN_CUDNN_RUN_ROWS", 1)
         backend.ops = {"cudnn": True, "flash": False}
         backend.causal_op = backend.full_op = reference_piece
     return backend
@@ -106,6 +107,27 @@ def test_planned_dense_replicated_and_irregular(planned_backend, dtype):
     got = planned_backend.dense_attention(q, k[keep], v[keep], *idx, 0.3)
     assert_attention_close(got, REF.dense_attention(q, k[keep], v[keep], *idx, 0.3), dtype)
     assert planned_backend.fallbacks == {"dense: irregular layout, masked kernel"}
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_planned_dense_with_values_narrower_than_keys(planned_backend, dtype):
+    """MLA expanded (keys 192 = 128 + 64 rope, values 128): the library pieces get values
+    zero-padded to the key width, and the output keeps the value width."""
+    gen = torch.Generator().manual_seed(5)
+    seq = torch.tensor([0] * 40 + [1] * 24)
+    pos = torch.cat([torch.arange(40), torch.arange(24)])
+    q, k = rand(64, 4, 192, dtype=dtype, gen=gen), rand(64, 4, 192, dtype=dtype, gen=gen)
+    v = rand(64, 4, 128, dtype=dtype, gen=gen)
+    idx = [t.to(DEVICE) for t in (pos, pos, seq, seq)]
+    widths, library_piece = [], planned_backend.causal_op
+    planned_backend.causal_op = lambda q, k, v, *a: widths.append(v.shape[-1]) or library_piece(
+        q, k, v, *a)
+    got = planned_backend.dense_attention(q, k, v, *idx, 0.07)
+    if planned_backend.ops_for(192)["cudnn"]:  # a library piece per sequence, values padded
+        assert widths == [192, 192]
+    assert got[0].shape == (64, 4, 128)
+    assert_attention_close(got, REF.dense_attention(q, k, v, *idx, 0.07), dtype)
+    assert not planned_backend.fallbacks
 
 
 def test_plan_is_built_once_per_step_metadata(planned_backend, monkeypatch):

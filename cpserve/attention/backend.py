@@ -1,6 +1,10 @@
 """The attention backend interface, and the PyTorch reference that runs anywhere.
 
-Every backend offers the same three operations; the engine calls nothing else. A GPU kernel
+Every backend offers the same operations: write, paged and dense attention, the LSE merge of
+two partial results, and `plan_step`, which prepares on the host, once per step and before
+any layer runs, whatever the other calls of that step need (work lists, tile maps, offsets,
+already on the device), so that no layer waits for the host. Each attention call takes its
+part of that `StepPlans` as `plan=`; without one a backend plans at call time. A GPU kernel
 backend must match the reference on random inputs (tests compare them).
 
 Shapes: q [N, H, D]; a KV cache is [num_blocks, B, H_kv, D] on each rank; H is a multiple of
@@ -13,13 +17,53 @@ values: its caller passes `v = None` / `v_cache = None` and `v_dim`, and nothing
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+from cpserve.attention.merge import merge_two
+
+if TYPE_CHECKING:
+    from cpserve.attention.metadata import StepAttentionMetadata
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What every attention call of a model looks like on one rank, known at start-up."""
+
+    num_heads: int  # query heads one call sees (DCP gathers its group's heads first)
+    num_kv_heads: int  # KV heads in this rank's cache
+    k_dim: int
+    v_dim: int  # latent attention: the values are the keys' first v_dim channels
+    dtype: torch.dtype  # of queries and new keys and values (the model's)
+    values_in_keys: bool = False  # latent attention: one cache, no v_cache
+    kv_dtype: torch.dtype | None = None  # of the cache, when it differs (a quantized cache)
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.kv_dtype or self.dtype
+
+
+@dataclass(frozen=True)
+class StepPlans:
+    """What a backend prepared for the attention calls of one step (`plan_step`). Opaque to
+    the callers, which hand each call its own part; None: that call plans for itself."""
+
+    rep_dense: Any = None  # replicated tokens over their step's own tokens
+    rep_prefix: Any = None  # replicated tokens over the cached prefix
+    split_dense: tuple = ()  # split tokens over the exchanged ones: one, or one per ring source
+    split_prefix: Any = None  # all split tokens of the PCP group over the cached prefix
+
+    def split_dense_for(self, source: int) -> Any:
+        return self.split_dense[source] if source < len(self.split_dense) else None
 
 
 class AttentionBackend(Protocol):
     name: str
+
+    def plan_step(self, meta: StepAttentionMetadata, kv_exchange: str) -> StepPlans:
+        """Host-side preparation of a step, from the metadata's host tensors."""
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor | None, k_cache: torch.Tensor,
                  v_cache: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
@@ -28,7 +72,8 @@ class AttentionBackend(Protocol):
     def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor | None, block_tables: torch.Tensor,
                         query_seq: torch.Tensor, query_kv_len: torch.Tensor, scale: float,
-                        v_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        v_dim: int | None = None,
+                        plan: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Each query i attends to the first `query_kv_len[i]` slots of sequence
         `query_seq[i]`, whose blocks are `block_tables[query_seq[i]]` (the local slots of
         one shard, in position order; causality is expressed by the lengths). With
@@ -36,8 +81,13 @@ class AttentionBackend(Protocol):
 
     def dense_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         q_pos: torch.Tensor, k_pos: torch.Tensor, q_seq: torch.Tensor,
-                        k_seq: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        k_seq: torch.Tensor, scale: float,
+                        plan: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Query i attends to key j iff q_seq[i] == k_seq[j] and k_pos[j] <= q_pos[i]."""
+
+    def merge_two(self, out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                  lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LSE merge of two partial results of the same queries (attention/merge.py)."""
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
@@ -60,6 +110,12 @@ class TorchReferenceBackend:
 
     name = "torch"
 
+    def plan_step(self, meta, kv_exchange):
+        return StepPlans()
+
+    def merge_two(self, out_a, lse_a, out_b, lse_b):
+        return merge_two(out_a, lse_a, out_b, lse_b)
+
     def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
         keep = slot_mapping >= 0
         slots = slot_mapping[keep]
@@ -68,7 +124,7 @@ class TorchReferenceBackend:
             v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep].to(v_cache.dtype))
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, query_seq, query_kv_len, scale,
-                        v_dim=None):
+                        v_dim=None, plan=None):
         if v_cache is None:
             v_cache = k_cache[..., :v_dim]
         out = q.new_zeros(*q.shape[:2], v_cache.shape[-1])
@@ -87,7 +143,7 @@ class TorchReferenceBackend:
             out[rows], lse[rows] = _attend(q[rows], k, v, visible, scale)
         return out, lse
 
-    def dense_attention(self, q, k, v, q_pos, k_pos, q_seq, k_seq, scale):
+    def dense_attention(self, q, k, v, q_pos, k_pos, q_seq, k_seq, scale, plan=None):
         out = q.new_zeros(*q.shape[:2], v.shape[-1])
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         for seq in torch.unique(q_seq).tolist():
@@ -100,15 +156,19 @@ class TorchReferenceBackend:
         return out, lse
 
 
-def get_backend(name: str = "auto", device: str | torch.device = "cpu") -> AttentionBackend:
+def get_backend(name: str = "auto", device: str | torch.device = "cpu",
+                shape: AttentionShape | None = None,
+                max_prefix_tokens: int = 0) -> AttentionBackend:
     """"auto": the GPU backend (Triton kernels, cuDNN / FlashAttention) on CUDA devices, the
     reference elsewhere. "torch" or "gpu" pick one (the GPU backend also runs on CPU under
-    TRITON_INTERPRET=1, as the kernel tests do)."""
+    TRITON_INTERPRET=1, as the kernel tests do). `shape` lets the GPU backend plan steps
+    ahead, and `max_prefix_tokens` sizes its workspace for gathered prefixes (the most cached
+    tokens one request holds on a rank)."""
     device_type = torch.device(device).type
     if name == "torch" or (name == "auto" and device_type != "cuda"):
         return TorchReferenceBackend()
     if name in ("gpu", "auto"):
         from cpserve.attention.gpu_backend import GPUBackend  # needs Triton
 
-        return GPUBackend(device)
+        return GPUBackend(device, shape=shape, max_prefix_tokens=max_prefix_tokens)
     raise ValueError(f"unknown attention backend {name!r}")

@@ -4,16 +4,19 @@ Model code calls `ctx.attention(layer, q, k, v, scale)` and knows nothing of sha
 DCP. For each query the context computes attention over its request's new tokens (local for
 replicated tokens, exchanged across PCP for split ones) and over the cached prefix (the
 sharded-KV primitive), merges the two by LSE, and writes this rank's shard of the new KV.
+
+`plans` is what the backend prepared for this step's calls on the host before the layers
+(`AttentionBackend.plan_step`); each call gets its own part.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from cpserve.attention.backend import AttentionBackend
-from cpserve.attention.merge import merge_two
+from cpserve.attention.backend import AttentionBackend, StepPlans
+from cpserve.attention.forms import SAME_FORMS, SameForms
 from cpserve.attention.metadata import StepAttentionMetadata
 from cpserve.attention.pcp import pcp_split_attention
 from cpserve.attention.sharded import sharded_kv_attention
@@ -27,42 +30,49 @@ class AttentionContext:
     groups: ParallelGroups
     backend: AttentionBackend
     kv_exchange: str = "allgather"
+    plans: StepPlans = field(default_factory=StepPlans)
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
-                  scale: float, v_dim: int | None = None) -> torch.Tensor:
+                  scale: float, v_dim: int | None = None,
+                  forms: SameForms = SAME_FORMS) -> torch.Tensor:
         """q [T, H, D], k [T, H_kv, D], v [T, H_kv, D_v] for the local tokens; returns
         [T, H, D_v]. Latent attention passes `v=None` and `v_dim`: the values are the first
-        `v_dim` channels of the keys, and the layer's cache holds them once."""
+        `v_dim` channels of the keys, and the layer's cache holds them once. `forms` (see
+        forms.py) may give the paged and the dense parts different forms of q, k and v (MLA
+        expanded: q is expanded, the output [T, H, forms.output_dim(v_dim)])."""
         meta, backend = self.metadata, self.backend
         k_cache, v_cache = self.kv_caches[layer]
         v_dim = v.shape[-1] if v is not None else v_dim
         if not meta.has_split:  # the common case: decodes and unsplit chunks only
-            return self._replicated(q, k, v, k_cache, v_cache, scale, v_dim)
-        out = q.new_empty(*q.shape[:2], v_dim)
+            return self._replicated(q, k, v, k_cache, v_cache, scale, v_dim, forms)
+        out = q.new_empty(*q.shape[:2], forms.output_dim(v_dim))
         if meta.has_replicated:
             rows = meta.rep_index
             out[rows] = self._replicated(q[rows], k[rows], _rows(v, rows), k_cache, v_cache,
-                                         scale, v_dim)
+                                         scale, v_dim, forms)
         rows = meta.split_index
         out[rows] = pcp_split_attention(q[rows], k[rows], _rows(v, rows), k_cache, v_cache,
                                         meta, scale, self.groups, backend, self.kv_exchange,
-                                        v_dim)
+                                        v_dim, self.plans, forms)
         return out
 
-    def _replicated(self, q, k, v, k_cache, v_cache, scale, v_dim) -> torch.Tensor:
-        meta, backend = self.metadata, self.backend
+    def _replicated(self, q, k, v, k_cache, v_cache, scale, v_dim, forms) -> torch.Tensor:
+        meta, backend, plans = self.metadata, self.backend, self.plans
         backend.write_kv(k, v, k_cache, v_cache, meta.rep_slots)
         if meta.rep_decode_only:
-            out, _ = sharded_kv_attention(q, k_cache, v_cache, meta.block_tables, meta.rep_seq,
-                                          meta.rep_kv_len, scale, self.groups, backend, v_dim)
-            return out
-        values = v if v is not None else k[..., :v_dim]
-        out, lse = backend.dense_attention(q, k, values, meta.rep_pos, meta.rep_pos,
-                                           meta.rep_seq, meta.rep_seq, scale)
+            out, _ = sharded_kv_attention(forms.cached_query(q), k_cache, v_cache,
+                                          meta.block_tables, meta.rep_seq, meta.rep_kv_len,
+                                          scale, self.groups, backend, v_dim)
+            return forms.cached_output(out)
+        keys, values = forms.new_kv(k, v, v_dim)
+        out, lse = backend.dense_attention(q, keys, values, meta.rep_pos, meta.rep_pos,
+                                           meta.rep_seq, meta.rep_seq, scale,
+                                           plan=plans.rep_dense)
         if meta.has_rep_prefix:
-            prefix_out, prefix_lse = sharded_kv_attention(q, k_cache, v_cache, meta.block_tables, meta.rep_seq,
-                                        meta.rep_prefix_len, scale, self.groups, backend, v_dim)
-            out, _ = merge_two(out, lse, prefix_out, prefix_lse)
+            prefix_out, prefix_lse = sharded_kv_attention(
+                forms.cached_query(q), k_cache, v_cache, meta.block_tables, meta.rep_seq,
+                meta.rep_prefix_len, scale, self.groups, backend, v_dim, plan=plans.rep_prefix)
+            out, _ = backend.merge_two(out, lse, forms.cached_output(prefix_out), prefix_lse)
         return out
 
 

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cpserve.attention.backend import AttentionBackend
+from cpserve.attention.backend import AttentionBackend, StepPlans
+from cpserve.attention.forms import SAME_FORMS, SameForms
 from cpserve.attention.merge import fold_into
 from cpserve.attention.metadata import StepAttentionMetadata
 from cpserve.attention.sharded import sharded_kv_attention
@@ -59,29 +60,33 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
                         k_cache: torch.Tensor, v_cache: torch.Tensor | None,
                         meta: StepAttentionMetadata, scale: float, groups: ParallelGroups,
                         backend: AttentionBackend, exchange: str,
-                        v_dim: int | None = None) -> torch.Tensor:
+                        v_dim: int | None = None,
+                        plans: StepPlans | None = None,
+                        forms: SameForms = SAME_FORMS) -> torch.Tensor:
     """q/k/v: this rank's split tokens [n, H, D]. Returns their attention output.
 
     With `v=None` (latent attention) only the keys travel; values are their first v_dim
-    channels. Otherwise keys and values travel together as one [2, rows, H_kv, D] tensor.
+    channels, or what `forms.new_kv` makes of the keys once they have arrived (MLA expanded).
+    Otherwise keys and values travel together as one [2, rows, H_kv, D] tensor.
+    `plans`: the backend's plans of the step (StepPlans.split_*).
     """
+    plans = plans if plans is not None else StepPlans()
     pcp, me, pad = groups.pcp, groups.pcp_rank, meta.pad
     kv = (_pad_rows(k, pad).unsqueeze(0) if v is None
           else torch.stack([_pad_rows(k, pad), _pad_rows(v, pad)]))
 
-    def split(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(keys, values for attention, values to store or None)."""
-        if v is None:
-            return block[0], block[0][..., :v_dim], None
-        return block[0], block[1], block[1]
+    def split(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(keys, values to store or None)."""
+        return (block[0], None) if v is None else (block[0], block[1])
 
     def attend_block(block: torch.Tensor, src: int):
         rows = slice(src * pad, (src + 1) * pad)
-        keys, values, stored = split(block)
+        keys, stored = split(block)
         backend.write_kv(keys, stored, k_cache, v_cache, meta.gathered_slots[rows])
-        return backend.dense_attention(q, keys, values, meta.split_pos,
+        return backend.dense_attention(q, *forms.new_kv(keys, stored, v_dim), meta.split_pos,
                                        meta.gathered_pos[rows], meta.split_seq,
-                                       meta.gathered_seq[rows], scale)
+                                       meta.gathered_seq[rows], scale,
+                                       plan=plans.split_dense_for(src))
 
     if exchange == "ring" and pcp > 1:
         ring = RingComm(groups)
@@ -94,18 +99,19 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
                 kv = incoming
         out, lse = running
     else:
-        keys, values, stored = split(all_gather(kv, groups.pcp_group, dim=1))
+        keys, stored = split(all_gather(kv, groups.pcp_group, dim=1))
         backend.write_kv(keys, stored, k_cache, v_cache, meta.gathered_slots)
-        out, lse = backend.dense_attention(q, keys, values, meta.split_pos, meta.gathered_pos,
-                                           meta.split_seq, meta.gathered_seq, scale)
+        out, lse = backend.dense_attention(q, *forms.new_kv(keys, stored, v_dim), meta.split_pos,
+                                           meta.gathered_pos, meta.split_seq, meta.gathered_seq,
+                                           scale, plan=plans.split_dense_for(0))
 
     if meta.has_prefix:
         # The cached prefix: every PCP rank must ask the same queries, so gather them.
-        all_q = all_gather(_pad_rows(q, pad), groups.pcp_group, dim=0)
+        all_q = forms.cached_query(all_gather(_pad_rows(q, pad), groups.pcp_group, dim=0))
         seq = meta.gathered_seq.clamp(min=0)
         o_all, l_all = sharded_kv_attention(all_q, k_cache, v_cache, meta.block_tables, seq,
                                             meta.gathered_prefix_len, scale, groups, backend,
-                                            v_dim)
+                                            v_dim, plan=plans.split_prefix)
         mine = slice(me * pad, me * pad + q.shape[0])
-        out, lse = fold_into((out.float(), lse), o_all[mine], l_all[mine])
+        out, lse = fold_into((out.float(), lse), forms.cached_output(o_all[mine]), l_all[mine])
     return out.to(q.dtype)

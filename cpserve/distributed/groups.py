@@ -13,7 +13,8 @@ Example tp=2, pcp=2, dcp=2 (world 4):
      3       1         1        1         3       {2,3}      {1,3}       {2,3}     {0,1,2,3}
 
 The cp group of a rank spans the C ranks holding shards of the same KV heads: its own DCP
-group in every PCP rank. Groups of size 1 are None, and the collectives below skip them.
+group in every PCP rank. The ep group spans all ranks (expert parallelism: each holds whole
+experts, in global rank order). Groups of size 1 are None, and the collectives below skip them.
 Every rank builds every group, in the same order, as torch.distributed requires.
 """
 
@@ -39,7 +40,11 @@ class ParallelGroups:
     pcp_group: Group = None
     dcp_group: Group = None
     cp_group: Group = None
+    ep_group: Group = None  # all ranks, on the device's backend (expert parallelism)
     cpu_group: Group = None  # gloo group of all ranks, for step plans
+    # Whole experts per rank (rank r: the r-th share), not TP slices of all. A setting of the
+    # engine, not of the pool: the model runner sets it on the groups it gives the model.
+    expert_parallel: bool = False
 
     @property
     def world_size(self) -> int:
@@ -105,6 +110,7 @@ def group_rank_lists(parallel: ParallelConfig) -> dict[str, list[list[int]]]:
                 for p in range(pcp) for g in range(tp // dcp)],
         "cp": [[p * tp + g * dcp + d for p in range(pcp) for d in range(dcp)]
                for g in range(tp // dcp)],
+        "ep": [list(range(tp * pcp))],
     }
 
 
@@ -118,7 +124,7 @@ def build_groups(parallel: ParallelConfig, rank: int, cpu_group: Group) -> Paral
                 mine[kind] = group
     return ParallelGroups(rank=rank, tp=parallel.tp, pcp=parallel.pcp, dcp=parallel.dcp,
                           tp_group=mine["tp"], pcp_group=mine["pcp"], dcp_group=mine["dcp"],
-                          cp_group=mine["cp"], cpu_group=cpu_group)
+                          cp_group=mine["cp"], ep_group=mine["ep"], cpu_group=cpu_group)
 
 
 # Collectives that are no-ops on a group of one ------------------------------------------------

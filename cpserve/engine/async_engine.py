@@ -55,13 +55,17 @@ _RECV_POLL_S = 0.2  # how often the output thread looks at the engine process be
 
 
 class EngineObserver(Protocol):
-    """Per-request timings, reported from the output thread (keep these cheap)."""
+    """Per-step and per-request events, reported from the output thread (keep these cheap)."""
+
+    def on_step(self, num_tokens: int) -> None: ...
 
     def on_first_token(self, ttft_s: float) -> None: ...
 
     def on_inter_token(self, itl_s: float) -> None: ...
 
     def on_finished(self, request: FinishedRequest, e2e_s: float) -> None: ...
+
+    def on_aborted(self) -> None: ...
 
 
 class RequestStream:
@@ -127,13 +131,14 @@ class AsyncEngine:
     """
 
     def __init__(self, config: EngineConfig, *, max_waiting_requests: int | None = None,
-                 stall_timeout_s: float = 300.0) -> None:
+                 stall_timeout_s: float = 300.0, log_requests: bool = False) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(config)
         self.inputs = InputProcessor(config, self.tokenizer)
         self.max_waiting_requests = (max_waiting_requests if max_waiting_requests is not None
                                      else config.scheduler.max_waiting_requests)
         self.stall_timeout_s = stall_timeout_s
+        self.log_requests = log_requests  # --enable-log-requests: a line per request
         self.observers: list[EngineObserver] = []
         self.on_death: list[Callable[[BaseException], None]] = []
 
@@ -212,6 +217,10 @@ class AsyncEngine:
             self._forget(ids)
             stream._unfinished.difference_update(ids)
             raise
+        if self.log_requests:
+            for (rid, _, params), (_, token_ids) in zip(requests, tokenized):
+                logger.info("Received request %s: prompt of %d token ids, %s", rid,
+                            len(token_ids), params)
 
     async def generate(self, request_id: str, prompt: Prompt,
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
@@ -235,12 +244,19 @@ class AsyncEngine:
 
         Not a coroutine, so it can run in `finally` blocks of cancelled tasks.
         """
+        with self._lock:
+            aborted = [rid for rid in request_ids if rid in self._tracked]
         sequences = self._forget(request_ids)
         if sequences and self._dead is None:
             try:
                 self._client.send(["abort", sequences])
             except EngineDeadError:
                 pass
+        for rid in aborted:
+            for observer in self.observers:
+                observer.on_aborted()
+            if self.log_requests:
+                logger.info("Aborted request %s", rid)
 
     def _forget(self, request_ids: Sequence[str]) -> list[str]:
         with self._lock:
@@ -359,8 +375,15 @@ class AsyncEngine:
             by_loop.setdefault(stream.loop, {}).setdefault(stream, []).append(output)
         for loop, per_stream in by_loop.items():
             _call_soon(loop, _put_per_stream, per_stream)
+        if batch.num_scheduled_tokens:
+            for observer in self.observers:
+                observer.on_step(batch.num_scheduled_tokens)
         if self.observers:
             self._observe(timings, processed.finished, now)
+        if self.log_requests:
+            for request in processed.finished:
+                logger.info("Finished request %s: %s", request.request_id,
+                            ", ".join(map(str, request.finish_reasons)))
 
     def _observe(self, timings: list[tuple[_Tracked, int]], finished: list[FinishedRequest],
                  now: float) -> None:

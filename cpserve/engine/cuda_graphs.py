@@ -16,6 +16,7 @@ from cpserve.attention.metadata import PlannedSeq, StepAttentionMetadata
 from cpserve.config import EngineConfig
 from cpserve.distributed.groups import ParallelGroups
 from cpserve.distributed.plan import StepPlan
+from cpserve.engine.compilation import decode_graph_buckets
 
 if TYPE_CHECKING:
     from cpserve.engine.model_runner import ModelRunner
@@ -44,8 +45,6 @@ class DecodeGraphs:
     shapes (the split-K factor from the table width), so one capture serves all contexts.
     """
 
-    BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-
     @classmethod
     def for_runner(cls, runner: ModelRunner) -> DecodeGraphs | None:
         return cls(runner) if graphs_enabled(runner.config, runner.groups,
@@ -53,8 +52,11 @@ class DecodeGraphs:
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        largest = min(runner.config.scheduler.max_num_seqs, self.BUCKETS[-1])
-        self.buckets = [b for b in self.BUCKETS if b < largest] + [largest]
+        config = runner.config
+        # --compilation-config cudagraph_capture_sizes, else a default list to max_num_seqs.
+        self.buckets = decode_graph_buckets(config.cudagraph_capture_sizes,
+                                            config.scheduler.max_num_seqs)
+        largest = self.buckets[-1]
         self.width = runner.layout.num_blocks_for(runner.config.model.max_model_len)
         n, dev = largest, runner.device
 

@@ -16,8 +16,8 @@ class Executor:
     def __init__(self, config: EngineConfig, pool: WorkerPool | None = None) -> None:
         self.config = config
         self.owns_pool = pool is None
-        self.pool = pool if pool is not None else start_worker_pool(config.parallel,
-                                                                     config.device)
+        self.pool = pool if pool is not None else start_worker_pool(
+            config.parallel, config.device, launch=config.launch)
         p, q = self.pool.parallel, config.parallel
         if (p.tp, p.pcp, p.dcp) != (q.tp, q.pcp, q.dcp):
             raise ConfigError(f"the worker pool runs tp={p.tp} pcp={p.pcp} dcp={p.dcp}, the "

@@ -22,8 +22,8 @@ from cpserve.tokenizer import PromptTooLongError, Tokenizer
 
 
 def load_tokenizer(config: EngineConfig) -> Tokenizer:
-    """The tokenizer of a front end of `config`."""
-    return Tokenizer.from_pretrained(config.model.path)
+    """The tokenizer of a front end of `config` (--tokenizer, else the model's own)."""
+    return Tokenizer.from_pretrained(config.model.tokenizer or config.model.path)
 
 
 def sequence_id(request_id: str, index: int, n: int) -> str:
@@ -39,6 +39,14 @@ def too_long_message(count: str, max_model_len: int) -> str:
 def check_sequence(config: EngineConfig, token_ids: list[int], params: SamplingParams) -> None:
     """Raise ValueError, with a message for the user, if the core cannot run this."""
     params.validate()
+    limit = config.max_logprobs
+    if limit == -1:
+        limit = config.model.vocab_size
+    for name in ("logprobs", "prompt_logprobs"):
+        asked = getattr(params, name)
+        if asked is not None and asked > limit:
+            raise ValueError(f"{name}={asked} is more than this server returns per token: "
+                             f"at most {limit} (--max-logprobs)")
     if not token_ids:
         raise ValueError("the prompt is empty: it must have at least one token")
     vocab = config.model.vocab_size
@@ -101,4 +109,4 @@ class InputProcessor:
             params if n == 1 else replace(
                 params, n=1, seed=params.child_seed(k),
                 prompt_logprobs=params.prompt_logprobs if k == 0 else None),
-            arrival_time) for k in range(n)]
+            arrival_time, counts_prompt=k == 0) for k in range(n)]

@@ -117,7 +117,8 @@ class LLMEngine:
                               generator=generator)
             self.requests[r.request_id] = request
             self.scheduler.add_request(request)
-            self.prompt_tokens_total += len(r.prompt_token_ids)
+            if r.counts_prompt:
+                self.prompt_tokens_total += len(r.prompt_token_ids)
 
     def abort_request(self, request_ids: Iterable[str]) -> None:
         """Stop sequences and free their KV blocks at once; unknown ids are ignored."""
@@ -227,7 +228,8 @@ class LLMEngine:
         # Parameters were validated when the request came, and the logits are finite: what
         # the sampler could still raise would be a bug of the engine's, not one request's.
         rows = [SamplingRow(items[j].request.params, items[j].request.generator,
-                            items[j].request.output_token_ids) for j in keep]
+                            items[j].request.output_token_ids, items[j].request.prompt_token_ids)
+                for j in keep]
         tokens = self.sampler(logits.sample_logits[keep], rows)
         return [(items[j], token) for j, token in zip(keep, tokens)]
 

@@ -33,6 +33,8 @@ class EngineCoreRequest:
     prompt_token_ids: list[int]
     params: SamplingParams  # n == 1; the completion's own seed; prompt_logprobs on one only
     arrival_time: float  # time.time()
+    # False for the 2nd to nth completions: the prompt_tokens counter counts a prompt once.
+    counts_prompt: bool = True
 
 
 @dataclass
@@ -104,12 +106,14 @@ def decode_params(values: dict) -> SamplingParams:
 
 
 def encode_request(r: EngineCoreRequest) -> list:
-    return [r.request_id, r.prompt_token_ids, encode_params(r.params), r.arrival_time]
+    return [r.request_id, r.prompt_token_ids, encode_params(r.params), r.arrival_time,
+            r.counts_prompt]
 
 
 def decode_request(raw: list) -> EngineCoreRequest:
-    request_id, token_ids, params, arrival = raw
-    return EngineCoreRequest(request_id, token_ids, decode_params(params), arrival)
+    request_id, token_ids, params, arrival, counts_prompt = raw
+    return EngineCoreRequest(request_id, token_ids, decode_params(params), arrival,
+                             counts_prompt)
 
 
 def _encode_position(position: PositionLogprobs | None) -> list | None:

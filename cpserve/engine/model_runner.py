@@ -5,18 +5,28 @@ Every rank runs this same code on the same plan; what differs is only the rank's
 
 On CUDA the KV cache gets what `gpu_memory_utilization` leaves after a profiling forward pass
 of the largest step, and decode steps replay CUDA graphs (see `DecodeGraphs`).
+
+A step is prepared on the host (metadata, the backend's plans, inputs moved to the device
+once) and then run: the forward pass of an eager step never waits for the host.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from cpserve.attention.backend import get_backend
+from cpserve.attention.backend import AttentionShape, get_backend
 from cpserve.attention.context import AttentionContext
-from cpserve.attention.metadata import PlannedSeq, StepAttentionMetadata, build_step_tokens
+from cpserve.attention.metadata import (
+    PlannedSeq,
+    StepAttentionMetadata,
+    StepTokens,
+    build_step_tokens,
+)
 from cpserve.config import EngineConfig
 from cpserve.distributed.groups import ParallelGroups, all_reduce
 from cpserve.distributed.plan import PlannedRequest, StepPlan
@@ -33,6 +43,20 @@ LOGITS_SLICE_BYTES = 256 * 2**20
 LogitsConsumer = Callable[[int, torch.Tensor], None]
 
 
+@dataclass
+class PreparedStep:
+    """One step's inputs: host tensors, and for an eager step the device inputs and the
+    attention context with the backend's plans (None: the step replays a decode graph)."""
+
+    plan: StepPlan
+    seqs: list[PlannedSeq]
+    tokens: StepTokens
+    token_ids: torch.Tensor
+    ctx: AttentionContext | None = None
+    device_token_ids: torch.Tensor | None = None
+    device_positions: torch.Tensor | None = None
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, groups: ParallelGroups, device: torch.device) -> None:
         self.config = config
@@ -40,9 +64,14 @@ class ModelRunner:
         self.device = device
         par, cache, model_cfg = config.parallel, config.cache, config.model
         self.layout = KVLayout(cache.block_size, par.num_kv_shards, par.interleave)
-        self.model = build_model(config.model, groups, device, config.load_format, config.seed)
-        self.backend = get_backend("auto", device)
+        model_groups = dataclasses.replace(groups,
+                                           expert_parallel=par.enable_expert_parallel)
+        self.model = build_model(config.model, model_groups, device, config.load_format,
+                                 config.seed)
         self.kv_spec = self.model.kv_cache_spec()
+        # Before the KV cache is sized: the backend reserves its gather workspace here.
+        self.backend = get_backend("auto", device, self.attention_shape(),
+                                   self.layout.local_count(model_cfg.max_model_len, 0))
         self.block_tables: dict[str, list[int]] = {}
         self.kv_caches: list = []
         self.num_blocks = self._decide_num_blocks()
@@ -68,6 +97,14 @@ class ModelRunner:
             for cache in (k_cache, v_cache):
                 if cache is not None:
                     cache.normal_(generator=gen)
+
+    def attention_shape(self) -> AttentionShape:
+        """The attention calls' shape on this rank: DCP gathers its group's query heads."""
+        model, par, spec = self.config.model, self.config.parallel, self.kv_spec
+        v_dim = spec.v_dim if spec.v_dim is not None else int(model.hf_config["kv_lora_rank"])
+        return AttentionShape(model.num_heads // par.tp * par.dcp, spec.num_heads, spec.k_dim,
+                              v_dim, model.dtype, values_in_keys=spec.v_dim is None,
+                              kv_dtype=spec.dtype)
 
     @property
     def bytes_per_block(self) -> int:
@@ -169,24 +206,9 @@ class ModelRunner:
         self._apply_table_diffs(plan)
         if not plan.requests:
             return None
-        seqs = [PlannedSeq(r.start, len(r.token_ids), self._is_split(len(r.token_ids)))
-                for r in plan.requests]
-        tables = [self.block_tables[r.request_id] for r in plan.requests]
-        width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        step = build_step_tokens(seqs, block_tables, self.layout, self.groups)
-
-        flat_ids = torch.tensor([t for r in plan.requests for t in r.token_ids], dtype=torch.long)
-        first = torch.tensor([0] + [len(r.token_ids) for r in plan.requests]).cumsum(0)
-        token_ids = flat_ids[first[step.seq] + step.offset]
-
-        if use_graphs and self.graphs is not None and self.graphs.can_run(plan, seqs):
-            hidden = self.graphs.run(token_ids, step.positions, step.metadata)
-        else:
-            ctx = AttentionContext(_to_device(step.metadata, self.device), self.kv_caches,
-                                   self.groups, self.backend, self.config.parallel.kv_exchange)
-            hidden = self.model(token_ids.to(self.device), step.positions.to(self.device), ctx)
-        rows = self._logit_rows(plan, seqs, step.seq, step.offset, hidden)
+        step = self.prepare(plan, use_graphs)
+        hidden = self.forward(step)
+        rows = self._logit_rows(plan, step.seqs, step.tokens.seq, step.tokens.offset, hidden)
         if rows is None or self.groups.pcp_rank != 0:
             return None
         return self._logits_in_slices(rows, consume_logits)
@@ -211,6 +233,34 @@ class ModelRunner:
             else:
                 kept.append(logits)
         return torch.cat(kept) if kept else None
+
+    def prepare(self, plan: StepPlan, use_graphs: bool = True) -> PreparedStep:
+        """Host work of a step (block tables already applied): metadata, the backend's
+        plans, and the inputs on the device, each index tensor copied once."""
+        seqs = [PlannedSeq(r.start, len(r.token_ids), self._is_split(len(r.token_ids)))
+                for r in plan.requests]
+        tables = [self.block_tables[r.request_id] for r in plan.requests]
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        tokens = build_step_tokens(seqs, block_tables, self.layout, self.groups)
+        flat_ids = torch.tensor([t for r in plan.requests for t in r.token_ids], dtype=torch.long)
+        first = torch.tensor([0] + [len(r.token_ids) for r in plan.requests]).cumsum(0)
+        step = PreparedStep(plan, seqs, tokens, flat_ids[first[tokens.seq] + tokens.offset])
+        if use_graphs and self.graphs is not None and self.graphs.can_run(plan, seqs):
+            return step
+        exchange = self.config.parallel.kv_exchange
+        plans = self.backend.plan_step(tokens.metadata, exchange)
+        step.ctx = AttentionContext(_to_device(tokens.metadata, self.device), self.kv_caches,
+                                    self.groups, self.backend, exchange, plans)
+        step.device_token_ids = step.token_ids.to(self.device, non_blocking=True)
+        step.device_positions = tokens.positions.to(self.device, non_blocking=True)
+        return step
+
+    def forward(self, step: PreparedStep) -> torch.Tensor:
+        """Final hidden states of the step's local tokens (no host synchronisation)."""
+        if step.ctx is None:
+            return self.graphs.run(step.token_ids, step.tokens.positions, step.tokens.metadata)
+        return self.model(step.device_token_ids, step.device_positions, step.ctx)
 
     def _logit_rows(self, plan, seqs, local_seq, local_offset, hidden) -> torch.Tensor | None:
         """Hidden states of the tokens whose logits are needed, on PCP rank 0.

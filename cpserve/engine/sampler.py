@@ -4,6 +4,7 @@ Pipeline for one batch of fp32 logits ``[num_rows, vocab]`` (CPU or CUDA)::
 
     raw logits ──────────────────────────────────────────► raw logprobs (log-softmax, vLLM's
         │                                                   default "raw_logprobs")
+        ├─ repetition_penalty on tokens of the prompt and the output so far
         ├─ + logit_bias
         ├─ min_tokens: eos / stop ids -> -inf  (rows still below min_tokens)
         │
@@ -63,6 +64,7 @@ class SamplingRow:
     params: SamplingParams
     generator: torch.Generator | None
     output_token_ids: list[int]
+    prompt_token_ids: Sequence[int] = ()  # read only for a repetition penalty
 
 
 @dataclass
@@ -115,8 +117,8 @@ class Sampler:
         params = [row.params for row in rows]
         # Greedy rows divide by 1 (exact), so one tensor serves both kinds of row.
         temperature = [1.0 if p.greedy else p.temperature for p in params]
-        scaled = _with_logit_bias(logits, params) / torch.tensor(
-            temperature, device=device).unsqueeze(1)
+        scaled = _with_logit_bias(_penalize_repetitions(logits, rows), params)
+        scaled = scaled / torch.tensor(temperature, device=device).unsqueeze(1)
         _block_stop_tokens_below_min_tokens(scaled, rows)
 
         token_ids = scaled.argmax(dim=-1)  # first maximum: ties go to the lowest id
@@ -178,6 +180,24 @@ class Sampler:
         if device not in self._generators:
             self._generators[device] = make_generator(self.seed, device)
         return self._generators[device]
+
+
+def _penalize_repetitions(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Logits with each row's repetition penalty applied to the tokens it has seen (prompt and
+    output); `logits` itself stays raw, for the logprobs. Rows without a penalty are untouched.
+    """
+    penalized = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
+    if not penalized:
+        return logits
+    out = logits.clone()
+    for i in penalized:
+        row = rows[i]
+        seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)),
+                            dtype=torch.long, device=logits.device)
+        values = out[i, seen]
+        penalty = row.params.repetition_penalty
+        out[i, seen] = torch.where(values > 0, values / penalty, values * penalty)
+    return out
 
 
 def support_mask(

@@ -11,6 +11,11 @@ budget and blocks last, after taking any cached prefix.
 A request that cannot get its blocks while it is the only one holding any will never get
 them: it ends with an error at once (`SchedulerOutput.failed`) instead of preempting itself
 for ever. Start-up refuses a `max_model_len` the cache cannot hold, so this is a last guard.
+
+With vLLM's flags: `long_prefill_token_threshold` caps the tokens one request computes in a
+step, so while a long prompt prefills the rest of the budget serves decodes and new
+arrivals; without `enable_chunked_prefill` a waiting prompt is admitted only when all its
+uncomputed tokens fit the step's remaining budget.
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(self._capped(request.num_tokens - request.num_computed_tokens), budget)
             new_blocks = self.kv.allocate(request, num_new)
             while new_blocks is None:
                 if len(self.running) == 1:  # alone and still short of blocks: never fits
@@ -105,7 +110,10 @@ class Scheduler:
                       if request.num_computed_tokens == 0 and request.may_read_prefix_cache
                       else [])
             num_cached = len(cached) * self.kv.layout.virtual_block_size
-            num_new = min(request.num_tokens - num_cached, budget)
+            num_new = self._capped(request.num_tokens - num_cached)
+            if not self.config.enable_chunked_prefill and num_new > budget:
+                break  # the whole prompt in one step, or not yet
+            num_new = min(num_new, budget)
             new_blocks = self.kv.allocate(request, num_new, cached)
             if new_blocks is None:
                 if self.running:
@@ -130,6 +138,11 @@ class Scheduler:
                          f"cache holds ({self.kv.capacity_tokens} tokens)")
         self.finish(request, RequestStatus.FINISHED_ERROR)
         out.failed.append(request)
+
+    def _capped(self, num_new: int) -> int:
+        """At most `long_prefill_token_threshold` tokens for one request in one step."""
+        threshold = self.config.long_prefill_token_threshold
+        return threshold if 0 < threshold < num_new else num_new
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.kv.free(request)

@@ -10,11 +10,11 @@ import os
 
 import torch
 
-from cpserve.config import EngineConfig, ParallelConfig
+from cpserve.config import EngineConfig, LaunchConfig, ParallelConfig
 from cpserve.distributed.config_codec import config_from_dict
 from cpserve.distributed.groups import ParallelGroups
 from cpserve.distributed.plan import broadcast_plan
-from cpserve.distributed.worker_pool import WorkerPool, gather_to_driver
+from cpserve.distributed.worker_pool import WorkerPool, gather_to_driver, run_node_ranks
 from cpserve.engine.model_runner import ModelRunner
 
 
@@ -38,10 +38,17 @@ def serve_plans(groups: ParallelGroups, device: torch.device) -> None:
             runner.execute(plan)
 
 
-def start_worker_pool(parallel: ParallelConfig, device: str,
-                      timeout_s: float | None = None) -> WorkerPool:
-    """The ranks of `parallel` (spawned here, or joined under torchrun), serving plans."""
-    return WorkerPool(parallel, device, serve_plans, timeout_s)
+def start_worker_pool(parallel: ParallelConfig, device: str, timeout_s: float | None = None,
+                      launch: LaunchConfig | None = None) -> WorkerPool:
+    """The ranks of `parallel` (spawned here, on several nodes, or joined under torchrun),
+    serving plans."""
+    return WorkerPool(parallel, device, serve_plans, timeout_s, launch)
+
+
+def run_headless_node(parallel: ParallelConfig, launch: LaunchConfig, device: str,
+                      timeout_s: float | None = None) -> int:
+    """This node's ranks of a multi-node launch, serving the driver's plans; the exit code."""
+    return run_node_ranks(parallel, launch, device, serve_plans, timeout_s)
 
 
 def is_torchrun_worker() -> bool:

@@ -4,6 +4,16 @@
               -> layers: x + attn(norm(x)), then x + mlp(norm(x))   (pre-norm residual)
               -> final norm -> hidden states;  compute_logits: vocab-parallel LM head
 
+Each residual add is done by the norm that follows it (`RMSNorm.add_and_norm`, one kernel on
+CUDA): a layer returns its MLP output and the residual stream separately,
+
+    layer i:  residual = residual + out_{i-1};  h = norm(residual)      (input_layernorm)
+              residual = residual + attn(h);    h = norm(residual)      (post_attention_layernorm)
+              out_i = mlp(h)
+    final:    norm(residual + out_last)
+
+which adds the same numbers in the same order as x + attn(...), x + mlp(...).
+
 Module names are the checkpoints' (`model.layers.N.self_attn...`), so loading is a lookup
 (merged projections name the checkpoint tensors they stack: layers.MergedColumnParallelLinear).
 """
@@ -33,11 +43,19 @@ class DecoderLayer(nn.Module):
         self.self_attn = self_attn
         self.post_attention_layernorm = RMSNorm(config.hidden_size, _eps(config), config.dtype)
         self.mlp = mlp
+        # MoE layers with expert parallelism need the step's token layout (moe.py).
+        self.mlp_takes_context = getattr(mlp, "takes_step_context", False)
 
-    def forward(self, positions: StepPositions, x: torch.Tensor,
-                ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: StepPositions, x: torch.Tensor, residual: torch.Tensor | None,
+                ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual stream); `residual=None` for the first layer (x is it)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h, residual = self.post_attention_layernorm.add_and_norm(
+            self.self_attn(positions, h, ctx), residual)
+        return (self.mlp(h, ctx) if self.mlp_takes_context else self.mlp(h)), residual
 
 
 class DecoderModel(nn.Module):
@@ -51,11 +69,11 @@ class DecoderModel(nn.Module):
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
-        x = self.embed_tokens(token_ids)
+        x, residual = self.embed_tokens(token_ids), None
         step_positions = StepPositions(positions)
         for layer in self.layers:
-            x = layer(step_positions, x, ctx)
-        return self.norm(x)
+            x, residual = layer(step_positions, x, residual, ctx)
+        return self.norm.add_and_norm(x, residual)[0]
 
 
 class CausalLM(nn.Module):

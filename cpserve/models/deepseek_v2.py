@@ -28,28 +28,46 @@ permutation of their rope channels, so the scores do not depend on it.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cpserve.attention.context import AttentionContext
+from cpserve.attention.forms import LatentForms, absorb_query, latent_to_values
 from cpserve.config import ModelConfig
 from cpserve.distributed.groups import ParallelGroups
 from cpserve.kv.spec import KVCacheSpec
 from cpserve.models.decoder import CausalLM, DecoderLayer
 from cpserve.models.layers import (
     ColumnParallelLinear,
+    MergedColumnParallelLinear,
     RMSNorm,
     RowParallelLinear,
     sharded_parameter,
 )
 from cpserve.models.llama import llama_mlp
 from cpserve.models.moe import MoE
-from cpserve.models.rope import RotaryEmbedding, StepPositions
+from cpserve.models.rope import RotaryEmbedding, StepPositions, apply_rope
 
 # transformers' and DeepSeek's q_a_layernorm / kv_a_layernorm keep the default eps.
 LATENT_NORM_EPS = 1e-6
+# Tuning constant: steps with at least this many new tokens attend to them in the expanded
+# form (benchmarks/bench_moe.py measures the crossover and prints it). The environment
+# variable overrides it (tests use it to put short prompts through the expanded path).
+MLA_EXPANDED_MIN_TOKENS = 1024
+
+
+def expanded_min_tokens() -> int:
+    return int(os.environ.get("CPSERVE_MLA_EXPANDED_MIN_TOKENS", MLA_EXPANDED_MIN_TOKENS))
+
+
+def step_new_tokens(ctx: AttentionContext) -> int:
+    """New tokens of the step, the same count on every rank (replicated rows plus every PCP
+    rank's padded share of the split ones), so all ranks pick the same form."""
+    meta = ctx.metadata
+    return meta.rep_index.numel() + ctx.groups.pcp * meta.pad
 
 
 class ReplicatedLinear(nn.Module):
@@ -89,16 +107,10 @@ class DeepseekRope(nn.Module):
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.interleaved:
             return self.rotary(positions, q, k)
+        # Pair i = channels (2i, 2i+1), rotated by angle i; output [all firsts, all seconds].
         cos, sin = positions.cos_sin(self.rotary, torch.float32)
-        half = cos.shape[-1] // 2
-        cos, sin = cos[..., :half], sin[..., :half]  # cos_sin repeats the angles twice
-
-        def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-            # Pair i = channels (2i, 2i+1), rotated by angle i; output [all firsts, all seconds].
-            even, odd = x[..., 0::2].float(), x[..., 1::2].float()
-            return torch.cat([even * cos - odd * sin, odd * cos + even * sin], -1).to(x.dtype)
-
-        return rotate_pairs(q), rotate_pairs(k)
+        dim = self.rotary.rotary_dim
+        return apply_rope(q, cos, sin, dim, True), apply_rope(k, cos, sin, dim, True)
 
 
 class MLAAttention(nn.Module):
@@ -116,16 +128,25 @@ class MLAAttention(nn.Module):
         qk = self.nope + self.rope_dim
         bias = bool(hf.get("attention_bias", False))
         first_head = tp_rank * h
-        q_lora_rank = hf.get("q_lora_rank")
-        self.q_proj = None
+        q_lora_rank = int(hf.get("q_lora_rank") or 0)
+        latent_rows = self.kv_lora_rank + self.rope_dim
         if q_lora_rank:
-            self.q_a_proj = ReplicatedLinear(hidden, int(q_lora_rank), dtype, bias)
-            self.q_a_layernorm = RMSNorm(int(q_lora_rank), LATENT_NORM_EPS, dtype)
-            self.q_b_proj = ColumnParallelLinear(int(q_lora_rank), h * qk, first_head * qk, dtype)
+            q_part = ("q_a_proj", q_lora_rank, 0)
+            self.q_a_layernorm = RMSNorm(q_lora_rank, LATENT_NORM_EPS, dtype)
+            self.q_b_proj = ColumnParallelLinear(q_lora_rank, h * qk, first_head * qk, dtype)
+        else:
+            q_part = ("q_proj", h * qk, first_head * qk)
+        self.q_lora = bool(q_lora_rank)
+        # The projections that read x run as one GEMM (decode pays per launch): q_a (or this
+        # rank's rows of q) stacked on kv_a. Without q_lora, a kv_a bias (q_proj has none)
+        # keeps them apart.
+        self.fused_qkv_a_proj = self.q_proj = self.kv_a_proj_with_mqa = None
+        if q_lora_rank or not bias:
+            self.fused_qkv_a_proj = MergedColumnParallelLinear(
+                hidden, [q_part, ("kv_a_proj_with_mqa", latent_rows, 0)], dtype, bias)
         else:
             self.q_proj = ColumnParallelLinear(hidden, h * qk, first_head * qk, dtype)
-        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.rope_dim,
-                                                   dtype, bias)
+            self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, latent_rows, dtype, bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS, dtype)
         per_head = self.nope + self.v_head_dim
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, h * per_head,
@@ -146,21 +167,28 @@ class MLAAttention(nn.Module):
     def forward(self, positions: StepPositions, x: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
         tokens, latent_dim = x.shape[0], self.kv_lora_rank
-        if self.q_proj is not None:
-            q = self.q_proj(x)
+        if self.fused_qkv_a_proj is not None:
+            q, latent_and_rope = self.fused_qkv_a_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q, latent_and_rope = self.q_proj(x), self.kv_a_proj_with_mqa(x)
+        if self.q_lora:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q_nope, q_rope = q.view(tokens, self.num_heads, -1).split([self.nope, self.rope_dim], -1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([latent_dim, self.rope_dim], -1)
+        latent, k_rope = latent_and_rope.split([latent_dim, self.rope_dim], -1)
         latent = self.kv_a_layernorm(latent)
         q_rope, k_rope = self.rope(positions, q_rope, k_rope.unsqueeze(1))
 
-        w_uk, w_uv = self._up_projections()
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, L]
-        query = torch.cat([q_latent, q_rope], -1)
-        key = torch.cat([latent.unsqueeze(1), k_rope], -1)  # [T, 1, L + R]
-        out = ctx.attention(self.layer, query, key, None, self.scale, v_dim=latent_dim)
-        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
+        key = torch.cat([latent.unsqueeze(1), k_rope], -1)  # [T, 1, L + R]: what is cached
+        if not ctx.metadata.rep_decode_only and step_new_tokens(ctx) >= expanded_min_tokens():
+            forms = LatentForms(self.kv_b_proj.weight, self.num_heads, self.nope,
+                                self.v_head_dim, latent_dim)
+            out = ctx.attention(self.layer, torch.cat([q_nope, q_rope], -1), key, None,
+                                self.scale, v_dim=latent_dim, forms=forms)  # [T, H, v]
+        else:
+            w_uk, w_uv = self._up_projections()
+            out = ctx.attention(self.layer, absorb_query(q_nope, q_rope, w_uk), key, None,
+                                self.scale, v_dim=latent_dim)  # [T, H, L]
+            out = latent_to_values(out, w_uv)  # [T, H, v]
         out = self.o_proj(out.reshape(tokens, -1))
         bias = getattr(self.o_proj, "bias", None)
         return out + bias if bias is not None else out

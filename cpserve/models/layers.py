@@ -27,16 +27,40 @@ def sharded_parameter(shape: tuple[int, ...], dtype: torch.dtype, shard=None) ->
 
 
 class RMSNorm(nn.Module):
+    """In fp32, cast back before the weight: the same rounding as transformers. On CUDA one
+    Triton kernel (kernels/rms_norm.py), with the residual add when `add_and_norm`."""
+
     def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
         self.eps = eps
         self.weight = sharded_parameter((size,), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In fp32, cast back before the weight: the same rounding as transformers.
-        wide = x.float()
-        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self._norm(x, None)[0]
+
+    def add_and_norm(self, x: torch.Tensor,
+                     residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual stream's add and the next norm."""
+        return self._norm(x, residual)
+
+    def _norm(self, x, residual):
+        kernel_shape = x.dim() == 2 or (x.dim() == 3 and residual is None)
+        if x.is_cuda and kernel_shape and x.stride(-1) == 1:
+            from cpserve.models.kernels.rms_norm import rms_norm_triton  # needs Triton
+
+            return rms_norm_triton(x, self.weight, self.eps, residual)
+        return rms_norm_reference(x, self.weight, self.eps, residual)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                       residual: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y, s): s = x + residual (x alone without one), y its RMSNorm; None for s without a
+    residual. Reference of kernels/rms_norm.py."""
+    s = x if residual is None else x + residual
+    wide = s.float()
+    normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(s.dtype), (None if residual is None else s)
 
 
 class ColumnParallelLinear(nn.Module):

@@ -1,7 +1,10 @@
-"""DeepSeek mixture of experts: routing, routed experts sharded over TP, shared experts.
+"""Mixture-of-experts layers: routing, routed experts (TP-sliced or expert-parallel), shared
+experts. Serves DeepSeek-V2/V3 (grouped routing, shared experts), Qwen2-MoE (a shared expert
+scaled by a sigmoid gate) and Qwen3-MoE (routed experts only).
 
-Every TP rank routes every token (the router is replicated and sees the same hidden state) and
-holds a slice of every expert's intermediate dimension, so no token moves between ranks:
+Tensor parallel (the default). Every TP rank routes every token (the router is replicated and
+sees the same hidden state) and holds a slice of every expert's intermediate dimension, so no
+token moves between ranks:
 
     tp = 2, moe_intermediate_size = I           rank 0: columns [0, I/2) of every expert
                                                 rank 1: columns [I/2, I) of every expert
@@ -10,31 +13,44 @@ holds a slice of every expert's intermediate dimension, so no token moves betwee
 
 One all-reduce serves routed and shared experts together.
 
-The experts of a rank are two stacked tensors, `w13` [E, 2 * I_local, H] (gate rows, then up
-rows) and `w2` [E, H, I_local]. Checkpoints store one tensor per expert and projection
-(`experts.{e}.gate_proj.weight`, ...); the parameters' `parts` tell the loader which slice of
-which checkpoint tensor goes where.
+Expert parallel (`enable_expert_parallel`). The W = tp * pcp ranks hold E / W whole experts
+each, rank r (global order, pcp_rank * tp + tp_rank) experts [r * E/W, (r + 1) * E/W). TP ranks
+of one PCP rank hold the same tokens; PCP ranks hold different ones when a prompt is split:
 
-Two implementations of the expert computation share one signature: `experts_reference` (plain
-PyTorch, a loop over the experts that got tokens) and `experts_grouped` (tokens sorted by expert,
-two `torch._grouped_mm` calls, no host synchronisation). `experts_auto` picks the grouped one for
-bf16 on CUDA.
+    1. split step: all-gather the tokens over the PCP group, each rank's padded to the most any
+       rank holds (replicated + split rows), so every rank holds the same rows:
+           rows = [ tokens of pcp rank 0 | tokens of pcp rank 1 | ... ]
+       no split (decode, short chunks): every rank holds the step's tokens already.
+    2. route all rows; each rank runs its experts on the pairs routed to them (other pairs add
+       0), and adds its TP slice of the shared experts on its own PCP rank's rows (without a
+       split, PCP rank 0 alone adds them: the rows are the same on every PCP rank).
+    3. all-reduce over all W ranks: every row holds every expert's output; keep your own rows.
+
+The experts of a rank are two stacked tensors, `w13` [E_local, 2 * I_local, H] (gate rows, then
+up rows) and `w2` [E_local, H, I_local]. Checkpoints store one tensor per expert and projection
+(`experts.{e}.gate_proj.weight`, ...); the parameters' `parts` tell the loader which slice of
+which checkpoint tensor goes where. The computation itself is in experts.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cpserve.config import ConfigError, ModelConfig
-from cpserve.distributed.groups import ParallelGroups, all_reduce
+from cpserve.distributed.groups import ParallelGroups, all_gather, all_reduce
+from cpserve.models.experts import experts_auto
 from cpserve.models.layers import GatedMLP, sharded_parameter
 
+if TYPE_CHECKING:
+    from cpserve.attention.context import AttentionContext
+
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+QWEN_MOE_ARCHITECTURES = ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 
 @dataclass(frozen=True)
@@ -51,7 +67,14 @@ class RoutingConfig:
     @staticmethod
     def from_hf(hf: dict[str, Any], architecture: str) -> RoutingConfig:
         """DeepSeek-V2 configs name their method (`greedy` by default); V3 always routes by
-        `noaux_tc` (transformers' V3 config omits the field)."""
+        `noaux_tc` (transformers' V3 config omits the field). Qwen-MoE: softmax, the k best,
+        renormalised when `norm_topk_prob`."""
+        if architecture in QWEN_MOE_ARCHITECTURES:
+            return RoutingConfig(
+                num_experts=int(hf.get("num_experts") or hf["num_local_experts"]),
+                top_k=int(hf["num_experts_per_tok"]), method="greedy", scoring="softmax",
+                num_groups=1, topk_groups=1, scaling_factor=1.0,
+                normalize=bool(hf.get("norm_topk_prob")))
         default = "noaux_tc" if architecture == "DeepseekV3ForCausalLM" else "greedy"
         method = hf.get("topk_method") or default
         if method not in TOPK_METHODS:
@@ -91,7 +114,16 @@ def select_experts(router_logits: torch.Tensor, routing: RoutingConfig,
     noaux_tc              (V3) experts are *chosen* by score + correction bias, among the groups
                           whose two best biased scores sum highest; their *weights* are the
                           unbiased scores.
+
+    On CUDA, greedy softmax routing (DeepSeek-V2-Lite, Qwen-MoE) is one Triton kernel
+    (kernels/routing.py), which this code is the reference of.
     """
+    if (router_logits.is_cuda and routing.method == "greedy" and routing.scoring == "softmax"
+            and correction_bias is None):
+        from cpserve.models.kernels.routing import softmax_topk_triton  # needs Triton
+
+        return softmax_topk_triton(router_logits, routing.top_k, routing.normalize,
+                                   routing.scaling_factor)
     scores = router_logits.softmax(-1) if routing.scoring == "softmax" else router_logits.sigmoid()
     choice = scores if correction_bias is None else scores + correction_bias.float()
     if routing.method == "greedy":
@@ -115,119 +147,146 @@ def select_experts(router_logits: torch.Tensor, routing: RoutingConfig,
     return weights * routing.scaling_factor, ids
 
 
-# The expert computation: reference and grouped GEMM, one signature --------------------------
-def experts_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                      weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) for the slice of the experts held here.
+@dataclass(frozen=True)
+class MoESpec:
+    """What differs between the MoE layers of the supported architectures."""
 
-    x [T, H], w13 [E, 2I, H], w2 [E, H, I], weights/ids [T, k]. Returns [T, H] in x's dtype.
-    """
-    out = torch.zeros_like(x)
-    inter = w2.shape[-1]
-    for expert in torch.unique(ids).tolist():
-        token, slot = torch.nonzero(ids == expert, as_tuple=True)
-        gate_up = F.linear(x[token], w13[expert])
-        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        y = F.linear(h, w2[expert]) * weights[token, slot].unsqueeze(1)
-        out.index_add_(0, token, y.to(x.dtype))
-    return out
+    routing: RoutingConfig
+    intermediate: int  # moe_intermediate_size: one routed expert's
+    shared_intermediate: int  # 0: no shared experts
+    shared_name: str  # the checkpoint's module name for them
+    shared_gate: bool  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) scales the shared expert
+    fp32_router: bool  # DeepSeek routes on fp32 logits; Qwen on the model dtype's, as HF does
 
-
-def experts_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                    weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Same result as `experts_reference`, as two grouped GEMMs over tokens sorted by expert.
-
-        (token, k) pairs sorted by expert:  e0 e0 e0 | e1 | e3 e3 ...   offsets = cumsum(counts)
-        h = grouped_mm(x_sorted, w13^T, offsets) -> silu(gate) * up -> grouped_mm(., w2^T)
-    """
-    tokens, top_k = ids.shape
-    flat_ids = ids.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)
-    token_of = order // top_k
-    # scatter_add, not bincount: no device-to-host sync, so decode steps can be graph-captured.
-    counts = torch.zeros(w13.shape[0], dtype=torch.int32, device=ids.device)
-    counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    gate_up = torch._grouped_mm(x[token_of], w13.transpose(-2, -1), offs=offsets)
-    inter = w2.shape[-1]
-    h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-    y = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offsets)
-    y = y.float() * weights.reshape(-1)[order].unsqueeze(1).float()
-    out = torch.zeros(tokens, x.shape[1], dtype=torch.float32, device=x.device)
-    out.index_add_(0, token_of, y)
-    return out.to(x.dtype)
-
-
-def grouped_gemm_available(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-
-
-def experts_auto(x, w13, w2, weights, ids) -> torch.Tensor:
-    if grouped_gemm_available(x):
-        return experts_grouped(x, w13, w2, weights, ids)
-    return experts_reference(x, w13, w2, weights, ids)
+    @staticmethod
+    def from_config(config: ModelConfig) -> MoESpec:
+        hf, arch = config.hf_config, config.architecture
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act={hf['hidden_act']!r}: only silu experts are supported")
+        deepseek = arch not in QWEN_MOE_ARCHITECTURES
+        return MoESpec(routing=RoutingConfig.from_hf(hf, arch),
+                       intermediate=int(hf["moe_intermediate_size"]),
+                       shared_intermediate=config.shared_expert_intermediate_size,
+                       shared_name="shared_experts" if deepseek else "shared_expert",
+                       shared_gate=arch == "Qwen2MoeForCausalLM", fp32_router=deepseek)
 
 
 # Modules ------------------------------------------------------------------------------------
 class Router(nn.Module):
     """`mlp.gate`: router weight [E, H] (replicated), and V3's `e_score_correction_bias`."""
 
-    def __init__(self, hidden: int, routing: RoutingConfig, dtype: torch.dtype) -> None:
+    def __init__(self, hidden: int, routing: RoutingConfig, dtype: torch.dtype,
+                 fp32: bool) -> None:
         super().__init__()
         self.routing = routing
-        self.weight = sharded_parameter((routing.num_experts, hidden), dtype)
+        # Kept in fp32 when routing is: no cast of the weight every step.
+        self.weight = sharded_parameter((routing.num_experts, hidden),
+                                        torch.float32 if fp32 else dtype)
         # V3 checkpoints store the bias in fp32 whatever the model's dtype.
         self.e_score_correction_bias = (sharded_parameter((routing.num_experts,), torch.float32)
                                         if routing.method == "noaux_tc" else None)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())  # routing decisions in fp32
+        logits = F.linear(x.to(self.weight.dtype), self.weight).float()
         return select_experts(logits, self.routing, self.e_score_correction_bias)
 
 
 class RoutedExperts(nn.Module):
-    """This rank's slice `[start, start + inter_local)` of every expert's intermediate dim."""
+    """Experts [first, first + count), each its columns `[start, start + inter_local)`."""
 
-    def __init__(self, num_experts: int, hidden: int, inter_local: int, start: int,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, count: int, hidden: int, inter_local: int, start: int,
+                 dtype: torch.dtype, first: int = 0) -> None:
         super().__init__()
-        self.w13 = sharded_parameter((num_experts, 2 * inter_local, hidden), dtype)
-        self.w2 = sharded_parameter((num_experts, hidden, inter_local), dtype)
+        self.first, self.count = first, count
+        self.w13 = sharded_parameter((count, 2 * inter_local, hidden), dtype)
+        self.w2 = sharded_parameter((count, hidden, inter_local), dtype)
         rows = (0, start, inter_local)
-        self.w13.parts = [part for e in range(num_experts) for part in (
-            (f"{e}.gate_proj.weight", rows, (e, slice(0, inter_local))),
-            (f"{e}.up_proj.weight", rows, (e, slice(inter_local, 2 * inter_local))))]
-        self.w2.parts = [(f"{e}.down_proj.weight", (1, start, inter_local), (e,))
-                         for e in range(num_experts)]
+        self.w13.parts = [part for e in range(count) for part in (
+            (f"{first + e}.gate_proj.weight", rows, (e, slice(0, inter_local))),
+            (f"{first + e}.up_proj.weight", rows, (e, slice(inter_local, 2 * inter_local))))]
+        self.w2.parts = [(f"{first + e}.down_proj.weight", (1, start, inter_local), (e,))
+                         for e in range(count)]
         self.impl = experts_auto
+
+    def held_here(self, ids: torch.Tensor) -> torch.Tensor:
+        """Global expert ids -> indices into this rank's experts, -1 for the others'."""
+        local = ids - self.first
+        return torch.where((local >= 0) & (local < self.count), local, -1)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.impl(x, self.w13, self.w2, weights, ids)
 
 
+class SharedExpertGate(nn.Module):
+    """Qwen2-MoE's `shared_expert_gate`: a per-token scale sigmoid(x . w) (replicated)."""
+
+    def __init__(self, hidden: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = sharded_parameter((1, hidden), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(F.linear(x, self.weight))
+
+
 class MoE(nn.Module):
-    """A DeepSeek MoE layer (`mlp` of layers from `first_k_dense_replace` on)."""
+    """A MoE layer (`mlp` of the sparse layers). Takes the step's attention context, whose
+    metadata says whether the PCP ranks hold different tokens (expert parallelism needs it)."""
+
+    takes_step_context = True
 
     def __init__(self, config: ModelConfig, groups: ParallelGroups) -> None:
         super().__init__()
-        hf, dtype, hidden = config.hf_config, config.dtype, config.hidden_size
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"hidden_act={hf['hidden_act']!r}: only silu experts are supported")
-        self.tp_group = groups.tp_group
-        routing = RoutingConfig.from_hf(hf, config.architecture)
-        inter = int(hf["moe_intermediate_size"])
-        local = inter // groups.tp
-        self.gate = Router(hidden, routing, dtype)
-        self.experts = RoutedExperts(routing.num_experts, hidden, local, groups.tp_rank * local,
-                                     dtype)
-        shared = int(hf.get("n_shared_experts") or 0)
-        # The always-on experts: a gated MLP whose partial sums are reduced with the routed ones.
-        self.shared_experts = (GatedMLP(hidden, inter * shared, groups, dtype, reduce=False)
-                               if shared else None)
+        spec = MoESpec.from_config(config)
+        dtype, hidden = config.dtype, config.hidden_size
+        self.groups = groups
+        self.gate = Router(hidden, spec.routing, dtype, spec.fp32_router)
+        experts = spec.routing.num_experts
+        if groups.expert_parallel:
+            count = experts // groups.world_size
+            self.experts = RoutedExperts(count, hidden, spec.intermediate, 0, dtype,
+                                         first=groups.rank * count)
+        else:
+            local = spec.intermediate // groups.tp
+            self.experts = RoutedExperts(experts, hidden, local, groups.tp_rank * local, dtype)
+        self.shared_name = spec.shared_name
+        self.shared_expert_gate = SharedExpertGate(hidden, dtype) if spec.shared_gate else None
+        if spec.shared_intermediate:
+            # A gated MLP whose partial sums are reduced with the routed experts'.
+            self.add_module(spec.shared_name, GatedMLP(hidden, spec.shared_intermediate, groups,
+                                                       dtype, reduce=False))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        """This rank's TP slice of the shared experts' output (None without shared experts)."""
+        shared = getattr(self, self.shared_name, None)
+        if shared is None:
+            return None
+        out = shared(x)
+        return out if self.shared_expert_gate is None else out * self.shared_expert_gate(x)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        if self.groups.expert_parallel:
+            return self._expert_parallel(x, ctx)
         weights, ids = self.gate(x)
         out = self.experts(x, weights, ids)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return all_reduce(out, self.tp_group)
+        shared = self._shared(x)
+        if shared is not None:
+            out = out + shared
+        return all_reduce(out, self.groups.tp_group)
+
+    def _expert_parallel(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Steps 1-3 of the module docstring."""
+        g, meta = self.groups, ctx.metadata
+        split = g.pcp > 1 and meta.has_split
+        if split:
+            per_rank = meta.rep_index.numel() + meta.pad  # the most local rows a PCP rank has
+            rows = all_gather(F.pad(x, (0, 0, 0, per_rank - x.shape[0])), g.pcp_group)
+            mine = slice(g.pcp_rank * per_rank, g.pcp_rank * per_rank + x.shape[0])
+        else:
+            rows, mine = x, slice(0, x.shape[0])
+        weights, ids = self.gate(rows)
+        out = self.experts(rows, weights, self.experts.held_here(ids))
+        if split or g.pcp_rank == 0:
+            shared = self._shared(x)
+            if shared is not None:
+                out[mine] += shared
+        return all_reduce(out, g.ep_group)[mine]

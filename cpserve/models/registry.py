@@ -6,7 +6,8 @@ from torch import nn
 
 
 def model_class(architecture: str) -> type[nn.Module]:
-    if architecture in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    if architecture in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                        "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
         from cpserve.models.llama import LlamaForCausalLM
 
         return LlamaForCausalLM

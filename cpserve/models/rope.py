@@ -120,7 +120,34 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: StepPositions, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = positions.cos_sin(self, q.dtype)
-        return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
+        return (apply_rope(q, cos, sin, self.rotary_dim, False),
+                apply_rope(k, cos, sin, self.rotary_dim, False))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int,
+               interleaved: bool) -> torch.Tensor:
+    """RoPE of x [T, H, D]: one Triton kernel on CUDA (kernels/rope.py), else the reference."""
+    half = rotary_dim // 2
+    if x.is_cuda and x.dim() == 3 and x.stride(-1) == 1 and half & (half - 1) == 0:
+        from cpserve.models.kernels.rope import rope_triton  # needs Triton
+
+        return rope_triton(x, cos, sin, rotary_dim, interleaved)
+    return rope_reference(x, cos, sin, rotary_dim, interleaved)
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int,
+                   interleaved: bool) -> torch.Tensor:
+    """Rotate-half RoPE of the first `rotary_dim` channels in x's dtype (transformers'
+    rounding); `interleaved`: DeepSeek's pairs (2i, 2i+1), in fp32, output as [all firsts,
+    all seconds] (q and k get the same permutation). cos / sin: [T, 1, rotary_dim], each angle
+    twice."""
+    if not interleaved:
+        return _rotate(x, cos, sin, rotary_dim)
+    half = rotary_dim // 2
+    cos, sin = cos[..., :half].float(), sin[..., :half].float()
+    even, odd = x[..., 0:rotary_dim:2].float(), x[..., 1:rotary_dim:2].float()
+    rotated = torch.cat([even * cos - odd * sin, odd * cos + even * sin], -1).to(x.dtype)
+    return torch.cat([rotated, x[..., rotary_dim:]], -1) if x.shape[-1] > rotary_dim else rotated
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:

@@ -7,18 +7,44 @@ cuDNN (`aten._scaled_dot_product_cudnn_attention`) is the fastest measured on th
 pieces. FlashAttention-2 varlen (`aten._flash_attention_forward`) is bottom-right and takes
 many sequences in one call. Both accept fewer KV heads than query heads. Which of them work
 on a machine, and whether their LSE means what we think, is checked once by `probe_ops`.
+
+cuDNN graphs are built per shape: PyTorch caches one per exact (q_len, k_len, strides), and a
+miss costs tens to hundreds of milliseconds (others measured 55-70 ms a plan, 400 ms, about
+1 s when a kernel is compiled). A chunked prefill meets a new prefix length every step. With
+TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1, PyTorch rounds lengths up to powers of two and passes the
+real ones as ragged offsets (contiguous q / k / v only), so a process builds a few graphs in
+all. PyTorch reads the variable once, at its first cuDNN attention: `prefer_cudnn_shape_reuse`
+sets it before that, unless the user set it.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from cpserve.attention.backend import TorchReferenceBackend
 
+# Ask PyTorch to reuse cuDNN graphs across lengths (see above); benchmarks/bench_chunk_attention.py
+# measures both settings and says which to keep.
+CUDNN_AVOID_RECOMPILE = True
+_AVOID_RECOMPILE_ENV = "TORCH_CUDNN_SDPA_AVOID_RECOMPILE"
+
+
+def prefer_cudnn_shape_reuse() -> None:
+    if CUDNN_AVOID_RECOMPILE:
+        os.environ.setdefault(_AVOID_RECOMPILE_ENV, "1")
+
+
+def _reuses_shapes() -> bool:
+    return os.environ.get(_AVOID_RECOMPILE_ENV) == "1"
+
 
 def cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence. `causal` is top-left: use it only when T_q == T_k."""
+    if _reuses_shapes():  # graph reuse needs [T, H, D] contiguous (BSHD with B = 1)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     t_q, heads = q.shape[0], q.shape[1]
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2),
@@ -43,16 +69,18 @@ def flash_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, lse[seq_of_row, :, index_in_seq]
 
 
-def probe_ops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, bool]:
+def probe_ops(device: torch.device, dtype: torch.dtype = torch.bfloat16,
+              head_dim: int = 128) -> dict[str, bool]:
     """Which library ops run here and agree with the reference (output and LSE), on a small
-    GQA problem: causal square, full rectangular, and varlen causal over a prefix."""
+    GQA problem with this head dim: causal square, full rectangular, and varlen causal over
+    a prefix."""
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
     ref = TorchReferenceBackend()
-    heads, kv_heads, dim, t_q, t_k = 8, 2, 128, 96, 160
+    heads, kv_heads, dim, t_q, t_k = 8, 2, head_dim, 96, 160
     q, k, v = rand(t_q, heads, dim), rand(t_k, kv_heads, dim), rand(t_k, kv_heads, dim)
     zeros_q = torch.zeros(t_q, dtype=torch.long, device=device)
     zeros_k = torch.zeros(t_k, dtype=torch.long, device=device)
@@ -75,7 +103,11 @@ def probe_ops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict
         want_sq = ref.dense_attention(q, k[:t_q], v[:t_q], pos_k[:t_q], pos_k[:t_q],
                                       zeros_q, zeros_q, 0.1)
         want_full = ref.dense_attention(q, k, v, zeros_q + t_k, pos_k, zeros_q, zeros_k, 0.1)
-        return close(square, want_sq) and close(full, want_full)
+        # Other lengths of the same power-of-two class: with graph reuse, the same graph.
+        part = cudnn_attention(q[:70], k[:130], v[:130], False, 0.1)
+        want_part = ref.dense_attention(q[:70], k[:130], v[:130], zeros_q[:70] + 130,
+                                        pos_k[:130], zeros_q[:70], zeros_k[:130], 0.1)
+        return close(square, want_sq) and close(full, want_full) and close(part, want_part)
 
     def flash_ok() -> bool:
         # Two sequences: 40 queries over 100 keys, then 56 over 60 (bottom-right causal).

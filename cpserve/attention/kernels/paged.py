@@ -30,13 +30,16 @@ from L1/L2 since the same bytes were just read as keys.
 
 Decode mode needs nothing from the host but shapes, so it is safe inside a CUDA graph: the
 number of splits depends only on the block-table width, and each program sizes its range
-from its own query's length at run time.
+from its own query's length at run time. Tiled mode needs its tiles (`PagedTiles`): the
+engine plans them on the host with the step's metadata (kernels/prefix_plan.py), so no layer
+waits for the host; a call without them plans them itself, which synchronises.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -65,6 +68,11 @@ TUNING = {
     "wide_block_n": 32,
     "wide_num_warps": 8,
     "wide_num_stages": 2,
+    # Tiled mode (many queries of a sequence: a chunk over its prefix when the library path
+    # is off, or too short for it), tuned apart from decode: its tiles are compute-bound.
+    "tiled_block_n": 64,
+    "tiled_num_warps": 4,
+    "tiled_num_stages": 3,
 }
 # A measured setting can be handed to every process of a run (benchmarks do).
 TUNING.update(json.loads(os.environ.get("CPSERVE_PAGED_TUNING", "{}")))
@@ -197,6 +205,33 @@ def num_splits_for(num_programs: int, max_len_bound: int, device: torch.device) 
     return max(1, min(-(-wanted // num_programs), by_length, TUNING["max_splits"]))
 
 
+@dataclass(frozen=True)
+class PagedTiles:
+    """Tiled mode's work list, on the device: tile i is rows [first[i], first[i] + rows[i])
+    of one sequence, whose longest context is tile_lens[i]; at most `queries` rows a tile."""
+
+    first: torch.Tensor
+    rows: torch.Tensor
+    tile_lens: torch.Tensor
+    queries: int
+
+    @property
+    def num_tiles(self) -> int:
+        return self.first.numel()
+
+
+def wants_tiles(num_queries: int, num_seqs: int) -> bool:
+    """Tiled mode when queries are many per sequence: tiles share each K/V load."""
+    return num_queries > max(2 * num_seqs, 64)
+
+
+def tile_queries(group: int, v_dim: int) -> int:
+    """Queries of one tile: `rows_per_tile` rows of BLOCK_G heads each, within the
+    accumulator budget (wider values, fewer rows)."""
+    rows_cap = max(16, TUNING["acc_budget"] // triton.next_power_of_2(v_dim))
+    return max(1, min(TUNING["rows_per_tile"], rows_cap) // triton.next_power_of_2(group))
+
+
 def plan_tiles(query_seq: torch.Tensor, rows_per_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiles of at most `rows_per_tile` consecutive query rows of one sequence.
 
@@ -217,14 +252,29 @@ def plan_tiles(query_seq: torch.Tensor, rows_per_tile: int) -> tuple[torch.Tenso
     return first, rows.to(torch.int32)
 
 
+def plan_tiles_now(query_seq: torch.Tensor, query_kv_len: torch.Tensor,
+                   queries: int) -> PagedTiles:
+    """Tiles of a call that brought none: host work on device tensors (a synchronisation)."""
+    seq, lens = query_seq.cpu(), query_kv_len.cpu().long()
+    first, rows = plan_tiles(seq, queries)
+    tile_of_row = torch.repeat_interleave(torch.arange(first.numel()), rows.long())
+    tile_lens = torch.zeros(first.numel(), dtype=torch.long).scatter_reduce(
+        0, tile_of_row, lens, "amax")
+    device = query_seq.device
+    return PagedTiles(first.to(device), rows.to(device), tile_lens.to(device), queries)
+
+
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
                            block_tables: torch.Tensor, query_seq: torch.Tensor,
                            query_kv_len: torch.Tensor, scale: float, v_dim: int | None = None,
-                           tiled: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           tiled: bool | None = None,
+                           tiles: PagedTiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `TorchReferenceBackend.paged_attention`.
 
-    `tiled=None` picks the mode from shapes: decode mode (no host synchronisation) unless the
-    queries are many per sequence, when tiles of consecutive rows share each K/V load.
+    `tiles` given: tiled mode over them. Otherwise `tiled=None` picks the mode from shapes:
+    decode mode (no host synchronisation) unless the queries are many per sequence
+    (`wants_tiles`), when tiles of consecutive rows share each K/V load; tiles planned here
+    cost a host synchronisation.
     """
     num_queries, num_heads, dk = q.shape
     if v_cache is None:
@@ -240,19 +290,16 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q = q.contiguous()
     block_tables, query_seq = block_tables.contiguous(), query_seq.contiguous()
     query_kv_len = query_kv_len.contiguous()
-    if tiled is None:
-        tiled = num_queries > max(2 * block_tables.shape[0], 64)
+    if tiles is None and (wants_tiles(num_queries, block_tables.shape[0]) if tiled is None
+                          else tiled):
+        tiles = plan_tiles_now(query_seq, query_kv_len, tile_queries(group, dv))
+    tiled = tiles is not None
     block_g = triton.next_power_of_2(group)
     block_dv = triton.next_power_of_2(dv)
     rows_cap = max(16, TUNING["acc_budget"] // block_dv)
     if tiled:
-        block_q = max(1, min(TUNING["rows_per_tile"], rows_cap) // block_g)
-        first, rows = plan_tiles(query_seq, block_q)
-        lens = query_kv_len.cpu()
-        tile_lens = torch.stack([lens[f:f + r].max() for f, r in
-                                 zip(first.tolist(), rows.tolist())]) if len(first) else lens
-        first, rows, tile_lens = (x.to(q.device) for x in (first, rows, tile_lens))
-        num_tiles = first.numel()
+        block_q, num_tiles = tiles.queries, tiles.num_tiles
+        first, rows, tile_lens = tiles.first, tiles.rows, tiles.tile_lens
     else:
         block_q, num_tiles = 1, num_queries
         first = rows = tile_lens = query_seq  # unused
@@ -263,7 +310,11 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     heads_per_part = max(heads_per_part, 16 // block_q)
     chunk_dk, num_dk_chunks = dk_chunking(dk)
     wide = max(dk, dv) > MAX_TILE_DIM
-    knob = (lambda name: TUNING["wide_" + name]) if wide else (lambda name: TUNING[name])
+    prefix = "wide_" if wide else "tiled_" if tiled else ""
+
+    def knob(name: str) -> int:
+        return TUNING[prefix + name]
+
     splits = num_splits_for(num_tiles * num_kv_heads * head_parts, block_tables.shape[1] * page,
                             q.device)
     if splits > 1:

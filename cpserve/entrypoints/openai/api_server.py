@@ -48,9 +48,11 @@ _DEATH_HARD_EXIT_S = 8.0
 
 def build_app(engine: AsyncEngine, *, served_model_names: Sequence[str] = ("tiny",),
               api_key: str | None = None,
-              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
-    """An app serving `engine` (which the caller starts and shuts down)."""
-    serving = OpenAIServing(engine, served_model_names)
+              max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+              chat_template: str | None = None) -> FastAPI:
+    """An app serving `engine` (which the caller starts and shuts down). `chat_template`
+    replaces the tokenizer's own (the text of a Jinja template)."""
+    serving = OpenAIServing(engine, served_model_names, chat_template)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -61,7 +63,8 @@ def build_app(engine: AsyncEngine, *, served_model_names: Sequence[str] = ("tiny
                   lifespan=lifespan)
     completions = CompletionServing(serving)
     chat = ChatServing(serving)
-    metrics = ServerMetrics(engine.stats)
+    metrics = ServerMetrics(engine.stats, model_name=serving.model_name,
+                            max_model_len=serving.max_model_len)
     engine.observers.append(metrics)
     app.state.engine = engine
     app.state.metrics = metrics
@@ -153,6 +156,17 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES)
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
+    g.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="Jinja chat template (a file, or the template itself) instead of the "
+                        "tokenizer's")
+    g.add_argument("--enable-log-requests", action="store_true", default=False,
+                   help="log a line when each request arrives and finishes")
+    g.add_argument("--disable-log-requests", dest="enable_log_requests",
+                   action="store_false", help="do not log requests (the default)")
+    g.add_argument("--api-server-count", type=int, default=1,
+                   help="API server processes; only 1 is supported")
+    g.add_argument("--headless", action="store_true",
+                   help="run this node's ranks without an API server (--node-rank >= 1)")
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -164,14 +178,17 @@ def run_server(args: argparse.Namespace) -> int:
     """
     from cpserve.engine.args import EngineArgs
     from cpserve.engine.worker import follow_torchrun_driver, is_torchrun_worker
+    from cpserve.entrypoints.openai.chat_template import load_chat_template
 
     engine_args = EngineArgs.from_cli_args(args)
     if is_torchrun_worker():
         return follow_torchrun_driver(engine_args.create_engine_config())
-    engine = AsyncEngine.from_engine_args(engine_args)
+    chat_template = load_chat_template(args.chat_template)
+    engine = AsyncEngine.from_engine_args(engine_args, log_requests=args.enable_log_requests)
     names = args.served_model_name or [args.model]
     app = build_app(engine, served_model_names=names, api_key=args.api_key,
-                    max_request_body_bytes=args.max_request_body_bytes)
+                    max_request_body_bytes=args.max_request_body_bytes,
+                    chat_template=chat_template)
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
         timeout_graceful_shutdown=_DEATH_GRACEFUL_S))

@@ -29,7 +29,8 @@ from cpserve.sampling_params import (
     SEED_RANGE,
 )
 
-MAX_LOGPROBS = 20
+# A sanity bound only: the engine refuses more than --max-logprobs (20 unless set).
+MAX_LOGPROBS = 2**20
 MAX_MESSAGES = 8192
 MAX_CONTENT_PARTS = 1024
 
@@ -74,19 +75,19 @@ class SamplingFields(_Request):
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # Not implemented: accepted so that clients sending the neutral values work; anything
-    # else is refused (`unsupported_fields`).
+    # Penalties: presence and frequency are accepted at their neutral 0 only (anything else
+    # is refused by `unsupported_fields`); repetition_penalty is honoured (None: the
+    # generation config's default).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
 
     def unsupported_fields(self) -> list[tuple[str, str]]:
         """(field, why) for each field set to something cpserve cannot honour."""
         found = []
-        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                              ("repetition_penalty", 1.0)):
+        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
             if getattr(self, name) != neutral:
                 found.append((name, f"{name} is not supported (only {neutral:g})"))
         if self.response_format is not None and self.response_format.type != "text":

@@ -27,6 +27,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from cpserve.engine.async_engine import AsyncEngine, RequestOutputKind, RequestStream
+from cpserve.engine.input_processor import load_tokenizer
 from cpserve.entrypoints.openai.errors import APIError, error_body, to_api_error
 from cpserve.entrypoints.openai.protocol import ChatMessage, SamplingFields
 from cpserve.outputs import Logprob, PositionLogprobs, RequestOutput
@@ -60,9 +61,13 @@ class ChoiceState:
 class OpenAIServing:
     """Model-level state and helpers for the request handlers."""
 
-    def __init__(self, engine: AsyncEngine, served_model_names: Sequence[str]) -> None:
+    def __init__(self, engine: AsyncEngine, served_model_names: Sequence[str],
+                 chat_template: str | None = None) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        self.chat_template = chat_template  # --chat-template; None: the tokenizer's own
+        # Sampling fields a request leaves unset (--generation-config, as vLLM).
+        self.defaults = engine.config.sampling_defaults
         self.model_names = list(served_model_names)
         self.model_name = self.model_names[0]
         self.max_model_len = engine.config.model.max_model_len
@@ -124,14 +129,14 @@ class OpenAIServing:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} "
                                 f"tokens, but the prompt has {num_prompt_tokens} tokens, which "
                                 "leaves no room to generate", "prompt")
-        if requested is None:
-            return room
-        if requested > room:
+        if requested is not None and requested > room:
             raise APIError(400, f"{param}={requested} is too large: this model's maximum "
                                 f"context length is {self.max_model_len} tokens and the prompt "
                                 f"has {num_prompt_tokens} tokens ({requested} > "
                                 f"{self.max_model_len} - {num_prompt_tokens})", param)
-        return requested
+        # The generation config's max_new_tokens caps every request, as in vLLM.
+        limits = (room, requested, self.defaults.get("max_tokens"))
+        return min(n for n in limits if n is not None)
 
     def sampling_params(self, req: SamplingFields, *, max_tokens: int, logprobs: int | None,
                         prompt_logprobs: int | None) -> SamplingParams:
@@ -148,10 +153,11 @@ class OpenAIServing:
         try:
             return SamplingParams(
                 n=req.n,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=0 if req.top_k is None else req.top_k,
-                min_p=0.0 if req.min_p is None else req.min_p,
+                temperature=self._field(req, "temperature", 1.0),
+                top_p=self._field(req, "top_p", 1.0),
+                top_k=self._field(req, "top_k", 0),
+                min_p=self._field(req, "min_p", 0.0),
+                repetition_penalty=self._field(req, "repetition_penalty", 1.0),
                 seed=req.seed,
                 max_tokens=max_tokens,
                 min_tokens=req.min_tokens,
@@ -167,6 +173,11 @@ class OpenAIServing:
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
 
+    def _field(self, req: SamplingFields, name: str, builtin: float) -> float:
+        """The request's value, else the generation config's default, else vLLM's."""
+        value = getattr(req, name)
+        return value if value is not None else self.defaults.get(name, builtin)
+
     # ---- tokenizer -----------------------------------------------------------------------------
 
     async def in_tokenizer_thread(self, fn: Callable[[Tokenizer], T], size: int = 0) -> T:
@@ -179,7 +190,7 @@ class OpenAIServing:
 
     def _tokenizer_for_long_texts(self) -> Tokenizer:
         if self._long_tokenizer is None:  # in the long lane's thread, so loaded only there
-            self._long_tokenizer = Tokenizer.from_pretrained(self.tokenizer.hf.name_or_path)
+            self._long_tokenizer = load_tokenizer(self.engine.config)
         return self._long_tokenizer
 
     def encode_text(self, tokenizer: Tokenizer, text: str, add_special_tokens: bool,
@@ -223,7 +234,8 @@ class OpenAIServing:
 
         def render(tokenizer: Tokenizer) -> str:
             return tokenizer.apply_chat_template(
-                plain, add_generation_prompt=add_generation_prompt)
+                plain, add_generation_prompt=add_generation_prompt,
+                chat_template=self.chat_template)
 
         try:
             return await self.in_tokenizer_thread(render, size)

@@ -1,0 +1,397 @@
+"""Whole-engine serving benchmark: what a user gets from the real engine with default flags.
+
+    python benchmarks/bench_serving.py                          # issue-12 runs + HF baseline
+    python benchmarks/bench_serving.py --runs long-32k,8x32k    # some runs (HF with --hf)
+    python benchmarks/bench_serving.py --sweep                  # + the step-budget sweep
+    python benchmarks/bench_serving.py --runs '' --sweep        # the sweep alone
+    python benchmarks/bench_serving.py --smoke --out-dir /tmp/s # tiny model on CPU, seconds
+
+Model: the Llama-3.1-8B shape, random bf16 weights made on the GPU (`load_format="dummy"`),
+and a byte-level BPE tokenizer with exactly the model's 128,256 ids (serving_model.py). Each
+run is a named spec in RUNS, driven through the `LLM` API: all its prompts are submitted at
+once and timed from each request's own metrics (TTFT = first token - arrival). Runs that
+share engine flags share one engine process (a hang or crash costs that group, not the
+benchmark); before its runs each engine serves a warm-up (kernels compiled, decode graphs of
+batch 1 to 8 captured). Transformers' prefill of the same shape runs in its own process.
+
+Writes <out-dir>/<date>-<device>-serving.json:
+    {"device", "date", "torch", "model", "runs": [{"name", "num_prompts", "prompt_tokens",
+     "output_tokens", "concurrency", "max_num_batched_tokens", "tp", "pcp", "dcp",
+     "ttft_s_median", "ttft_s_max", "tpot_ms_median", "wall_s", "output_tok_per_s",
+     "total_tok_per_s", ...}], "hf_prefill": [{"tokens", "ttft_s"}], "targets": [...]}
+
+Adding a run: a `RunSpec` in RUNS (flags are `EngineArgs` fields on top of the defaults). The
+throughput issue's server-driven runs (`64x1k`, `512x512`, `decode-32k`) get a driver that
+starts `cpserve serve` and replays `cpserve bench serve`: a function in DRIVERS taking
+(spec, engine flags) and returning the same fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from serving_model import LLAMA_31_8B, TINY, hf_prefill, write_model_dir  # noqa: E402
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    num_prompts: int
+    prompt_tokens: int
+    output_tokens: int
+    # Leading tokens shared with the prompt of run `prefix_of`, of the same length (a
+    # prefix-cache hit). That prompt runs first, untimed, unless its run ran before in the
+    # same engine.
+    cached_tokens: int = 0
+    prefix_of: str | None = None
+    flags: dict = field(default_factory=dict)  # EngineArgs fields over the defaults
+    # Step budget and cap of this run, on its group's engine (the sweep: one engine, profiled
+    # for the largest step, serves every budget): the defaults EngineArgs would derive.
+    scheduler: dict = field(default_factory=dict)
+    driver: str = "llm"
+
+    @property
+    def concurrency(self) -> int:
+        return self.num_prompts  # all submitted at once
+
+
+ONE_CHUNK = dict(max_num_batched_tokens=32768, long_prefill_token_threshold=0)
+RUNS = {spec.name: spec for spec in [
+    RunSpec("long-32k", 1, 32768, 128),
+    RunSpec("long-128k", 1, 131072, 32),
+    RunSpec("prefix-128k", 1, 131072, 32, cached_tokens=122880, prefix_of="long-128k"),
+    RunSpec("8x32k", 8, 32768, 128),
+    # The same engine with the whole prompt in one step: the reference for chunking's cost.
+    RunSpec("long-32k-one-chunk", 1, 32768, 128, flags=ONE_CHUNK),
+]}
+DEFAULT_RUNS = list(RUNS)
+# The step budget sweep: TTFT should hardly depend on the chunk size.
+SWEEP_BUDGETS = (4096, 8192, 16384, 32768)
+SWEEP_TOLERANCE = 0.02
+MAX_MODEL_LEN = 131072 + 1024
+HF_TOKENS = (32768, 131072)
+# Wall-clock limit of one engine process (model build, warm-up, its runs).
+GROUP_TIMEOUT_S = 240
+
+
+SWEEP_ENGINE = dict(max_num_batched_tokens=131072, long_prefill_token_threshold=0)
+
+
+def sweep_runs() -> list[RunSpec]:
+    runs = []
+    settings = [dict(max_num_batched_tokens=b) for b in SWEEP_BUDGETS]
+    settings.insert(2, dict(max_num_batched_tokens=8192, long_prefill_token_threshold=0))
+    settings.append(dict(SWEEP_ENGINE))
+    for setting in settings:
+        budget = setting["max_num_batched_tokens"]
+        tag = ("one-chunk" if budget == SWEEP_ENGINE["max_num_batched_tokens"] else
+               f"b{budget}" + ("-nocap" if "long_prefill_token_threshold" in setting else ""))
+        runs += [RunSpec(f"sweep-{tag}-long-32k", 1, 32768, 1, flags=SWEEP_ENGINE,
+                         scheduler=setting),
+                 RunSpec(f"sweep-{tag}-long-128k", 1, 131072, 1, flags=SWEEP_ENGINE,
+                         scheduler=setting)]
+    return runs
+
+
+SMOKE_TOKENS, SMOKE_BUDGET = 128, 64  # --smoke divides prompt lengths and budgets by these
+
+
+def sweep_decision(runs: list[dict]) -> dict | None:
+    """The default budget to keep: the smallest whose 128k TTFT is within SWEEP_TOLERANCE of
+    the best budget's (smaller steps keep decodes beside a long prefill faster)."""
+    capped = {r["max_num_batched_tokens"]: r["ttft_s_median"] for r in runs
+              if r["name"].startswith("sweep-b") and r["name"].endswith("-long-128k")
+              and "-nocap-" not in r["name"]}
+    if not capped:
+        return None
+    best = min(capped.values())
+    budget = min(b for b, ttft in capped.items() if ttft <= best * (1 + SWEEP_TOLERANCE))
+    one_chunk = next((r["ttft_s_median"] for r in runs
+                      if r["name"] == "sweep-one-chunk-long-128k"), None)
+    return dict(ttft_128k_by_budget=capped, default_budget=budget,
+                one_chunk_128k=one_chunk, best_over_one_chunk=best / one_chunk
+                if one_chunk else None)
+
+
+def smoke(spec: RunSpec) -> RunSpec:
+    """The same run at the tiny model's scale."""
+    def scaled(settings: dict) -> dict:
+        return {k: max(16, v // SMOKE_BUDGET) if k == "max_num_batched_tokens" else v
+                for k, v in settings.items()}
+
+    return replace(spec, prompt_tokens=max(64, spec.prompt_tokens // SMOKE_TOKENS),
+                   output_tokens=min(spec.output_tokens, 4),
+                   cached_tokens=spec.cached_tokens // SMOKE_TOKENS, flags=scaled(spec.flags),
+                   scheduler=scaled(spec.scheduler))
+
+
+# The engine side (one process per flag set) -------------------------------------------------
+def prompt_tokens(seed: int, count: int, vocab: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab - 256, (count,), generator=gen).tolist()  # no special ids
+
+
+def _seed(name: str) -> int:
+    return sum(ord(c) * 131 ** i for i, c in enumerate(name)) % (2**31)
+
+
+def run_llm(llm, spec: RunSpec, done: set[str]) -> dict:
+    from cpserve import SamplingParams
+
+    vocab = llm.engine.config.model.vocab_size
+    prompts = [prompt_tokens(_seed(f"{spec.name}/{i}"), spec.prompt_tokens, vocab)
+               for i in range(spec.num_prompts)]
+    if spec.prefix_of is not None:
+        document = prompt_tokens(_seed(f"{spec.prefix_of}/0"), spec.prompt_tokens, vocab)
+        if spec.prefix_of not in done:
+            llm.generate([{"prompt_token_ids": document}], SamplingParams(max_tokens=1),
+                         use_tqdm=False)
+        prompts = [document[:spec.cached_tokens] + p[spec.cached_tokens:] for p in prompts]
+    params = SamplingParams(temperature=0, max_tokens=spec.output_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outputs]
+    tpot = [(o.metrics.finished_time - o.metrics.first_token_time) * 1e3
+            / (len(o.outputs[0].token_ids) - 1) for o in outputs
+            if len(o.outputs[0].token_ids) > 1]
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    cfg, sched = llm.engine.config, llm.engine.scheduler.config
+    return dict(
+        name=spec.name, num_prompts=spec.num_prompts, prompt_tokens=spec.prompt_tokens,
+        output_tokens=spec.output_tokens, concurrency=spec.concurrency,
+        max_num_batched_tokens=sched.max_num_batched_tokens,
+        long_prefill_token_threshold=sched.long_prefill_token_threshold,
+        tp=cfg.parallel.tp, pcp=cfg.parallel.pcp, dcp=cfg.parallel.dcp,
+        ttft_s_median=statistics.median(ttft), ttft_s_max=max(ttft),
+        tpot_ms_median=statistics.median(tpot) if tpot else None, wall_s=wall,
+        output_tok_per_s=out_tokens / wall,
+        total_tok_per_s=(out_tokens + spec.num_prompts * spec.prompt_tokens) / wall,
+        cached_tokens=min(o.num_cached_tokens for o in outputs), flags=spec.flags)
+
+
+DRIVERS: dict[str, Callable] = {"llm": run_llm}
+
+
+def warm_up(llm, budget: int, short_prompt: int) -> None:
+    """Compile the kernels, build the library plans of chunked steps, capture decode graphs
+    of batch 1 to 8: what a server has done long before a user's request."""
+    from cpserve import SamplingParams
+
+    vocab = llm.engine.config.model.vocab_size
+    longest = llm.engine.config.model.max_model_len // 2
+    chunked = prompt_tokens(1, min(2 * budget + 100, longest), vocab)
+    llm.generate([{"prompt_token_ids": chunked}],
+                 SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    # Staggered lengths: the decode batch shrinks from 8 to 1, each bucket captured once.
+    llm.generate([{"prompt_token_ids": prompt_tokens(2 + i, short_prompt, vocab)}
+                  for i in range(8)],
+                 [SamplingParams(temperature=0, max_tokens=4 + 3 * i, ignore_eos=True)
+                  for i in range(8)], use_tqdm=False)
+
+
+def scheduler_for(llm, settings: dict):
+    """A scheduler over the engine's KV manager with the step budget and cap EngineArgs would
+    give these settings (each checked as at start-up)."""
+    from cpserve.config import EngineConfig
+    from cpserve.engine.args import EngineArgs
+    from cpserve.engine.scheduler import Scheduler
+
+    config = llm.engine.config
+    budget, threshold = EngineArgs(**settings).step_budget(config.model.max_model_len)
+    sched = replace(config.scheduler, max_num_batched_tokens=budget,
+                    long_prefill_token_threshold=threshold)
+    if budget > config.scheduler.max_num_batched_tokens:
+        raise ValueError(f"{settings}: a step larger than the engine profiled")
+    EngineConfig(config.model, config.parallel, config.cache, sched, config.device)  # checks
+    return Scheduler(sched, llm.engine.kv)
+
+
+def engine_worker(job: dict) -> list[dict]:
+    from cpserve import LLM
+
+    specs = [RunSpec(**s) for s in job["specs"]]
+    flags = dict(job["base_flags"], **specs[0].flags)
+    results, done = [], set()
+    with LLM(job["model"], **flags) as llm:
+        engine_scheduler = llm.engine.scheduler
+        if specs[0].scheduler:  # warm up as the group's first run will step
+            llm.engine.scheduler = scheduler_for(llm, specs[0].scheduler)
+        warm_up(llm, llm.engine.scheduler.config.max_num_batched_tokens, job["warm_prompt"])
+        for spec in specs:
+            llm.engine.scheduler = (scheduler_for(llm, spec.scheduler) if spec.scheduler
+                                    else engine_scheduler)
+            result = DRIVERS[spec.driver](llm, spec, done)
+            done.add(spec.name)
+            print(f"{spec.name}: TTFT median {result['ttft_s_median']:.3f} s, wall "
+                  f"{result['wall_s']:.2f} s", flush=True)
+            results.append(result)
+    return results
+
+
+# The driver side -----------------------------------------------------------------------------
+def _groups(specs: list[RunSpec]) -> list[list[RunSpec]]:
+    """Runs by engine flags, in first-appearance order (each group: one engine)."""
+    groups: dict[str, list[RunSpec]] = {}
+    for spec in specs:
+        groups.setdefault(json.dumps(spec.flags, sort_keys=True), []).append(spec)
+    return list(groups.values())
+
+
+def _in_subprocess(kind: str, job: dict, timeout: float) -> tuple[list, str | None]:
+    """Run `job` in a fresh process (CUDA memory freed, a hang bounded); (results, error)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    out_file = f.name + ".out"
+    cmd = [sys.executable, __file__, f"--{kind}-worker", f.name, out_file]
+    try:
+        proc = subprocess.run(cmd, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [], f"timed out after {timeout:.0f} s"
+    if proc.returncode != 0 or not os.path.exists(out_file):
+        return [], f"exit status {proc.returncode}"
+    return json.loads(Path(out_file).read_text()), None
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name().replace(" ", "-") if device == "cuda" else "cpu"
+
+
+def targets(runs: list[dict], hf: list[dict]) -> list[dict]:
+    """Issue 12's targets, for the runs present."""
+    by_name = {r["name"]: r for r in runs}
+    hf_by_tokens = {h["tokens"]: h["ttft_s"] for h in hf}
+    checks = []
+
+    def check(what, value, limit):
+        checks.append(dict(target=what, value=round(value, 3), limit=limit, met=value <= limit))
+
+    if "long-128k" in by_name and by_name["long-128k"]["prompt_tokens"] in hf_by_tokens:
+        check("long-128k TTFT / HF 128k prefill",
+              by_name["long-128k"]["ttft_s_median"] / hf_by_tokens[131072], 1.05)
+    if "long-32k" in by_name and "long-32k-one-chunk" in by_name:
+        check("long-32k TTFT / one-chunk TTFT", by_name["long-32k"]["ttft_s_median"]
+              / by_name["long-32k-one-chunk"]["ttft_s_median"], 1.1)
+    if "8x32k" in by_name:
+        check("8x32k wall (s)", by_name["8x32k"]["wall_s"], 14.0)
+    if "prefix-128k" in by_name:
+        check("prefix-128k TTFT (s)", by_name["prefix-128k"]["ttft_s_median"], 1.5)
+    return checks
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", default=",".join(DEFAULT_RUNS),
+                        help=f"comma-separated names of {', '.join(RUNS)}")
+    parser.add_argument("--sweep", action="store_true", help="add the step-budget sweep")
+    parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=None,
+                        help="transformers prefill baseline (default: with the default runs)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny model on CPU, in this process: checks the pipeline")
+    parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    for kind in ("engine", "hf"):
+        parser.add_argument(f"--{kind}-worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for kind, fn in (("engine", engine_worker), ("hf", hf_worker)):
+        job_file = getattr(args, f"{kind}_worker")
+        if job_file:
+            Path(job_file[1]).write_text(json.dumps(fn(json.loads(Path(job_file[0]).read_text()))))
+            return None
+
+    unknown = [n for n in args.runs.split(",") if n and n not in RUNS]
+    if unknown:
+        parser.error(f"unknown run(s) {', '.join(unknown)}; known: {', '.join(RUNS)}")
+    specs = [RUNS[n] for n in args.runs.split(",") if n] + (sweep_runs() if args.sweep else [])
+    with_hf = args.hf if args.hf is not None else args.runs == ",".join(DEFAULT_RUNS)
+    device = "cpu" if args.smoke else "cuda"
+    shape = TINY if args.smoke else LLAMA_31_8B
+    if args.smoke:
+        specs = [smoke(s) for s in specs]
+    max_len = 8192 if args.smoke else MAX_MODEL_LEN
+    model = write_model_dir(Path(tempfile.mkdtemp(prefix="cpserve-serving-")), shape, max_len)
+    base_flags = dict(dtype="bfloat16" if device == "cuda" else "float32", device=device,
+                      load_format="dummy", max_model_len=max_len)
+    if args.smoke:  # the default budget, at the tiny scale
+        base_flags.update(kv_cache_memory=0.05, max_num_batched_tokens=8192 // SMOKE_BUDGET)
+
+    runs, errors = [], []
+    for group in _groups(specs):
+        job = dict(model=str(model), base_flags=base_flags, specs=[asdict(s) for s in group],
+                   warm_prompt=16 if args.smoke else 300)
+        if args.smoke:
+            results, error = engine_worker(job), None
+        else:
+            results, error = _in_subprocess("engine", job, GROUP_TIMEOUT_S)
+        runs += results
+        if error:
+            errors.append(dict(runs=[s.name for s in group], error=error))
+            print(f"runs {[s.name for s in group]} failed: {error}", flush=True)
+    hf = []
+    if with_hf:
+        tokens = [t // SMOKE_TOKENS for t in HF_TOKENS] if args.smoke else list(HF_TOKENS)
+        job = dict(shape=shape, tokens=tokens, device=device)
+        hf, error = (hf_worker(job), None) if args.smoke else _in_subprocess("hf", job, 120)
+        if error:
+            errors.append(dict(runs=["hf"], error=error))
+
+    report = dict(device=device_name(device), date=datetime.date.today().isoformat(),
+                  torch=torch.__version__, model="Llama-3.1-8B shape, random bf16"
+                  if not args.smoke else "tiny (smoke)", runs=runs, hf_prefill=hf,
+                  targets=targets(runs, hf) if not args.smoke else [],
+                  sweep=sweep_decision(runs), errors=errors)
+    kind = "serving-sweep" if args.sweep and not args.runs else "serving"
+    out = Path(args.out_dir) / f"{report['date']}-{report['device']}-{kind}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print_table(report)
+    print(f"wrote {out}")
+    return out
+
+
+def hf_worker(job: dict) -> list[dict]:
+    return hf_prefill(job["shape"], job["tokens"], job["device"])
+
+
+def print_table(report: dict) -> None:
+    print("| run | prompts x tokens | out | budget | cap | TTFT median (s) | TTFT max (s) | "
+          "TPOT median (ms) | wall (s) | out tok/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in report["runs"]:
+        tpot = "-" if r["tpot_ms_median"] is None else f"{r['tpot_ms_median']:.1f}"
+        print(f"| {r['name']} | {r['num_prompts']} x {r['prompt_tokens']} | "
+              f"{r['output_tokens']} | {r['max_num_batched_tokens']} | "
+              f"{r['long_prefill_token_threshold']} | {r['ttft_s_median']:.3f} | "
+              f"{r['ttft_s_max']:.3f} | {tpot} | {r['wall_s']:.2f} | "
+              f"{r['output_tok_per_s']:.1f} |")
+    for h in report["hf_prefill"]:
+        print(f"HF prefill {h['tokens']}: {h['ttft_s']:.3f} s")
+    for t in report["targets"]:
+        print(f"target {t['target']}: {t['value']} (limit {t['limit']}): "
+              f"{'met' if t['met'] else 'NOT met'}")
+    if report["sweep"]:
+        sweep = report["sweep"]
+        print(f"128k TTFT by budget (cap = half): {sweep['ttft_128k_by_budget']}; one chunk: "
+              f"{sweep['one_chunk_128k']}: set DEFAULT_MAX_NUM_BATCHED_TOKENS = "
+              f"{sweep['default_budget']} in cpserve/engine/args.py")
+    for e in report["errors"]:
+        print(f"FAILED {e['runs']}: {e['error']}")
+
+
+if __name__ == "__main__":
+    main()
