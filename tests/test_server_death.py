@@ -1,9 +1,10 @@
 """The server and its engine process live and die together, and nothing is left behind.
 
-`cpserve serve -tp 2` runs in a subprocess: the API process, its engine process (rank 0) and
-the engine's rank 1. When the engine dies mid-request (here a rank is killed, as a device
-failure would take it), the server tells every client and exits non-zero; when the API
-process is killed, the engine and its ranks go too.
+`cpserve serve` runs in a subprocess: the API process, its engine process (rank 0) and, with
+`-tp 2`, the engine's rank 1. When the engine dies mid-request (here a rank is killed, as a
+device failure would take it), the server tells every client and exits non-zero; when the
+API process is killed, the engine goes too, and a rank goes with its engine (every child is
+tied to its parent by a lifeline: `cpserve.child_process`).
 """
 
 from __future__ import annotations
@@ -55,14 +56,14 @@ def alive(pid: int) -> bool:
 
 
 class ServeProcess:
-    """`cpserve serve tiny -tp 2` on a free port, with its engine process and rank 1."""
+    """`cpserve serve tiny -tp TP` on a free port, with its engine process (and rank 1)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tp: int) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cpserve.entrypoints.cli", "serve", "tiny", "--port",
-             str(self.port), "-tp", "2", "--max-model-len", "256", "--num-kv-blocks", "64",
+             str(self.port), "-tp", str(tp), "--max-model-len", "256", "--num-kv-blocks", "64",
              "--uvicorn-log-level", "warning"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
@@ -76,10 +77,11 @@ class ServeProcess:
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.1)
         (self.engine_pid, _), = [c for c in children(self.proc.pid) if "core_process" in c[1]]
-        (self.rank_pid, _), = [c for c in children(self.engine_pid) if "local_ranks" in c[1]]
+        self.rank_pids = [pid for pid, cmd in children(self.engine_pid) if "local_ranks" in cmd]
+        assert len(self.rank_pids) == tp - 1
 
     def close(self) -> str:
-        for pid in (self.proc.pid, self.engine_pid, self.rank_pid):
+        for pid in (self.proc.pid, self.engine_pid, *self.rank_pids):
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait()
@@ -94,7 +96,7 @@ def wait_gone(pids: list[int], timeout_s: float) -> None:
 
 
 def test_engine_death_fails_requests_and_exits_nonzero():
-    server = ServeProcess()
+    server = ServeProcess(tp=2)
     try:
         body = {"prompt": "The morning train", "max_tokens": 200, "ignore_eos": True,
                 "stream": True}
@@ -106,7 +108,7 @@ def test_engine_death_fails_requests_and_exits_nonzero():
                 if line.startswith("data: "):
                     events.append(line[6:])
                     if len(events) == 3:
-                        os.kill(server.rank_pid, signal.SIGKILL)
+                        os.kill(server.rank_pids[0], signal.SIGKILL)
         died_at = time.monotonic()
         # A few tokens, then an error event in OpenAI's shape, then the end of the stream.
         assert events[-1] == "[DONE]"
@@ -122,16 +124,35 @@ def test_engine_death_fails_requests_and_exits_nonzero():
 
         assert server.proc.wait(timeout=10) != 0
         assert time.monotonic() - died_at < 10
-        wait_gone([server.engine_pid, server.rank_pid], 5)  # no orphans
+        wait_gone([server.engine_pid], 5)  # no orphans
     finally:
         output = server.close()
     assert "rank 1" in output  # the cause is in the server log
 
 
-def test_a_killed_server_takes_its_engine_and_ranks_with_it():
-    server = ServeProcess()
+def test_a_killed_server_takes_its_engine_with_it():
+    server = ServeProcess(tp=1)
     try:
         os.kill(server.proc.pid, signal.SIGKILL)  # nothing of it runs: no cleanup code
-        wait_gone([server.engine_pid, server.rank_pid], 10)
+        wait_gone([server.engine_pid], 10)
     finally:
         server.close()
+
+
+def test_every_generation_dies_with_its_parent():
+    """A process that starts a child that starts a child (the server, its engine, a rank):
+    killing the first takes the others at once."""
+    proc = subprocess.Popen([sys.executable, "-m", "tests.lifeline_child", json.dumps(
+        {"depth": 2, "lifeline_fd": 0})], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
+        text=True)
+    try:
+        pids = {}
+        while len(pids) < 3:
+            _, depth, pid = proc.stdout.readline().split()
+            pids[int(depth)] = int(pid)
+        assert pids[2] == proc.pid and all(alive(p) for p in pids.values())
+        os.kill(proc.pid, signal.SIGKILL)
+        wait_gone([pids[1], pids[0]], 5)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 # How long the loop waits before trying again after a step that could run nothing.
 IDLE_RETRY_S = 0.01
+_KINDS = ("add", "abort", "utility", "shutdown")
 # What a front end may run on the engine between two steps, by name.
 UTILITIES = {
     "check_integrity": lambda engine: engine.check_integrity(),
@@ -115,8 +116,6 @@ class EngineCoreLoop:
                 self.output.send(pack(["reply", call_id, "error", f"no utility {name!r}"]))
             else:
                 self._reply(call_id, lambda: utility(self.engine, *args))
-        else:
-            raise RuntimeError(f"unknown message {kind!r} from the front end")
 
     def _reply(self, call_id: int, fn) -> None:
         try:
@@ -152,7 +151,15 @@ class _Receiver(threading.Thread):
     def run(self) -> None:
         while not self.stopping.is_set():
             if self.socket.poll(100):
-                self.inbox.put(unpack(self.socket.recv()))
+                data = self.socket.recv()
+                try:
+                    message = unpack(data)
+                    if not (isinstance(message, list) and message and message[0] in _KINDS):
+                        raise ValueError(f"not a message: {message!r:.80}")
+                except Exception as exc:  # only our front end can reach the socket: a bug
+                    logger.error("dropped a message the engine cannot read (%s)", exc)
+                    continue
+                self.inbox.put(message)
         self.socket.close()
 
     def stop(self) -> None:

@@ -93,7 +93,7 @@ class StopStrings:
             end = index + len(stop) if self.include else index
             self.held = ""
             return pending[:max(0, end - (len(window) - len(pending)))], stop
-        self.tail = window[len(window) - self.keep:] if self.keep else ""
+        self.tail = window[max(0, len(window) - self.keep):]
         cut = len(pending) if self.include else max(0, len(pending) - self.keep)
         self.held = pending[cut:]
         return pending[:cut], None
