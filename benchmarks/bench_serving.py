@@ -6,6 +6,7 @@
     python benchmarks/bench_serving.py --runs '' --sweep        # the sweep alone
     python benchmarks/bench_serving.py --smoke --out-dir /tmp/s # tiny model on CPU, seconds
     python benchmarks/bench_serving.py --runs spec-ngram-32k,spec-mtp-32k --no-hf  # issue 13
+    python benchmarks/bench_serving.py --runs throughput        # issue 19: server and LLM
 
 Model: the Llama-3.1-8B shape, random bf16 weights made on the GPU (`load_format="dummy"`),
 and a byte-level BPE tokenizer with exactly the model's 128,256 ids (serving_model.py). Each
@@ -24,10 +25,13 @@ Writes <out-dir>/<date>-<device>-serving.json:
     "mean_accepted_length" and the step costs "cost_decode_ms", "cost_verify_ms" (MTP:
     "cost_draft_ms") and "cost_ratio" (verification / decode, batch 1).
 
-Adding a run: a `RunSpec` in RUNS (flags are `EngineArgs` fields on top of the defaults). The
-throughput issue's server-driven runs (`64x1k`, `512x512`, `decode-32k`) get a driver that
-starts `cpserve serve` and replays `cpserve bench serve`: a function in DRIVERS taking
-(spec, engine flags) and returning the same fields.
+The throughput runs (issue 19: `64x1k`, `512x512`, `decode-32k`) go through the server: one
+`cpserve serve --load-format dummy` per flag set, started by `serving_http.py` with this
+interpreter and environment, loaded by `cpserve bench serve`'s client; their `-llm` twins send
+the same text prompts through the offline API. Their runs carry `"via": "server" | "llm"`.
+
+Adding a run: a `RunSpec` in RUNS (flags are `EngineArgs` fields on top of the defaults,
+`via` says which front end, `driver` which function of DRIVERS drives an LLM run).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_deepseek import TINY as DEEPSEEK_TINY  # noqa: E402
 from bench_deepseek import V2_LITE  # noqa: E402
+from serving_http import run_llm_workload, server_worker  # noqa: E402
 from serving_model import LLAMA_31_8B, TINY, hf_prefill, write_model_dir  # noqa: E402
 
 
@@ -72,6 +77,8 @@ class RunSpec:
     scheduler: dict = field(default_factory=dict)
     driver: str = "llm"
     model: str = "llama-8b"  # a key of MODELS: the checkpoint shape its engine serves
+    via: str = "llm"  # "server": through `cpserve serve` (serving_http.py)
+    range_ratio: float = 0.0  # lengths uniform in [len*(1-r), len*(1+r)] (random workload)
 
     @property
     def concurrency(self) -> int:
@@ -102,15 +109,29 @@ RUNS = {spec.name: spec for spec in [
     RunSpec("spec-mtp-32k", 1, 32768, 128, flags=dict(speculative_config=SPEC_MTP),
             driver="spec", model="dsv2lite-mtp"),
 ]}
-# Issue 12's runs; the speculative ones are asked for by name.
+# Issue 12's runs; the speculative and throughput ones are asked for by name.
 DEFAULT_RUNS = [name for name, spec in RUNS.items() if spec.driver == "llm"]
+# Issue 19: everything at once through the server, and the same through the offline API.
+THROUGHPUT = [
+    dict(name="64x1k", num_prompts=64, prompt_tokens=1024, output_tokens=256),
+    dict(name="512x512", num_prompts=512, prompt_tokens=512, output_tokens=128,
+         range_ratio=0.5),
+    dict(name="decode-32k", num_prompts=1, prompt_tokens=32768, output_tokens=256),
+]
+for run in THROUGHPUT:
+    RUNS[run["name"]] = RunSpec(**run, via="server")
+    RUNS[run["name"] + "-llm"] = RunSpec(**dict(run, name=run["name"] + "-llm"),
+                                         driver="llm-workload")
+ALIASES = {"throughput": [r["name"] for r in THROUGHPUT] + [r["name"] + "-llm"
+                                                             for r in THROUGHPUT]}
 # The step budget sweep: TTFT should hardly depend on the chunk size.
 SWEEP_BUDGETS = (4096, 8192, 16384, 32768)
 SWEEP_TOLERANCE = 0.02
 MAX_MODEL_LEN = 131072 + 1024
 HF_TOKENS = (32768, 131072)
-# Wall-clock limit of one engine process (model build, warm-up, its runs).
+# Wall-clock limit of one engine process (model build, warm-up, its runs), of one server.
 GROUP_TIMEOUT_S = 240
+SERVER_GROUP_TIMEOUT_S = 300
 
 
 SWEEP_ENGINE = dict(max_num_batched_tokens=131072, long_prefill_token_threshold=0)
@@ -158,7 +179,8 @@ def smoke(spec: RunSpec) -> RunSpec:
         return {k: max(16, v // SMOKE_BUDGET) if k == "max_num_batched_tokens" else v
                 for k, v in settings.items()}
 
-    return replace(spec, prompt_tokens=max(64, spec.prompt_tokens // SMOKE_TOKENS),
+    return replace(spec, num_prompts=min(spec.num_prompts, 16),
+                   prompt_tokens=max(64, spec.prompt_tokens // SMOKE_TOKENS),
                    output_tokens=min(spec.output_tokens, 4),
                    cached_tokens=spec.cached_tokens // SMOKE_TOKENS, flags=scaled(spec.flags),
                    scheduler=scaled(spec.scheduler))
@@ -174,7 +196,7 @@ def _seed(name: str) -> int:
     return sum(ord(c) * 131 ** i for i, c in enumerate(name)) % (2**31)
 
 
-def run_llm(llm, spec: RunSpec, done: set[str]) -> dict:
+def run_llm(llm, spec: RunSpec, done: set[str], job: dict) -> dict:
     from cpserve import SamplingParams
 
     vocab = llm.engine.config.model.vocab_size
@@ -210,13 +232,13 @@ def run_llm(llm, spec: RunSpec, done: set[str]) -> dict:
         cached_tokens=min(o.num_cached_tokens for o in outputs), flags=spec.flags)
 
 
-def run_spec(llm, spec: RunSpec, done: set[str]) -> dict:
+def run_spec(llm, spec: RunSpec, done: set[str], job: dict) -> dict:
     """A speculative run: the serving figures, what the drafts did, and the cost of one
     verification step (1 + K tokens) against a decode step at the run's context, batch 1."""
     from bench_spec_decode import step_times
 
     before = llm.engine.stats().spec_decode  # the warm-up's drafts are not the run's
-    result = run_llm(llm, spec, done)
+    result = run_llm(llm, spec, done, job)
     stats = llm.engine.stats().spec_decode
     drafts = stats.num_drafts - before.num_drafts
     accepted = stats.num_accepted_tokens - before.num_accepted_tokens
@@ -229,7 +251,12 @@ def run_spec(llm, spec: RunSpec, done: set[str]) -> dict:
     return result
 
 
-DRIVERS: dict[str, Callable] = {"llm": run_llm, "spec": run_spec}
+def run_workload(llm, spec: RunSpec, done: set[str], job: dict) -> dict:
+    return run_llm_workload(llm, spec, job["model"], dict(job["base_flags"], **spec.flags))
+
+
+DRIVERS: dict[str, Callable] = {"llm": run_llm, "spec": run_spec,
+                                "llm-workload": run_workload}
 
 
 def warm_up(llm, budget: int, short_prompt: int) -> None:
@@ -280,7 +307,7 @@ def engine_worker(job: dict) -> list[dict]:
         for spec in specs:
             llm.engine.scheduler = (scheduler_for(llm, spec.scheduler) if spec.scheduler
                                     else engine_scheduler)
-            result = DRIVERS[spec.driver](llm, spec, done)
+            result = DRIVERS[spec.driver](llm, spec, done, job)
             done.add(spec.name)
             print(f"{spec.name}: TTFT median {result['ttft_s_median']:.3f} s, wall "
                   f"{result['wall_s']:.2f} s", flush=True)
@@ -290,10 +317,12 @@ def engine_worker(job: dict) -> list[dict]:
 
 # The driver side -----------------------------------------------------------------------------
 def _groups(specs: list[RunSpec]) -> list[list[RunSpec]]:
-    """Runs by engine flags, in first-appearance order (each group: one engine)."""
+    """Runs by front end and engine flags, in first-appearance order (each group: one engine
+    or one server)."""
     groups: dict[str, list[RunSpec]] = {}
     for spec in specs:
-        groups.setdefault(json.dumps([spec.model, spec.flags], sort_keys=True), []).append(spec)
+        groups.setdefault(spec.via + json.dumps([spec.model, spec.flags], sort_keys=True),
+                          []).append(spec)
     return list(groups.values())
 
 
@@ -338,23 +367,37 @@ def targets(runs: list[dict], hf: list[dict]) -> list[dict]:
     for name in ("spec-ngram-32k", "spec-mtp-32k"):  # issue 13
         if name in by_name:
             check(f"{name}: verification / decode step", by_name[name]["cost_ratio"], 1.2)
+    # Issue 19, through the server (limits are upper bounds: throughputs go in as 1/x).
+    if "64x1k" in by_name:
+        check("64x1k output tok/s >= 5000 (as 5000 / value)",
+              5000 / by_name["64x1k"]["output_tok_per_s"], 1.0)
+    if "512x512" in by_name:
+        check("512x512 total tok/s >= 25000 (as 25000 / value)",
+              25000 / by_name["512x512"]["total_tok_per_s"], 1.0)
+    if "decode-32k" in by_name and by_name["decode-32k"]["tpot_ms_median"] is not None:
+        check("decode-32k TPOT (ms)", by_name["decode-32k"]["tpot_ms_median"], 6.5)
+    if "64x1k" in by_name and "64x1k-llm" in by_name:
+        check("64x1k offline / server output tok/s", by_name["64x1k-llm"]["output_tok_per_s"]
+              / by_name["64x1k"]["output_tok_per_s"], 1.05)
     return checks
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", default=",".join(DEFAULT_RUNS),
-                        help=f"comma-separated names of {', '.join(RUNS)}")
+                        help=f"comma-separated names of {', '.join(RUNS)}, or "
+                             f"{', '.join(ALIASES)}")
     parser.add_argument("--sweep", action="store_true", help="add the step-budget sweep")
     parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=None,
                         help="transformers prefill baseline (default: with the default runs)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model on CPU, in this process: checks the pipeline")
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
-    for kind in ("engine", "hf"):
+    for kind in ("engine", "server", "hf"):
         parser.add_argument(f"--{kind}-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for kind, fn in (("engine", engine_worker), ("hf", hf_worker)):
+    args.runs = ",".join(n for name in args.runs.split(",") for n in ALIASES.get(name, [name]))
+    for kind, fn in (("engine", engine_worker), ("server", server_group), ("hf", hf_worker)):
         job_file = getattr(args, f"{kind}_worker")
         if job_file:
             Path(job_file[1]).write_text(json.dumps(fn(json.loads(Path(job_file[0]).read_text()))))
@@ -382,11 +425,14 @@ def main(argv: list[str] | None = None) -> Path | None:
     for group in _groups(specs):
         job = dict(model=str(model_dirs[group[0].model]), base_flags=base_flags,
                    specs=[asdict(s) for s in group],
-                   warm_prompt=16 if args.smoke else 300)
+                   warm_prompt=16 if args.smoke else 300, out_dir=args.out_dir)
+        server = group[0].via == "server"
         if args.smoke:
-            results, error = engine_worker(job), None
+            results, error = (server_group if server else engine_worker)(job), None
         else:
-            results, error = _in_subprocess("engine", job, GROUP_TIMEOUT_S)
+            results, error = _in_subprocess("server" if server else "engine", job,
+                                            SERVER_GROUP_TIMEOUT_S if server
+                                            else GROUP_TIMEOUT_S)
         runs += results
         if error:
             errors.append(dict(runs=[s.name for s in group], error=error))
@@ -417,17 +463,21 @@ def hf_worker(job: dict) -> list[dict]:
     return hf_prefill(job["shape"], job["tokens"], job["device"])
 
 
+def server_group(job: dict) -> list[dict]:
+    return server_worker(job, RunSpec)
+
+
 def print_table(report: dict) -> None:
-    print("| run | prompts x tokens | out | budget | cap | TTFT median (s) | TTFT max (s) | "
-          "TPOT median (ms) | wall (s) | out tok/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| run | via | prompts x tokens | out | budget | cap | TTFT median (s) | TTFT max (s) "
+          "| TPOT median (ms) | wall (s) | out tok/s | total tok/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in report["runs"]:
         tpot = "-" if r["tpot_ms_median"] is None else f"{r['tpot_ms_median']:.1f}"
-        print(f"| {r['name']} | {r['num_prompts']} x {r['prompt_tokens']} | "
-              f"{r['output_tokens']} | {r['max_num_batched_tokens']} | "
+        print(f"| {r['name']} | {r.get('via', 'llm')} | {r['num_prompts']} x "
+              f"{r['prompt_tokens']} | {r['output_tokens']} | {r['max_num_batched_tokens']} | "
               f"{r['long_prefill_token_threshold']} | {r['ttft_s_median']:.3f} | "
               f"{r['ttft_s_max']:.3f} | {tpot} | {r['wall_s']:.2f} | "
-              f"{r['output_tok_per_s']:.1f} |")
+              f"{r['output_tok_per_s']:.1f} | {r['total_tok_per_s']:.1f} |")
     for h in report["hf_prefill"]:
         print(f"HF prefill {h['tokens']}: {h['ttft_s']:.3f} s")
     for t in report["targets"]:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device session, in phases (each bounded by `timeout`), logs and JSON under $OUT.
 #   bash benchmarks/gpu_session.sh PHASE [PHASE ...]
-# Phases: env, kernels, parity, chunk, serving-quick, serving, moe, fp8, spec, spec-serving, pd,
-# profile
+# Phases: env, kernels, parity, chunk, serving-quick, serving, throughput, host-profile, moe,
+#         fp8, spec, spec-serving, pd, profile
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -18,7 +18,7 @@ for phase in "$@"; do
   case $phase in
     env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
          python3 -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)' ;;
-    kernels) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+    kernels) timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
          tests/test_kernels_backend.py tests/test_kernels_prefix.py tests/test_kernels_runner.py \
          tests/test_fused_moe.py tests/test_layer_kernels.py 2>&1 | tee "$OUT/kernel-tests.log" | tail -25 ;;
     parity) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
@@ -29,8 +29,19 @@ for phase in "$@"; do
          --out-dir "$OUT" 2>&1 | tee "$OUT/serving-quick.log" | tail -30 ;;
     serving) timeout 560 python3 benchmarks/bench_serving.py --out-dir "$OUT" 2>&1 \
          | tee "$OUT/serving.log" | tail -40 ;;
+    throughput) timeout 590 python3 benchmarks/bench_serving.py --runs throughput --out-dir "$OUT" \
+         2>&1 | tee "$OUT/throughput.log" | tail -30 ;;
+    host-profile) timeout 300 python3 benchmarks/profile_host.py --no-py-spy --out "$OUT/host" \
+         --model "$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import tempfile, pathlib; from serving_model import LLAMA_31_8B, write_model_dir; print(write_model_dir(pathlib.Path(tempfile.mkdtemp()), LLAMA_31_8B, 4096))')" \
+         --input-len 1024 --output-len 256 --vocab-size 128000 \
+         --engine-flag=--load-format=dummy --engine-flag=--dtype=bfloat16 --engine-flag=--max-model-len=4096 \
+         2>&1 | tee "$OUT/host-profile.log" | tail -20 ;;
     moe) mkdir -p "$OUT/moe"; timeout 420 python3 benchmarks/bench_moe.py --out "$OUT/moe" \
          --budget-s 380 2>&1 | tee "$OUT/moe/bench_moe.log" | tail -60 ;;
+    fp8) mkdir -p "$OUT/fp8"; timeout 150 python3 -m pytest -q -p no:cacheprovider \
+         tests/test_kernels_fp8.py tests/test_gpu_fp8.py 2>&1 | tee "$OUT/fp8-tests.log" | tail -25
+         timeout 400 python3 benchmarks/bench_fp8.py --out-dir "$OUT/fp8" 2>&1 \
+         | tee "$OUT/fp8/bench_fp8.log" | tail -40 ;;
     spec) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_spec_kernels.py \
          tests/test_gpu_spec_decode.py 2>&1 | tee "$OUT/spec-tests.log" | tail -25
          timeout 420 python3 benchmarks/bench_spec_decode.py --out-dir "$OUT" 2>&1 \
@@ -39,7 +50,7 @@ for phase in "$@"; do
          --no-hf --out-dir "$OUT" 2>&1 | tee "$OUT/spec-serving.log" | tail -20 ;;
     pd) mkdir -p "$OUT/pd"; timeout 150 python3 -m pytest -q -p no:cacheprovider \
          tests/test_gpu_kv_transfer.py 2>&1 | tee "$OUT/pd/gpu-tests.log" | tail -15
-        timeout 480 python3 benchmarks/bench_disagg.py --out "$OUT/pd" 2>&1 \
+         timeout 480 python3 benchmarks/bench_disagg.py --out "$OUT/pd" 2>&1 \
          | tee "$OUT/pd/bench_disagg.log" | tail -45 ;;
     *) echo "unknown phase $phase" ;;
   esac

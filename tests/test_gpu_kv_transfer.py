@@ -16,16 +16,21 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def test_tcp_path_with_gpu_caches_gives_the_prefill_engines_tokens():
-    from cpserve.engine.args import EngineArgs
-    from cpserve.engine.llm_engine import LLMEngine
-    from tests.test_kv_transfer_engine import COMMON, _assert_same, _greedy, _prefill, _run
+    from tests.test_kv_transfer_engine import (
+        COMMON,
+        Instance,
+        _assert_same,
+        _greedy,
+        _prefill,
+        _run,
+        instance,
+    )
 
-    def engine(role: str) -> LLMEngine:
+    def engine(role: str) -> Instance:
         config = {"kv_connector": "CpserveConnector", "kv_role": role, "kv_port": 0,
                   "kv_connector_extra_config": {"kv_transport": "tcp"}}
-        args = {**COMMON, "num_kv_blocks": 512}
-        return LLMEngine.from_engine_args(EngineArgs(**args, device="cuda",
-                                                     kv_transfer_config=config))
+        return instance(**{**COMMON, "num_kv_blocks": 512}, device="cuda",
+                        kv_transfer_config=config)
 
     prefill, decode = engine("kv_producer"), engine("kv_consumer")
     try:

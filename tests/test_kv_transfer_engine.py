@@ -16,7 +16,9 @@ import pytest
 from cpserve import SamplingParams
 from cpserve.config import ConfigError
 from cpserve.engine.args import EngineArgs
+from cpserve.engine.input_processor import InputProcessor, load_tokenizer
 from cpserve.engine.llm_engine import LLMEngine
+from cpserve.engine.output_processor import OutputProcessor, RequestOutputKind
 from cpserve.kv_transfer.config import KVTransferConfig
 from tests.checkpoints import random_prompts
 
@@ -25,12 +27,51 @@ LOGPROB_TOL = 1e-4  # fp32: a one-token step over pulled KV against one prefill
 COMMON = dict(model="tiny", max_model_len=2048, block_size=16, num_kv_blocks=512, seed=0)
 
 
-def _engine(role: str, lease_s: float = 60.0, **extra) -> LLMEngine:
+class Instance:
+    """An engine core behind the offline API's front end, stepped by the test: prompts in,
+    the outputs of finished requests out (FINAL), the rest of it the engine's own."""
+
+    def __init__(self, engine: Instance) -> None:
+        self.engine = engine
+        tokenizer = load_tokenizer(engine.config)
+        self.inputs = InputProcessor(engine.config, tokenizer)
+        self.outputs = OutputProcessor(tokenizer)
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams) -> None:
+        text, token_ids = self.inputs.tokenize(prompt)
+        arrival = time.time()
+        sequences = self.inputs.sequences(request_id, token_ids, params, arrival)
+        self.outputs.add(request_id, text, token_ids, params, RequestOutputKind.FINAL, arrival)
+        try:
+            self.engine.add_requests(sequences)
+        except BaseException:
+            self.outputs.abort(request_id)
+            raise
+
+    def abort_request(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.engine.abort_request(self.outputs.abort(request_id))
+
+    def step(self) -> list:
+        processed = self.outputs.process(self.engine.step())
+        self.engine.abort_request(processed.stopped)  # ended by a stop string
+        return processed.outputs
+
+
+def instance(**engine_args) -> Instance:
+    return Instance(LLMEngine.from_engine_args(EngineArgs(**engine_args)))
+
+
+def _engine(role: str, lease_s: float = 60.0, kv_cache_dtype: str = "auto",
+            **extra) -> Instance:
     config = {"kv_connector": "CpserveConnector", "kv_role": role, "kv_port": 0,
               "kv_connector_extra_config": {"kv_lease_duration": lease_s,
                                             "max_send_mb_per_s": 2.0, "kv_io_timeout": 10.0}}
     config.update(extra)
-    return LLMEngine.from_engine_args(EngineArgs(**COMMON, kv_transfer_config=config))
+    return instance(**COMMON, kv_cache_dtype=kv_cache_dtype, kv_transfer_config=config)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +85,7 @@ def engines():
         engine.shutdown()
 
 
-def _run(engines: list[LLMEngine], timeout_s: float = 60.0) -> dict:
+def _run(engines: list[Instance], timeout_s: float = 60.0) -> dict:
     """Step every engine until none has work left; the final outputs by request id."""
     finals, deadline = {}, time.monotonic() + timeout_s
     while any(e.has_unfinished_requests() for e in engines):
@@ -61,7 +102,7 @@ def _greedy(**kw) -> SamplingParams:
                           **kw)
 
 
-def _prefill(engine: LLMEngine, rid: str, prompt: list[int]) -> dict:
+def _prefill(engine: Instance, rid: str, prompt: list[int]) -> dict:
     engine.add_request(rid, {"prompt_token_ids": prompt},
                        SamplingParams(temperature=0, max_tokens=1,
                                       kv_transfer_params={"do_remote_decode": True}))
@@ -82,14 +123,14 @@ def _assert_same(out, ref) -> None:
     assert logprobs == pytest.approx(ref_logprobs, abs=LOGPROB_TOL)
 
 
-def _assert_clean(*engines: LLMEngine) -> None:
+def _assert_clean(*engines: Instance) -> None:
     for engine in engines:
         status = engine.kv_transfer_status()  # runs check_integrity()
         assert (status["leases"], status["loads"]) == (0, 0), status
         assert engine.kv.pool.num_free == engine.kv.pool.num_blocks  # nothing held
 
 
-def _settle(prefill: LLMEngine, timeout_s: float = 5.0) -> None:
+def _settle(prefill: Instance, timeout_s: float = 5.0) -> None:
     """Let the prefill engine take the decode side's release (it comes over a socket)."""
     deadline = time.monotonic() + timeout_s
     while prefill.kv_transfer.leases and time.monotonic() < deadline:
@@ -214,11 +255,31 @@ def test_abort_while_loading_frees_the_blocks_once_the_ranks_stopped(engines):
     _assert_clean(prefill, decode)
 
 
+def test_fp8_caches_travel_as_they_are_with_their_scales():
+    """--kv-cache-dtype fp8 on both: the e4m3 bytes are pulled as stored (the scales agree at
+    the handshake, compared as the wire gives them back), the tokens are the prefill's."""
+    prefill = _engine("kv_producer", kv_cache_dtype="fp8")
+    decode = _engine("kv_consumer", kv_cache_dtype="fp8")
+    try:
+        (prompt,) = random_prompts([70], seed=11)
+        prefill.add_request("ref", {"prompt_token_ids": prompt}, _greedy())
+        ref = _run([prefill])["ref"]
+        params = _prefill(prefill, "p", prompt)
+        decode.add_request("d", {"prompt_token_ids": prompt}, _greedy(kv_transfer_params=params))
+        out = _run([decode, prefill])["d"]
+        assert out.outputs[0].finish_reason == "length", out.outputs[0].error
+        _assert_same(out, ref)
+        _settle(prefill)
+        _assert_clean(prefill, decode)
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
+
+
 def test_instances_that_cannot_exchange_kv_are_named_at_the_handshake(engines):
     prefill = engines["prefill"]
     config = {"kv_connector": "CpserveConnector", "kv_role": "kv_consumer", "kv_port": 0}
-    other = LLMEngine.from_engine_args(EngineArgs(**{**COMMON, "block_size": 32},
-                                                  kv_transfer_config=config))
+    other = instance(**{**COMMON, "block_size": 32}, kv_transfer_config=config)
     try:
         (prompt,) = random_prompts([40], seed=9)
         params = _prefill(prefill, "p", prompt)

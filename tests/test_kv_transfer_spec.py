@@ -18,10 +18,8 @@ import pytest
 import torch
 
 from cpserve import SamplingParams
-from cpserve.engine.args import EngineArgs
-from cpserve.engine.llm_engine import LLMEngine
 from tests.checkpoints import add_mtp_modules, make_deepseek_checkpoint, random_prompts
-from tests.test_kv_transfer_engine import _assert_clean, _prefill, _run, _settle
+from tests.test_kv_transfer_engine import Instance, _assert_clean, _prefill, _run, _settle, instance
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
 MTP = {"method": "deepseek_mtp", "num_speculative_tokens": 2}
@@ -29,18 +27,18 @@ COMMON = dict(max_model_len=512, block_size=16, num_kv_blocks=256, seed=0)
 BLOCK = 16
 
 
-def _engine(model: str, role: str, speculative: dict | None = None) -> LLMEngine:
+def _engine(model: str, role: str, speculative: dict | None = None) -> Instance:
     config = {"kv_connector": "CpserveConnector", "kv_role": role, "kv_port": 0,
               "kv_connector_extra_config": {"kv_lease_duration": 60.0, "kv_io_timeout": 10.0}}
-    return LLMEngine.from_engine_args(EngineArgs(model=model, **COMMON, kv_transfer_config=config,
-                                                 speculative_config=speculative))
+    return instance(model=model, **COMMON, kv_transfer_config=config,
+                    speculative_config=speculative)
 
 
 def _greedy(max_tokens: int = 16, **kw) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
 
 
-def _transfer(prefill: LLMEngine, decode: LLMEngine, prompts, max_tokens: int = 16) -> dict:
+def _transfer(prefill: Instance, decode: Instance, prompts, max_tokens: int = 16) -> dict:
     """Prefill each prompt on `prefill`, decode it on `decode`: the final outputs."""
     for i, prompt in enumerate(prompts):
         params = _prefill(prefill, f"p{i}", prompt)
@@ -51,7 +49,7 @@ def _transfer(prefill: LLMEngine, decode: LLMEngine, prompts, max_tokens: int = 
     return outs
 
 
-def _reference(engine: LLMEngine, prompts, max_tokens: int = 16) -> list[list[int]]:
+def _reference(engine: Instance, prompts, max_tokens: int = 16) -> list[list[int]]:
     for i, prompt in enumerate(prompts):
         engine.add_request(f"ref{i}", {"prompt_token_ids": prompt}, _greedy(max_tokens))
     refs = _run([engine])

@@ -105,7 +105,7 @@ def test_abort_and_preemption_free_every_block(tiny_reference):
         assert tokens_of(generate(llm, PROMPTS, GREEDY)) == tiny_reference
         assert llm.engine.stats().num_preemptions_total > 0
         engine = llm.engine
-        engine.add_request("gone", PROMPTS[2], GREEDY)
+        engine.add_request("gone", PROMPTS[2], GREEDY)  # the core's own: one sequence
         request = engine.requests["gone"]
         while not request.num_draft_tokens:  # until a step has verified drafts
             engine.step()
@@ -206,3 +206,24 @@ def assert_successor_drafts_accepted(llm: LLM, succ: torch.Tensor, prompts) -> N
     spec = llm.engine.stats().spec_decode
     assert spec.num_accepted_tokens == spec.num_draft_tokens == len(prompts) * 9
     assert spec.accepted_per_position == [3 * len(prompts)] * 3
+
+
+# With an FP8 KV cache (--kv-cache-dtype fp8) ------------------------------------------------
+def test_ngram_verification_over_an_fp8_cache_gives_its_tokens():
+    """Verification steps attend to the FP8 cache with its scales: speculation changes no
+    token of the FP8 engine's own, and drafts are accepted."""
+    fp8 = dict(COMMON, kv_cache_dtype="fp8")
+    with LLM("tiny", **fp8) as llm:
+        reference = tokens_of(generate(llm, PROMPTS[2:5], GREEDY))
+    with LLM("tiny", speculative_config=NGRAM, **fp8) as llm:
+        assert llm.engine.executor.runner.kv_scales is not None
+        assert tokens_of(generate(llm, PROMPTS[2:5], GREEDY)) == reference
+        assert llm.engine.stats().spec_decode.num_accepted_tokens > 0
+
+
+def test_mtp_with_an_fp8_cache_is_refused_at_start_up_naming_both_flags(mtp_checkpoint):
+    from cpserve.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--speculative-config method 'deepseek_mtp' cannot "
+                                          "run with --kv-cache-dtype fp8"):
+        LLM(str(mtp_checkpoint), speculative_config=MTP, kv_cache_dtype="fp8", **COMMON)

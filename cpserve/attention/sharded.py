@@ -32,22 +32,24 @@ def sharded_kv_attention(
     groups: ParallelGroups,
     backend: AttentionBackend,
     v_dim: int | None = None,
+    kv_scale: tuple[float, float] = (1.0, 1.0),
     plan=None,
     queries_per_seq: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [N, H_local, D]; `query_kv_len` counts the visible tokens on THIS rank's shard.
 
     Returns out [N, H_local, D_v] and lse [N, H_local] over all shards. `v_cache=None`:
-    values are `k_cache[..., :v_dim]` (latent attention). `plan`: the backend's plan of this
-    call (rows and lengths only, so the same after the gather over heads). `queries_per_seq
-    > 1` promises that the queries come in runs of that many per sequence (a verification
-    step's padded layout, metadata.py), which the backend may use to read each sequence's KV
-    once, with no plan made on the host (CUDA graphs replay it).
+    values are `k_cache[..., :v_dim]` (latent attention). `kv_scale`: (k_scale, v_scale) of
+    an FP8 cache. `plan`: the backend's plan of this call (rows and lengths only, so the
+    same after the gather over heads). `queries_per_seq > 1` promises that the queries come
+    in runs of that many per sequence (a verification step's padded layout, metadata.py),
+    which the backend may use to read each sequence's KV once, with no plan made on the host
+    (CUDA graphs replay it).
     """
     num_heads = q.shape[1]
     q = all_gather(q, groups.dcp_group, dim=1)
     out, lse = backend.paged_attention(q, k_cache, v_cache, block_tables, query_seq,
-                                       query_kv_len, scale, v_dim, plan=plan,
+                                       query_kv_len, scale, v_dim, *kv_scale, plan=plan,
                                        queries_per_seq=queries_per_seq)
     if groups.num_kv_shards > 1:
         # One collective carries both: [N, H, D] outputs with their [N, H] LSE as column D.

@@ -130,7 +130,8 @@ class DecodeGraphs:
     def _capture(self, bucket: int, q: int, variant: int = 0) -> None:
         runner = self.runner
         ctx = AttentionContext(self._metadata(bucket, q), runner.kv_caches, runner.groups,
-                               runner.backend, runner.config.parallel.kv_exchange)
+                               runner.backend, runner.config.parallel.kv_exchange,
+                               kv_scales=runner.kv_scales)
         rows = bucket * q
 
         def forward() -> torch.Tensor:

@@ -16,6 +16,7 @@ import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -32,11 +33,14 @@ from cpserve.distributed.groups import ParallelGroups, all_reduce
 from cpserve.distributed.plan import PlannedRequest, StepPlan
 from cpserve.engine.cuda_graphs import DecodeGraphs
 from cpserve.kv.layout import KVLayout
+from cpserve.models.checkpoint import checkpoint_files
 from cpserve.models.loader import build_model
+from cpserve.quantization import kv_cache as fp8_kv
 from cpserve.spec_decode.mtp_proposer import MTPProposer
 
 CPU_DEFAULT_KV_GIB = 0.25
 PROFILE_REQUEST_ID = "__cpserve_profile__"
+WARMUP_REQUEST_ID = "__cpserve_kv_warmup__"
 # fp32 logits computed at once, whatever the number of rows a step asks for.
 LOGITS_SLICE_BYTES = 256 * 2**20
 
@@ -72,17 +76,26 @@ class ModelRunner:
                                                 expert_parallel=par.enable_expert_parallel)
         self.model = build_model(config.model, self.model_groups, device, config.load_format,
                                  config.seed)
-        # Speculative decoding with MTP: the checkpoint's MTP modules, with caches of their own.
+        # Speculative decoding with MTP: the checkpoint's MTP modules, with caches of their own
+        # (not with an FP8 cache: spec_decode/config.py refuses the two together).
         self.drafter = MTPProposer(self) if config.speculative and config.speculative.is_mtp \
             else None
         self.num_cache_layers = model_cfg.num_layers + (self.drafter.num_cache_layers
                                                         if self.drafter else 0)
-        self.kv_spec = self.model.kv_cache_spec()
+        # The cache's layout in its own dtype (FP8 with --kv-cache-dtype fp8), known before
+        # the backend: its plans and gather workspace depend on it.
+        self.kv_spec = fp8_kv.with_cache_dtype(self.model.kv_cache_spec(), cache)
         # Before the KV cache is sized: the backend reserves its gather workspace here.
         self.backend = get_backend("auto", device, self.attention_shape(),
                                    self.layout.local_count(model_cfg.max_model_len, 0))
         self.block_tables: dict[str, list[int]] = {}
         self.kv_caches: list = []
+        self.kv_scales: list[tuple[float, float]] | None = None  # per layer, FP8 caches only
+        self.kv_report = None
+        if cache.fp8_kv:  # the warm-up prefill (if any) runs on a cache of the model's dtype
+            self.kv_scales = self._fp8_kv_scales()
+            self.kv_report = fp8_kv.cache_report(self.kv_spec, model_cfg.dtype,
+                                                 self.kv_scales_source)
         self.num_blocks = self._decide_num_blocks()
         self.kv_caches = [self.kv_spec.allocate(self.num_blocks, cache.block_size, device)
                           for _ in range(self.num_cache_layers)]
@@ -111,8 +124,44 @@ class ModelRunner:
         gen = torch.Generator(device=self.device).manual_seed(self.config.seed)
         for k_cache, v_cache in self.kv_caches:
             for cache in (k_cache, v_cache):
-                if cache is not None:
+                if cache is None:
+                    continue
+                if cache.dtype != torch.float8_e4m3fn:
                     cache.normal_(generator=gen)
+                    continue
+                for block in cache.split(max(1, 2**28 // cache[0].numel())):  # no normal_ in FP8
+                    block.copy_(torch.randn(block.shape, generator=gen, device=self.device,
+                                            dtype=torch.bfloat16).to(block.dtype))
+
+    def _fp8_kv_scales(self) -> list[tuple[float, float]]:
+        """Per-layer (k_scale, v_scale) of an FP8 cache: the checkpoint's, or measured by a
+        warm-up prefill into a cache of the model's dtype (quantization/kv_cache.py)."""
+        cfg = self.config
+        if cfg.load_format != "dummy":
+            scales = fp8_kv.checkpoint_kv_scales(checkpoint_files(Path(cfg.model.path)),
+                                                 cfg.model.num_layers)
+            if scales is not None:
+                self.kv_scales_source = "from the checkpoint"
+                return scales
+        tokens = min(fp8_kv.WARMUP_TOKENS, cfg.model.max_model_len - 1,
+                     cfg.scheduler.max_num_batched_tokens)
+        blocks = self.layout.num_blocks_for(tokens) + 1
+        spec = self.model.kv_cache_spec()
+        self.kv_caches = [spec.allocate(blocks, cfg.cache.block_size, self.device)
+                          for _ in range(cfg.model.num_layers)]
+        prompt = fp8_kv.warmup_prompt(cfg.model.vocab_size, tokens)
+        self.execute(StepPlan([PlannedRequest(WARMUP_REQUEST_ID, prompt, 0,
+                                              list(range(blocks)), True, 1)]),
+                     use_graphs=False)
+        self.block_tables.pop(WARMUP_REQUEST_ID, None)
+        amax = fp8_kv.kv_amax(self.kv_caches)
+        self.kv_caches = []
+        if self.groups.cpu_group is not None:
+            torch.distributed.all_reduce(amax, torch.distributed.ReduceOp.MAX,
+                                         group=self.groups.cpu_group)
+        self.kv_scales_source = f"measured by a {tokens}-token warm-up prefill"
+        return [(fp8_kv.scale_from_amax(float(k)), fp8_kv.scale_from_amax(float(v)))
+                for k, v in amax.tolist()]
 
     def attention_shape(self) -> AttentionShape:
         """The attention calls' shape on this rank: DCP gathers its group's query heads."""
@@ -203,6 +252,8 @@ class ModelRunner:
     def written_slots(self) -> torch.Tensor:
         """Flat slots of layer 0 whose K is not all zero (the cache starts zeroed)."""
         k_cache = self.kv_caches[0][0]
+        if k_cache.element_size() == 1:  # FP8: compare the bits
+            k_cache = k_cache.view(torch.uint8)
         return torch.nonzero(k_cache.flatten(0, 1).flatten(1).ne(0).any(dim=1)).squeeze(1).cpu()
 
     # One step ------------------------------------------------------------------------------
@@ -295,7 +346,8 @@ class ModelRunner:
         exchange = self.config.parallel.kv_exchange
         plans = self.backend.plan_step(tokens.metadata, exchange)
         step.ctx = AttentionContext(_to_device(tokens.metadata, self.device), self.kv_caches,
-                                    self.groups, self.backend, exchange, plans)
+                                    self.groups, self.backend, exchange,
+                                    kv_scales=self.kv_scales, plans=plans)
         step.device_token_ids = step.token_ids.to(self.device, non_blocking=True)
         step.device_positions = tokens.positions.to(self.device, non_blocking=True)
         return step

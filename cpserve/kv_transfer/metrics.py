@@ -20,7 +20,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from cpserve.kv_transfer.scheduler_side import LOAD_SECONDS_BUCKETS, KVTransferStats
+from cpserve.kv_transfer.stats import LOAD_SECONDS_BUCKETS, KVTransferStats
 
 
 def families(s: KVTransferStats, labels: dict[str, str]) -> Iterator[Metric]:

@@ -100,6 +100,24 @@ def parse(params: Any, *, is_producer: bool | None, is_consumer: bool | None) ->
     return TransferRequest(False, RemotePrefill(kv, num_tokens, params["remote_prompt_hash"]))
 
 
+def for_request(config, params) -> TransferRequest | None:
+    """What a request's kv_transfer_params ask of this instance (`config`: its EngineConfig),
+    None without them. Raises ValueError for the user; the front end checks before sending,
+    the engine core again when it admits the sequence."""
+    if params.kv_transfer_params is None:
+        return None
+    kvt = config.kv_transfer
+    transfer = parse(params.kv_transfer_params,
+                     is_producer=kvt.is_producer if kvt else None,
+                     is_consumer=kvt.is_consumer if kvt else None)
+    if (transfer.remote_decode or transfer.remote_prefill) and params.n != 1:
+        raise ValueError("kv_transfer_params: a KV transfer is for one completion (n=1)")
+    if transfer.remote_prefill is not None and params.prompt_logprobs is not None:
+        raise ValueError("prompt_logprobs: a decode instance that receives the prompt's KV "
+                         "does not compute the prompt, so it has no prompt logprobs")
+    return transfer
+
+
 def _flag(params: dict, key: str) -> bool:
     value = params.get(key)
     if value is not None and not isinstance(value, bool):

@@ -33,6 +33,7 @@ from cpserve.kv_transfer.wire import (
     RemoteError,
     byte_view,
     expect,
+    indexable,
 )
 
 logger = logging.getLogger(__name__)
@@ -303,8 +304,9 @@ class Puller:
                     continue
                 shape = (len(rows), cache.shape[1], pull.num_heads, cache.shape[3])
                 count = shape[0] * shape[1] * shape[2] * shape[3] * cache.element_size()
-                part = data[offset:offset + count].view(cache.dtype).view(shape)
-                cache[:, :, pull.dst_head:pull.dst_head + pull.num_heads].index_copy_(
+                target = indexable(cache)
+                part = data[offset:offset + count].view(target.dtype).view(shape)
+                target[:, :, pull.dst_head:pull.dst_head + pull.num_heads].index_copy_(
                     0, rows.to(self.device), part)
                 offset += count
 
@@ -349,7 +351,8 @@ class Puller:
         per_block = cache.shape[1] * pull.num_heads * cache.shape[3] * cache.element_size()
         step = max(1, FRAME_BYTES // per_block)
         heads = slice(pull.src_head, pull.src_head + pull.num_heads)
-        target = cache[:, :, pull.dst_head:pull.dst_head + pull.num_heads]
+        source = indexable(source)
+        target = indexable(cache)[:, :, pull.dst_head:pull.dst_head + pull.num_heads]
         for first in range(0, len(src_index), step):
             rows = src_index[first:first + step].to(source.device, non_blocking=True)
             part = source.index_select(0, rows)[:, :, heads].to(cache.device, non_blocking=True)

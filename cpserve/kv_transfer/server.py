@@ -34,6 +34,7 @@ from cpserve.kv_transfer.wire import (
     ProtocolError,
     RemoteError,
     byte_view,
+    indexable,
 )
 
 logger = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ class KVServer:
     def _gather(self, pair: tuple, rows: torch.Tensor, head: int, heads: int) -> torch.Tensor:
         """K then V of `rows`, heads [head, head + heads), as one flat CPU byte tensor."""
         def flat() -> torch.Tensor:
-            parts = [c.index_select(0, rows.to(c.device))[:, :, head:head + heads]
+            parts = [indexable(c).index_select(0, rows.to(c.device))[:, :, head:head + heads]
                      for c in pair if c is not None]
             return torch.cat([p.reshape(-1).view(torch.uint8) for p in parts])
 

@@ -108,3 +108,9 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy (any dtype, bf16 and fp8 too)."""
     assert tensor.is_contiguous() and tensor.device.type == "cpu"
     return memoryview(tensor.view(-1).view(torch.uint8).numpy())
+
+
+def indexable(cache: torch.Tensor) -> torch.Tensor:
+    """`cache` as something index_select / index_copy_ take: an FP8 cache's bytes (torch has
+    no such kernels for float8 on every device); other dtypes as they are."""
+    return cache.view(torch.uint8) if cache.element_size() == 1 else cache

@@ -52,7 +52,9 @@ class KVTransferWorker:
                           "mtp_layers": runner.num_cache_layers - config.model.num_layers,
                           "k_dim": spec.k_dim,
                           "v_dim": spec.v_dim, "dtype": str(spec.dtype).removeprefix("torch."),
-                          "scales": getattr(runner, "kv_scales", None)}
+                          # An FP8 cache's per-layer scales, as lists (what msgpack returns).
+                          "scales": (None if runner.kv_scales is None
+                                     else [list(pair) for pair in runner.kv_scales])}
         heads = self.layout.heads(self.rank)
         self.leases = RankLeases(runner.device) if kvt.is_producer else None
         self.server = None

@@ -74,6 +74,14 @@ class SpeculativeConfig:
                 raise ConfigError(f"{FLAG} method 'deepseek_mtp': this checkpoint's config.json "
                                   "has no num_nextn_predict_layers >= 1, so it carries no MTP "
                                   "module (use method 'ngram')")
+            if cfg.cache.fp8_kv:
+                # The MTP modules' caches would need FP8 scales of their own, which neither
+                # the checkpoint's main layers nor the warm-up prefill (quantization/
+                # kv_cache.py) give; n-gram drafts verify over an FP8 cache as usual.
+                raise ConfigError(f"{FLAG} method 'deepseek_mtp' cannot run with "
+                                  f"--kv-cache-dtype {cfg.cache.kv_cache_dtype}: the MTP "
+                                  "modules' KV caches have no FP8 scales; use --kv-cache-dtype "
+                                  "auto, or method 'ngram' with the FP8 cache")
         rows = self.max_queries_per_request
         if rows > cfg.scheduler.max_num_batched_tokens:
             raise ConfigError(f"{FLAG} num_speculative_tokens={self.num_speculative_tokens}: a "

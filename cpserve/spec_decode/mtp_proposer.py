@@ -149,7 +149,7 @@ class MTPProposer:
             exchange = runner.config.parallel.kv_exchange
             ctx = AttentionContext(_to_device(step.metadata, runner.device), runner.kv_caches,
                                    runner.groups, runner.backend, exchange,
-                                   runner.backend.plan_step(step.metadata, exchange))
+                                   plans=runner.backend.plan_step(step.metadata, exchange))
         embeds = runner.model.model.embed_tokens(token_ids.to(runner.device))
         positions = StepPositions(step.positions.to(runner.device))
         return self.mtp.module_for(draft_index)(positions, embeds, previous_hidden, ctx)
