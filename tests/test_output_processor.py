@@ -22,8 +22,10 @@ from cpserve.engine.messages import (
     unpack,
 )
 from cpserve.engine.output_processor import OutputProcessor, RequestOutputKind, StopStrings
+from cpserve.kv_transfer.stats import KVTransferStats
 from cpserve.outputs import Logprob
 from cpserve.sampling_params import SamplingParams
+from cpserve.spec_decode.metrics import SpecDecodeStats
 
 
 def _feed_all(stops: list[str], include: bool, pieces: list[str]) -> tuple[list[str], str | None]:
@@ -139,13 +141,44 @@ def test_the_wire_carries_every_field(frontend):
                             max_tokens=9, min_tokens=2, stop=["a", "bc"], stop_token_ids=[3],
                             ignore_eos=True, logprobs=2, prompt_logprobs=1,
                             skip_special_tokens=False, include_stop_str_in_output=True,
-                            logit_bias={5: -1.5, 7: 100})
+                            logit_bias={5: -1.5, 7: 100},
+                            kv_transfer_params={"do_remote_decode": True})
     request = EngineCoreRequest("id", [1, 2, 3], params, 12.5, counts_prompt=False)
     assert decode_request(unpack(pack(encode_request(request)))) == request
     batch = EngineCoreOutputs(
         [EngineCoreOutput("id", [4, 5], [-0.5, -float("inf")],
                           [{4: Logprob(-0.5, 1)}, {5: Logprob(-float("inf"), 9), 6: Logprob(-1, 1)}],
-                          [None, {2: Logprob(-3.0, 4)}], "stop", 5, None, 16, 11.0),
+                          [None, {2: Logprob(-3.0, 4)}], "stop", 5, None, 16, 11.0,
+                          new_draft_tokens=3, new_accepted_tokens=1,
+                          kv_transfer_params={"do_remote_prefill": True, "remote_port": 7}),
          EngineCoreOutput("other", error="why", finish_reason="error")],
-        EngineStats(1, 2, 0.5, 3, 4, 5, 6, 7), 13.0, 42)
+        EngineStats(1, 2, 0.5, 3, 4, 5, 6, 7,
+                    spec_decode=SpecDecodeStats(3, 2, 6, 4, [2, 1, 1]),
+                    kv_transfer=KVTransferStats("kv_both", leases_active=1,
+                                                load_seconds_sum=0.25)), 13.0, 42)
     assert decode_outputs(unpack(pack(encode_outputs(batch)))) == batch
+    plain = EngineCoreOutputs([], EngineStats(), 1.0)  # neither feature on: None on the wire
+    assert decode_outputs(unpack(pack(encode_outputs(plain)))) == plain
+
+
+def test_draft_counts_add_up_and_kv_transfer_params_reach_the_output(frontend):
+    """Speculative decoding's per-step counts become running totals per completion (DELTA
+    outputs carry them as of that step); a prefill instance's kv_transfer_params come with
+    the final output."""
+    _, tokenizer = frontend
+    processor = OutputProcessor(tokenizer)
+    params = SamplingParams(max_tokens=8, kv_transfer_params={"do_remote_decode": True})
+    processor.add("r", None, [5, 6, 7], params, RequestOutputKind.DELTA, 0.0)
+
+    def step(output):
+        return processor.process(EngineCoreOutputs([output], EngineStats(), 1.0, 1)).outputs
+
+    (first,) = step(EngineCoreOutput("r", [300, 301, 302], [-1.0] * 3, new_draft_tokens=3,
+                                     new_accepted_tokens=2))
+    assert (first.num_draft_tokens, first.num_accepted_tokens) == (3, 2)
+    assert first.kv_transfer_params is None
+    (last,) = step(EngineCoreOutput("r", [303], [-1.0], new_draft_tokens=3,
+                                    new_accepted_tokens=0, finish_reason="length",
+                                    kv_transfer_params={"do_remote_prefill": True}))
+    assert (last.num_draft_tokens, last.num_accepted_tokens) == (6, 2)
+    assert last.finished and last.kv_transfer_params == {"do_remote_prefill": True}
