@@ -9,7 +9,9 @@ The core knows sequences of token ids, nothing of text: tokenizing, detokenizing
 strings, logprob decoding and the `n` completions of one request are the front end's. Outputs
 carry diffs: for each sequence that progressed in a step, the new token ids, their logprobs and
 the prompt logprobs collected in that step, never a request's history, so a step costs the
-same at token 10 and at token 10,000.
+same at token 10 and at token 10,000. Speculative decoding adds each step's drafted and
+accepted counts per sequence, KV transfer the prefill instance's kv_transfer_params on a
+finishing sequence; the stats carry both features' counters (None when off) for /metrics.
 
 Wire format: msgpack of lists and plain values (never pickle); `encode_*` / `decode_*` here are
 the only code that knows the layout, and both ends run the same version of it.
