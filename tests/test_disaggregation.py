@@ -4,7 +4,7 @@ of another layout, `cpserve proxy` in front, the model with one KV head (so DCP 
 For each pair of layouts, 20 requests through the proxy (completions and chat, streamed and
 not, prompts up to 2k tokens) give the greedy text the prefill instance gives when it serves
 them alone, as one colocated server; afterwards neither instance holds a block. The pair is
-started once for the module's tests.
+started once for the module's tests; in one pair the decode instance also speculates.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ from tests.checkpoints import random_prompts
 from tests.disagg_servers import kv_config, metric, serve, start, stop_all, wait_until_idle
 
 I16 = ["--cp-kv-cache-interleave-size", "16"]  # = --block-size: KV moves across layouts
+NGRAM = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}'
 PAIRS = {
     "pcp2-to-tp2dcp2": (["-pcp", "2", *I16], ["-tp", "2", "-dcp", "2", *I16]),
-    "tp2-to-pcp2": (["-tp", "2", *I16], ["-pcp", "2", *I16]),
+    # The decode instance speculating too (issue 13 with 14): the same greedy text.
+    "tp2-to-pcp2-ngram": (["-tp", "2", *I16], ["-pcp", "2", *I16, "--speculative-config",
+                                                 NGRAM]),
     # Equal layouts: blocks move as they are, any interleave (here 1).
     "equal-tp2dcp2": (["-tp", "2", "-dcp", "2"], ["-tp", "2", "-dcp", "2"]),
 }
@@ -42,7 +45,7 @@ def deployment(request):
     start(prefill, decode)
     # The proxy's app in this process (test_disaggregation_failures runs `cpserve proxy`).
     front = ServerThread(build_proxy_app(Proxy([prefill.url], [decode.url]))).start()
-    yield prefill, decode, front
+    yield prefill, decode, front, "--speculative-config" in decode_flags
     front.stop()
     stop_all(decode, prefill)
 
@@ -88,7 +91,7 @@ def _ask(url: str, endpoint: str, body: dict, stream: bool) -> tuple[str, str]:
 
 
 def test_greedy_output_through_the_proxy_equals_one_colocated_server(deployment):
-    prefill, decode, front = deployment
+    prefill, decode, front, speculates = deployment
     requests = _requests()
     with ThreadPoolExecutor(8) as pool:
         # The prefill instance serving each request by itself: the colocated reference.
@@ -106,13 +109,15 @@ def test_greedy_output_through_the_proxy_equals_one_colocated_server(deployment)
     assert prefill.metric("cpserve:kv_transfer_sent_bytes_total") == received
     assert decode.metric("cpserve:kv_transfer_load_seconds_count") >= len(requests)
     assert metric(front.url, "cpserve:proxy_requests_total") >= 2 * len(requests)
+    if speculates:  # drafts verified over pulled KV, counted by the decode instance
+        assert decode.metric("vllm:spec_decode_num_draft_tokens_total") > 0
 
 
 def test_vllm_proxy_protocol_and_a_repeated_prefix_prefilled_once(deployment):
     """The two calls exactly as vLLM's toy_proxy_server.py makes them (null fields, its
     headers, min_tokens put back as null), for two prompts that share 1k tokens: the
     prefill instance computes the shared blocks once."""
-    prefill, decode, _ = deployment
+    prefill, decode, _, _ = deployment
     shared, tail_a, tail_b = random_prompts([1024, 40, 50], seed=12)
     headers = {"Authorization": "Bearer None", "X-Request-Id": "vllm-proxy-request"}
     hits_before = prefill.metric("vllm:prefix_cache_hits_total")
