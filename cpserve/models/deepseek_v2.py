@@ -56,7 +56,7 @@ LATENT_NORM_EPS = 1e-6
 # Tuning constant: steps with at least this many new tokens attend to them in the expanded
 # form (benchmarks/bench_moe.py measures the crossover and prints it). The environment
 # variable overrides it (tests use it to put short prompts through the expanded path).
-MLA_EXPANDED_MIN_TOKENS = 1024
+MLA_EXPANDED_MIN_TOKENS = 2048  # one H200, 2026-12-01 (RESULTS.md, run 6)
 
 
 def expanded_min_tokens() -> int:
