@@ -52,7 +52,8 @@ class Request:
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
         self.error: str | None = None  # why it ended with FINISHED_ERROR
-        self.cumulative_logprob = 0.0
+        # As in vLLM: only with logprobs asked for (the sampler computes them only then).
+        self.cumulative_logprob = 0.0 if params.logprobs is not None else None
         self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[PositionLogprobs | None] | None = (
             [None] if params.prompt_logprobs is not None else None)

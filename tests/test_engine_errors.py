@@ -213,7 +213,7 @@ def test_kv_cache_memory_help_states_the_default_the_code_uses():
     import argparse
 
     from cpserve.engine.args import EngineArgs
-    from cpserve.engine.model_runner import CPU_DEFAULT_KV_GIB
+    from cpserve.engine.kv_sizing import CPU_DEFAULT_KV_GIB
 
     parser = argparse.ArgumentParser()
     EngineArgs.add_cli_args(parser)

@@ -34,11 +34,8 @@ class ReplayByRerun:
 
 
 def fake_capture(self, bucket):
-    ctx = cuda_graphs.AttentionContext(self._metadata(bucket), self.runner.kv_caches,
-                                       self.runner.groups, self.runner.backend)
-
     def forward():
-        return self.runner.model(self.token_ids[:bucket], self.positions[:bucket], ctx)
+        return self.forward(bucket)
 
     self.outputs[bucket] = forward()
     self.graphs[bucket] = ReplayByRerun(forward, self.outputs[bucket])

@@ -198,7 +198,7 @@ class EngineArgs:
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
         """Engine flags with vLLM's names."""
-        from cpserve.engine.model_runner import CPU_DEFAULT_KV_GIB
+        from cpserve.engine.kv_sizing import CPU_DEFAULT_KV_GIB
         if with_model:
             parser.add_argument("model", nargs="?", default="tiny",
                                 help="checkpoint directory, or 'tiny' for the built-in demo model")

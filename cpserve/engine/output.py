@@ -50,7 +50,8 @@ class OutputProcessor:
         """Record a new token of `r`; return the finish status if it ends the request."""
         parent = self.parents[r.parent_id]
         params = r.params
-        r.cumulative_logprob += token.logprob
+        if token.logprob is not None:  # computed only for requests asking for logprobs
+            r.cumulative_logprob += token.logprob
         if r.logprobs is not None and token.top_logprobs is not None:
             self.decode_logprobs([token.top_logprobs])
             r.logprobs.append(token.top_logprobs)
