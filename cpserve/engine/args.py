@@ -59,6 +59,7 @@ class EngineArgs:
     max_waiting_requests: int = 4096
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int | None = None  # None: a share of the step budget
+    async_scheduling: bool | None = None  # None: on CUDA, off on CPU (as vLLM)
     tensor_parallel_size: int = 1
     prefill_context_parallel_size: int = 1
     decode_context_parallel_size: int = 1
@@ -133,6 +134,9 @@ class EngineArgs:
                 max_waiting_requests=self.max_waiting_requests,
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 long_prefill_token_threshold=threshold,
+                # As in vLLM: on by default, but not on the CPU, where nothing would overlap.
+                async_scheduling=(device == "cuda" if self.async_scheduling is None
+                                  else self.async_scheduling),
             ),
             device=device,
             seed=self.seed,
@@ -228,6 +232,10 @@ class EngineArgs:
                        help="most tokens one request computes in a step; 0: no cap (default: "
                             f"{DEFAULT_LONG_PREFILL_SHARE:g} of --max-num-batched-tokens with "
                             "chunked prefill, so a long prompt never takes a whole step)")
+        g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="schedule and queue each step while the one before runs (default: "
+                            "on with CUDA, off on CPU)")
         g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
         g.add_argument("-pcp", "--prefill-context-parallel-size", type=int, default=1)
         g.add_argument("-dcp", "--decode-context-parallel-size", type=int, default=1)

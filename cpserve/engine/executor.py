@@ -30,12 +30,13 @@ class Executor:
         self.runner = self.pool.run(StepPlan(load=config_to_dict(config)), build)
         self.num_blocks = self.runner.num_blocks
 
-    def execute(self, plan: StepPlan,
-                consume_logits: LogitsConsumer | None = None) -> torch.Tensor | None:
-        """Run a step on every rank; the driver's logits are returned, or handed to
-        `consume_logits` slice by slice (see `ModelRunner.execute`)."""
-        return self.pool.run(plan, lambda: self.runner.execute(plan,
-                                                               consume_logits=consume_logits))
+    def execute(self, plan: StepPlan, consume_logits: LogitsConsumer | None = None,
+                pending_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Queue a step on every rank; the driver's logits are returned, or handed to
+        `consume_logits` slice by slice (see `ModelRunner.execute`). `pending_tokens`: the
+        values of the plan's pending tokens, on the driver's device."""
+        return self.pool.run(plan, lambda: self.runner.execute(
+            plan, consume_logits=consume_logits, pending_tokens=pending_tokens))
 
     def written_slots_per_rank(self) -> list[torch.Tensor]:
         """Cache slots holding data on each rank (layer 0), for tests of the KV placement."""

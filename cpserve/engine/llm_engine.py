@@ -3,6 +3,19 @@
 The engine lives on the driver (rank 0). It validates and admits requests, builds the step
 plan from the scheduler's decision, has the executor run it on every rank, samples from the
 driver's logits, and turns tokens into text and finished requests into outputs.
+
+With async scheduling (vLLM's; on by default on CUDA) the host works on step n+1 while the
+GPU runs step n, so the GPU does not wait for the host between steps:
+
+    step() call k:   schedule n+1 ─ queue n+1 ─ finish n ─ queue sampling n+1 ─ return n's outputs
+    GPU:             ...[ forward n ][ sample n ][ forward n+1 ........ ][ sample n+1 ]...
+                                                  ^ its decodes read n's samples on the device
+
+Finishing step n waits only for its own samples (an event after them), never for n+1.
+Sampling of n+1 is queued after n is finished, so it sees every token before its own
+(repetition penalty, min_tokens). What n+1 computed for a request that n's token stopped
+(or that was aborted or failed meanwhile) is dropped; its KV blocks are freed at once all
+the same. Without async scheduling each call schedules, runs and finishes one step.
 """
 
 from __future__ import annotations
@@ -17,13 +30,13 @@ import torch
 
 from cpserve.config import ConfigError, EngineConfig, check_kv_capacity
 from cpserve.distributed.groups import layout_report
-from cpserve.distributed.plan import PlannedRequest, StepPlan
+from cpserve.distributed.plan import PENDING_TOKEN, PlannedRequest, StepPlan
 from cpserve.distributed.worker_pool import WorkerPool
 from cpserve.engine.args import EngineArgs
 from cpserve.engine.executor import Executor
 from cpserve.engine.output import OutputProcessor, ParentRequest
 from cpserve.engine.sampler import (
-    SampledToken,
+    SampledBatch,
     Sampler,
     SamplingRow,
     make_generator,
@@ -39,6 +52,15 @@ from cpserve.sampling_params import SamplingParams
 from cpserve.tokenizer import PromptTooLongError, Tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QueuedStep:
+    """A step on its way through the device: its outputs are not processed yet."""
+
+    scheduled: SchedulerOutput
+    logits: StepLogits
+    samples: SampledBatch | None = None  # of logits.sampled_items, in that order
 
 
 @dataclass
@@ -73,6 +95,8 @@ class LLMEngine:
         self.sampler = Sampler(config.seed)
         self.outputs = OutputProcessor(self.tokenizer, config.model.max_model_len)
         self.requests: dict[str, Request] = {}
+        self.async_scheduling = config.scheduler.async_scheduling
+        self._in_flight: QueuedStep | None = None  # async scheduling: the step n above
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.last_step_num_tokens = 0  # tokens computed by the last step (a metric)
@@ -184,37 +208,91 @@ class LLMEngine:
                 self.requests.pop(child.request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests to run, or a queued step whose outputs are still to come."""
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # One step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Outputs of the requests a step moved on: the step this call runs, or with async
+        scheduling the one queued by the call before."""
         scheduled = self.scheduler.schedule()
         self.last_step_num_tokens = scheduled.num_tokens
-        if scheduled.is_empty:
-            return []
-        logits = StepLogits(scheduled.scheduled, self.config.model.vocab_size,
-                            self._collect_prompt_logprobs)
-        self.executor.execute(self._plan(scheduled), logits)
-        return self._postprocess(scheduled, logits)
+        queued = None if scheduled.is_empty else self._run(scheduled)
+        outputs = self._finish(self._in_flight) if self._in_flight is not None else []
+        self._in_flight = None
+        if queued is not None:
+            self._queue_sampling(queued)
+            if self.async_scheduling:
+                self._in_flight = queued
+            else:
+                outputs = self._finish(queued)
+        return outputs
 
-    def _plan(self, out: SchedulerOutput) -> StepPlan:
-        requests = []
+    def _run(self, out: SchedulerOutput) -> QueuedStep:
+        """Plan the step and queue it on every rank (prompt logprobs are consumed as their
+        logits come)."""
+        logits = StepLogits(out.scheduled, self.config.model.vocab_size,
+                            self._collect_prompt_logprobs)
+        plan, pending = self._plan(out)
+        self.executor.execute(plan, logits, pending)
+        return QueuedStep(out, logits)
+
+    def _plan(self, out: SchedulerOutput) -> tuple[StepPlan, torch.Tensor | None]:
+        """The plan, and the values of its pending tokens (on the device, in plan order):
+        a request's last token when the queued step is still sampling it."""
+        requests, pending_rows = [], []
         for item in out.scheduled:
             r = item.request
             block_ids = self.kv.block_table(r.request_id) if item.is_new else item.new_block_ids
-            requests.append(PlannedRequest(
-                r.request_id, r.all_token_ids[item.start_pos:item.start_pos + item.num_new_tokens],
-                item.start_pos, list(block_ids), item.is_new, num_logit_rows(item)))
-        return StepPlan(requests, list(out.freed_request_ids))
+            end = item.start_pos + item.num_new_tokens
+            token_ids = r.all_token_ids[item.start_pos:end]
+            if len(token_ids) < item.num_new_tokens:  # only ever its one pending token
+                pending_rows.append(self._pending_row(r))
+                token_ids = token_ids + [PENDING_TOKEN]
+            requests.append(PlannedRequest(r.request_id, token_ids, item.start_pos,
+                                           list(block_ids), item.is_new, num_logit_rows(item)))
+        plan = StepPlan(requests, list(out.freed_request_ids))
+        if not pending_rows:
+            return plan, None
+        samples = self._in_flight.samples.token_ids
+        return plan, samples[torch.tensor(pending_rows, device=samples.device)]
 
-    def _postprocess(self, out: SchedulerOutput, logits: StepLogits) -> list[RequestOutput]:
-        """Sample, append and check stops. What goes wrong for one request (logits that are
-        not finite, its prompt logprobs failing) fails it alone."""
-        self.scheduler.update_after_step(out)
-        failures = dict(logits.failures)
+    def _pending_row(self, r: Request) -> int:
+        queued = self._in_flight
+        items = queued.logits.sampled_items if queued is not None else []
+        for j, item in enumerate(items):
+            if item.request is r:
+                return j
+        raise RuntimeError(f"request {r.request_id} has a pending token no queued step samples")
+
+    def _queue_sampling(self, queued: QueuedStep) -> None:
+        """Queue the sampling of every row that completes a request. Rows already known to
+        fail are sampled too (their tokens are dropped): no host synchronisation."""
+        items = queued.logits.sampled_items
+        if not items:
+            return
+        # Parameters were validated when the request came: what the sampler could still
+        # raise would be a bug of the engine's, not one request's.
+        rows = [SamplingRow(item.request.params, item.request.generator,
+                            item.request.output_token_ids, item.request.prompt_token_ids)
+                for item in items]
+        queued.samples = self.sampler.sample(queued.logits.sample_logits, rows)
+
+    def _finish(self, queued: QueuedStep) -> list[RequestOutput]:
+        """Append the step's tokens and check stops. What goes wrong for one request (logits
+        that are not finite, its prompt logprobs failing) fails it alone."""
+        out = queued.scheduled
+        self.scheduler.update_after_step(out)  # blocks the step filled, before any finish
+        failures = dict(queued.logits.failures)
+        tokens = queued.samples.resolve() if queued.samples is not None else []
         now = time.time()
-        for item, token in self._sample(logits, failures):
+        for item, token in zip(queued.logits.sampled_items, tokens):
             r = item.request
+            if r.is_finished or r in failures:
+                continue  # stopped, aborted or failed since the step was queued
+            if not token.finite:
+                failures[r] = "the model's logits for the next token are not finite (NaN or infinity)"
+                continue
             if r.first_token_time is None:
                 r.first_token_time = now
             r.last_token_time = now
@@ -224,36 +302,11 @@ class LLMEngine:
             if status is not None:
                 self.scheduler.finish(r, status)
         for r, message in failures.items():
-            self._fail(r, message)
+            if not r.is_finished:
+                self._fail(r, message)
         touched = {item.request.parent_id for item in out.scheduled}
         touched.update(r.parent_id for r in out.failed)
         return self.outputs.make_outputs(touched, self.requests)
-
-    def _sample(self, logits: StepLogits,
-                failures: dict[Request, str]) -> list[tuple[ScheduledRequest, SampledToken]]:
-        """A token for each request that completed this step, except failed ones."""
-        items = logits.sampled_items
-        if not items:
-            return []
-        finite = torch.isfinite(logits.sample_logits).all(dim=1).tolist()
-        keep = []
-        for j, item in enumerate(items):
-            if item.request in failures:
-                continue
-            if not finite[j]:
-                failures[item.request] = ("the model's logits for the next token are not "
-                                          "finite (NaN or infinity)")
-                continue
-            keep.append(j)
-        if not keep:
-            return []
-        # Parameters were validated when the request came, and the logits are finite: what
-        # the sampler could still raise would be a bug of the engine's, not one request's.
-        rows = [SamplingRow(items[j].request.params, items[j].request.generator,
-                            items[j].request.output_token_ids, items[j].request.prompt_token_ids)
-                for j in keep]
-        tokens = self.sampler(logits.sample_logits[keep], rows)
-        return [(items[j], token) for j, token in zip(keep, tokens)]
 
     def _fail(self, r: Request, message: str) -> None:
         logger.warning("request %s failed: %s", r.request_id, message)
