@@ -7,6 +7,7 @@ GPU's time and not the host's launch overhead (about 10x fewer host microseconds
 from __future__ import annotations
 
 import os
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,6 +46,9 @@ class DecodeGraphs:
     positions. Rows past the batch are padding: position -1 (no KV written, nothing visible),
     their outputs dropped. The kernels take every size they need from shapes (the split-K
     factor from the table width), so one capture serves all contexts.
+
+    Every bucket is captured at start-up (`capture_all`, as vLLM does), over padding rows
+    only: a bucket first met under load would otherwise cost its capture in a user's step.
     """
 
     @classmethod
@@ -65,7 +69,19 @@ class DecodeGraphs:
         self.padding[1] = -1
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.replays: dict[int, int] = dict.fromkeys(self.buckets, 0)  # steps per bucket
         self.pool = None
+
+    @torch.inference_mode()
+    def capture_all(self) -> float:
+        """Capture every bucket, largest first (the pool then holds the largest activations
+        once); returns the seconds it took."""
+        start = time.perf_counter()
+        for bucket in reversed(self.buckets):
+            self.vectors[:, :bucket].copy_(self.padding[:, :bucket])
+            self._capture(bucket)
+        torch.cuda.synchronize(self.runner.device)
+        return time.perf_counter() - start
 
     def can_run(self, inputs: StepInputs) -> bool:
         return (inputs.decode_vectors is not None and len(inputs.seqs) <= self.buckets[-1]
@@ -80,6 +96,7 @@ class DecodeGraphs:
         if bucket not in self.graphs:
             self._capture(bucket)
         self.graphs[bucket].replay()
+        self.replays[bucket] += 1
         return self.outputs[bucket][:n]
 
     def forward(self, bucket: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ On CUDA the KV cache gets what `gpu_memory_utilization` leaves after a profiling
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,6 +78,10 @@ class ModelRunner:
         if config.load_format == "dummy":
             self._randomize_kv_caches()
         self.graphs = DecodeGraphs.for_runner(self)
+        if self.graphs is not None:
+            seconds = self.graphs.capture_all()
+            print(f"cpserve rank {groups.rank}: captured decode graphs of batch "
+                  f"{self.graphs.buckets} in {seconds:.1f} s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Release the decode graphs before the process groups go: graphs that captured NCCL
