@@ -24,10 +24,11 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -47,16 +48,54 @@ PHASES = [
     ("cpserve.engine.scheduler", "Scheduler.schedule", "schedule"),
     ("cpserve.engine.llm_engine", "LLMEngine._plan", "plan"),
     ("cpserve.engine.model_runner", "ModelRunner.prepare", "runner.prepare"),
+    ("cpserve.engine.step_inputs", "RequestRows.apply", "runner.prepare: rows.apply"),
+    ("cpserve.engine.model_runner", "prepare_inputs", "runner.prepare: inputs"),
     ("cpserve.engine.model_runner", "ModelRunner.forward", "runner.forward (model)"),
     ("cpserve.engine.model_runner", "ModelRunner._logit_rows", "runner.logit_rows"),
     ("cpserve.models.llama", "LlamaForCausalLM.compute_logits", "lm_head (model)"),
     ("cpserve.engine.sampler", "Sampler.__call__", "sampler"),
     ("cpserve.engine.sampler", "Sampler.sample", "sampler"),
+    ("cpserve.engine.sampler", "SampledBatch.resolve", "sampler: resolve on host"),
+    ("cpserve.engine.llm_engine", "LLMEngine._finish", "finish (outputs, stops)"),
     ("cpserve.engine.output", "OutputProcessor.on_token", "outputs.on_token"),
     ("cpserve.engine.output", "OutputProcessor.make_outputs", "outputs.make"),
     ("cpserve.kv.manager", "KVCacheManager.cache_full_blocks", "kv.cache_full_blocks"),
     ("cpserve.engine.llm_engine", "LLMEngine.step", "step (total)"),
 ]
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched outside the model (on a GPU: kernel launches, copies
+    and synchronisations the host pays for each step). `pause` around the model's calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+        self.paused = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.counts[func._overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    def pause_inside(self, module: str, attr: str) -> None:
+        import importlib
+
+        owner = importlib.import_module(module)
+        *path, method = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = getattr(owner, method)
+        counter = self
+
+        def paused(*args, **kwargs):
+            counter.paused += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                counter.paused -= 1
+
+        setattr(owner, method, paused)
 
 
 class PhaseTimer:
@@ -113,8 +152,8 @@ def scenario_requests(name: str, batch: int, vocab: int):
     raise ValueError(name)
 
 
-def run_scenario(engine, timer: PhaseTimer, name: str, batch: int, steps: int,
-                 profile_dir: Path) -> dict:
+def run_scenario(engine, timer: PhaseTimer, ops: OpCounter, name: str, batch: int,
+                 steps: int, profile_dir: Path) -> dict:
     from cpserve import SamplingParams
 
     vocab = engine.config.model.vocab_size
@@ -134,28 +173,55 @@ def run_scenario(engine, timer: PhaseTimer, name: str, batch: int, steps: int,
     per_step = []
     profiler = cProfile.Profile()
     chunk = engine.scheduler.config.max_num_batched_tokens - batch
-    for step in range(steps):
+    # Phases timed without the profiler (its per-call cost would inflate Python), then the
+    # same number of steps under cProfile for the function breakdown, then with aten ops
+    # counted (a dispatch mode costs every op).
+    def one_step(step: int) -> None:
         if mixed:  # a new prompt each step: its first chunk runs beside the 64 decodes
             gen = torch.Generator().manual_seed(1000 + step)
             extra = torch.randint(0, vocab - 256, (chunk,), generator=gen).tolist()
             engine.add_request(f"{name}-x{step}", {"prompt_token_ids": extra},
                                SamplingParams(temperature=0, max_tokens=1))
-        profiler.enable()
         engine.step()
-        profiler.disable()
+
+    for step in range(steps):
+        one_step(step)
         per_step.append(timer.take())
-    engine.abort_request(ids + [f"{name}-x{s}" for s in range(steps)])
+    profiler.enable()
+    for step in range(steps, 2 * steps):
+        one_step(step)
+    profiler.disable()
+    with ops:
+        for step in range(2 * steps, 3 * steps):
+            one_step(step)
+    op_counts, ops.counts = ops.counts, Counter()
+    engine.abort_request(ids + [f"{name}-x{s}" for s in range(3 * steps)])
     while engine.has_unfinished_requests():
         engine.step()
     engine.step()
     profiler.dump_stats(profile_dir / f"{name}.pstats")
     stats = pstats.Stats(profiler)
     top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:25]
+    # Own time in torch's C functions is device work here (CPU) and a launch on a GPU; the
+    # rest is Python the host runs either way (inflated by cProfile's cost per call). Calls
+    # count the launches a GPU step pays.
+    torch_s = python_s = 0.0
+    torch_calls = 0
+    for (file, _, fn), (_, calls, own, _, _) in stats.stats.items():
+        if file == "~" and "torch" in fn:
+            torch_s += own
+            torch_calls += calls
+        else:
+            python_s += own
     phases = sorted({k for s in per_step for k in s})
     return dict(
         name=name, batch=batch, steps=steps,
         phase_ms_median={k: 1e3 * statistics.median(s.get(k, 0.0) for s in per_step)
                          for k in phases},
+        python_ms_per_step=1e3 * python_s / steps, torch_ms_per_step=1e3 * torch_s / steps,
+        torch_calls_per_step=torch_calls / steps,
+        aten_ops_outside_model_per_step=sum(op_counts.values()) / steps,
+        top_aten_ops_outside_model={k: v / steps for k, v in op_counts.most_common(15)},
         top_own_time=[dict(function=f"{Path(f).name}:{line}:{fn}", calls=cc,
                            own_ms_per_step=1e3 * tt / steps, cum_ms_per_step=1e3 * ct / steps)
                       for (f, line, fn), (cc, _, tt, ct, _) in top])
@@ -181,6 +247,10 @@ def main() -> None:
     timer = PhaseTimer()
     for module, attr, name in PHASES:
         timer.wrap(module, attr, name)
+    ops = OpCounter()
+    for module, attr in (("cpserve.models.llama", "LlamaForCausalLM.forward"),
+                         ("cpserve.models.llama", "LlamaForCausalLM.compute_logits")):
+        ops.pause_inside(module, attr)
     with tempfile.TemporaryDirectory() as tmp:
         model = write_model_dir(Path(tmp) / "model", SHAPE, 8192)
         engine = LLMEngine.from_engine_args(EngineArgs(
@@ -191,11 +261,18 @@ def main() -> None:
         results = []
         try:
             for name in args.scenarios.split(","):
-                result = run_scenario(engine, timer, name, args.batch, args.steps, out)
+                result = run_scenario(engine, timer, ops, name, args.batch, args.steps, out)
                 results.append(result)
                 print(f"\n== {name}: median ms per step, by phase (inclusive)")
                 for phase, ms in sorted(result["phase_ms_median"].items(), key=lambda kv: -kv[1]):
                     print(f"  {phase:<28} {ms:8.2f}")
+                print(f"  own time per step: python {result['python_ms_per_step']:.2f} ms, torch "
+                      f"ops {result['torch_ms_per_step']:.2f} ms in "
+                      f"{result['torch_calls_per_step']:.0f} calls")
+                print(f"  aten ops outside the model per step: "
+                      f"{result['aten_ops_outside_model_per_step']:.0f}: "
+                      + ", ".join(f"{k} {v:g}" for k, v in
+                                  result["top_aten_ops_outside_model"].items()))
                 print("  top own time (ms per step):")
                 for row in result["top_own_time"][:12]:
                     print(f"    {row['own_ms_per_step']:7.2f}  {row['function']}")

@@ -117,7 +117,8 @@ class DevicePack:
         self._parts: list[torch.Tensor] = []
 
     def add(self, values: torch.Tensor) -> int:
-        self._parts.append(values.reshape(-1).to(torch.long))
+        """`values`: int64, any shape (flattened)."""
+        self._parts.append(values if values.dim() == 1 else values.reshape(-1))
         return len(self._parts) - 1
 
     def send(self, device: torch.device) -> list[torch.Tensor]:

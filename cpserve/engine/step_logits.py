@@ -52,11 +52,16 @@ class StepLogits:
                 self._sample_rows.append(row + n - 1)
             row += n
         self.num_rows = row
+        # Every row is sampled, in order (decodes): the step's logits are the sample logits.
+        self._samples_are_all_rows = self._sample_rows == list(range(row))
         self.sample_logits: torch.Tensor | None = None  # [len(sampled_items), vocab]
         self.failures: dict[Request, str] = {}  # requests to fail after the step, and why
 
     def __call__(self, first: int, logits: torch.Tensor) -> None:
         end = first + logits.shape[0]
+        if self._samples_are_all_rows and first == 0 and end == self.num_rows:
+            self.sample_logits = logits  # no copy of [rows, vocab]
+            return
         for item, start, n in self.spans:
             lo, hi = max(start, first), min(start + n, end)
             if lo < hi and item.request not in self.failures:
