@@ -460,7 +460,7 @@ def test_top_k_threshold_by_selection_equals_the_sort():
     rows, vocab = 512, 40
     scaled = torch.randint(-6, 7, (rows, vocab), generator=gen).float() / 3  # many ties
     scaled[::7, ::5] = float("-inf")  # tokens blocked by min_tokens or min-p
-    top_k = torch.randint(1, vocab, (rows,), generator=gen)
+    top_k = torch.randint(1, vocab, (rows,), generator=gen).tolist()
     top_p = torch.tensor([1.0, 0.2, 0.5, 0.8, 0.9, 0.99, 0.999, 0.65] * (rows // 8))
     by_sort = _top_k_top_p_threshold(scaled, top_k, top_p)
     by_selection = _top_k_top_p_threshold_by_selection(scaled, top_k, top_p)

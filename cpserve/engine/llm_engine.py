@@ -43,6 +43,7 @@ from cpserve.engine.sampler import (
     prompt_logprobs,
 )
 from cpserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from cpserve.engine.step_inputs import PendingTokens
 from cpserve.engine.step_logits import StepLogits, num_logit_rows
 from cpserve.kv.layout import KVLayout
 from cpserve.kv.manager import KVCacheManager
@@ -237,9 +238,9 @@ class LLMEngine:
         self.executor.execute(plan, logits, pending)
         return QueuedStep(out, logits)
 
-    def _plan(self, out: SchedulerOutput) -> tuple[StepPlan, torch.Tensor | None]:
-        """The plan, and the values of its pending tokens (on the device, in plan order):
-        a request's last token when the queued step is still sampling it."""
+    def _plan(self, out: SchedulerOutput) -> tuple[StepPlan, PendingTokens | None]:
+        """The plan, and where the values of its pending tokens are: a request's last token
+        when the queued step is still sampling it."""
         requests, pending_rows = [], []
         for item in out.scheduled:
             r = item.request
@@ -254,8 +255,7 @@ class LLMEngine:
         plan = StepPlan(requests, list(out.freed_request_ids))
         if not pending_rows:
             return plan, None
-        samples = self._in_flight.samples.token_ids
-        return plan, samples[torch.tensor(pending_rows, device=samples.device)]
+        return plan, PendingTokens(self._in_flight.samples.token_ids, pending_rows)
 
     def _pending_row(self, r: Request) -> int:
         queued = self._in_flight

@@ -32,7 +32,14 @@ from cpserve.distributed.groups import ParallelGroups, all_reduce
 from cpserve.distributed.plan import StepPlan
 from cpserve.engine.cuda_graphs import DecodeGraphs
 from cpserve.engine.kv_sizing import decide_num_blocks
-from cpserve.engine.step_inputs import RequestRows, StepInputs, prepare_inputs, wanted_rows
+from cpserve.engine.step_inputs import (
+    PendingTokens,
+    RequestRows,
+    StepInputs,
+    prepare_inputs,
+    wanted_rows,
+)
+from cpserve.engine.transfer import to_device
 from cpserve.kv.layout import KVLayout
 from cpserve.models.loader import build_model
 
@@ -127,7 +134,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan, use_graphs: bool = True,
                 consume_logits: LogitsConsumer | None = None,
-                pending_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+                pending_tokens: PendingTokens | None = None) -> torch.Tensor | None:
         """Run the plan. Returns fp32 logits [rows, vocab] on the driver, None elsewhere; with
         `consume_logits`, the driver gets them slice by slice instead and None is returned.
         `pending_tokens`: see `prepare_inputs`.
@@ -165,13 +172,11 @@ class ModelRunner:
         return torch.cat(kept) if len(kept) > 1 else (kept[0] if kept else None)
 
     def prepare(self, plan: StepPlan, use_graphs: bool = True,
-                pending_tokens: torch.Tensor | None = None) -> PreparedStep | None:
+                pending_tokens: PendingTokens | None = None) -> PreparedStep | None:
         """Host work of a step: the plan's table diffs, the inputs on the device, and for an
         eager step the backend's plans. None when the plan runs no request."""
         diff = self.rows.apply(plan)
-        if not plan.requests:
-            if diff is not None:
-                self.rows.write_diff(diff.to(self.device))
+        if not plan.requests:  # freed requests only: no table changes
             return None
         seqs = [PlannedSeq(r.start, len(r.token_ids), self._is_split(len(r.token_ids)))
                 for r in plan.requests]
@@ -214,7 +219,7 @@ class ModelRunner:
             index = first[wanted_seq] + wanted_offset
             if len(index) == hidden.shape[0] and bool((index == torch.arange(len(index))).all()):
                 return hidden  # every token's logits, in order (decodes)
-            return hidden[index.to(hidden.device)]
+            return hidden.index_select(0, to_device(index, hidden.device))
         local_seq, local_offset = step.inputs.local_seq, step.inputs.local_offset
         key = local_seq * (1 << 32) + local_offset
         wanted_key = wanted_seq * (1 << 32) + wanted_offset
@@ -226,8 +231,8 @@ class ModelRunner:
         index = order[pos] if len(key) else pos
         rows = torch.zeros(len(wanted_seq), hidden.shape[-1], dtype=hidden.dtype,
                            device=hidden.device)
-        owned_dev = owned.to(hidden.device)
-        rows[owned_dev] = hidden[index[owned].to(hidden.device)]
+        rows.index_copy_(0, to_device(torch.nonzero(owned).squeeze(1), hidden.device),
+                         hidden.index_select(0, to_device(index[owned], hidden.device)))
         return all_reduce(rows, self.groups.pcp_group)
 
 

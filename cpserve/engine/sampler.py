@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from cpserve.engine.logprobs import LogprobTensors, logprob_tensors, prompt_logprobs, top_ids
+from cpserve.engine.transfer import take_rows, to_device
 from cpserve.outputs import Logprob
 from cpserve.sampling_params import SamplingParams
 
@@ -186,25 +187,26 @@ class Sampler:
         else:
             token_ids = torch.empty(len(rows), dtype=torch.long, device=device)
             if greedy:
-                token_ids[greedy] = _take_rows(scaled, greedy).argmax(dim=-1)
+                token_ids.index_copy_(0, to_device(greedy, device),
+                                      take_rows(scaled, greedy).argmax(dim=-1))
             sub = [params[i] for i in sampled]
-            temperature = torch.tensor([p.temperature for p in sub], device=device)
-            _, probs = _filter(_take_rows(scaled, sampled) / temperature.unsqueeze(1),
+            temperature = to_device([p.temperature for p in sub], device, torch.float32)
+            _, probs = _filter(take_rows(scaled, sampled) / temperature.unsqueeze(1),
                                [p.top_k for p in sub], [p.top_p for p in sub],
                                [p.min_p for p in sub])
             drawn = self._draw(probs, [rows[i].generator for i in sampled])
             if len(sampled) == len(rows):
                 token_ids = drawn
             else:
-                token_ids[sampled] = drawn
+                token_ids.index_copy_(0, to_device(sampled, device), drawn)
         # A row with non-finite logits gets a valid id, so a step fed with it still runs.
         token_ids = torch.where(finite, token_ids, torch.zeros_like(token_ids))
 
         wants = [i for i, p in enumerate(params) if p.logprobs is not None]
         logprobs = None
         if wants:
-            raw = _take_rows(logits, wants).log_softmax(dim=-1)
-            logprobs = logprob_tensors(raw, _take_rows(token_ids, wants),
+            raw = take_rows(logits, wants).log_softmax(dim=-1)
+            logprobs = logprob_tensors(raw, take_rows(token_ids, wants),
                                        [params[i].logprobs for i in wants])
         return SampledBatch(token_ids, finite, logprobs, wants)
 
@@ -220,7 +222,7 @@ class Sampler:
             if len(unseeded) == len(generators):
                 noise = shared
             else:
-                noise[unseeded] = shared
+                noise.index_copy_(0, to_device(unseeded, device), shared)
         for i, generator in enumerate(generators):
             if generator is not None:
                 noise[i].exponential_(generator=generator)
@@ -245,8 +247,8 @@ def _penalize_repetitions(logits: torch.Tensor, rows: list[SamplingRow]) -> torc
     out = logits.clone()
     for i in penalized:
         row = rows[i]
-        seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)),
-                            dtype=torch.long, device=logits.device)
+        seen = to_device(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)),
+                         logits.device)
         values = out[i, seen]
         penalty = row.params.repetition_penalty
         out[i, seen] = torch.where(values > 0, values / penalty, values * penalty)
@@ -264,7 +266,7 @@ def support_mask(
 
     One value per row in each parameter; ``temperature`` must be > 0.
     """
-    temperature_t = torch.tensor(temperature, dtype=torch.float32, device=logits.device)
+    temperature_t = to_device(list(temperature), logits.device, torch.float32)
     keep, _ = _filter(logits.float() / temperature_t.unsqueeze(1), top_k, top_p, min_p)
     return keep
 
@@ -281,7 +283,7 @@ def _filter(
     keep = scaled > float("-inf")  # tokens blocked by min_tokens are never support
     if any(m > 0 for m in min_p):
         probs = scaled.softmax(dim=-1)
-        min_p_t = torch.tensor(min_p, dtype=torch.float32, device=scaled.device).unsqueeze(1)
+        min_p_t = to_device(list(min_p), scaled.device, torch.float32).unsqueeze(1)
         keep &= probs >= min_p_t * probs.max(dim=-1, keepdim=True).values
         scaled = scaled.masked_fill(~keep, float("-inf"))
     device = scaled.device
@@ -292,21 +294,21 @@ def _filter(
                                 (by_sort, _top_k_top_p_threshold)):
         if not index:
             continue
-        sub = _take_rows(scaled, index)
-        threshold = threshold_of(
-            sub, torch.tensor([top_k[i] for i in index], device=device),
-            torch.tensor([top_p[i] for i in index], dtype=torch.float32, device=device))
+        sub = take_rows(scaled, index)
+        threshold = threshold_of(sub, [top_k[i] for i in index],
+                                 to_device([top_p[i] for i in index], device, torch.float32))
         if len(index) == len(keep):
             keep &= sub >= threshold
         else:
-            keep[index] &= sub >= threshold
+            rows = to_device(index, device)
+            keep.index_copy_(0, rows, keep.index_select(0, rows) & (sub >= threshold))
 
     probs = scaled.masked_fill(~keep, float("-inf")).softmax(dim=-1)
     return keep, probs
 
 
 def _top_k_top_p_threshold(
-    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+    scaled: torch.Tensor, top_k: list[int], top_p: torch.Tensor
 ) -> torch.Tensor:
     """Per row, the smallest scaled logit that survives top-k then top-p: shape [rows, 1].
 
@@ -314,6 +316,7 @@ def _top_k_top_p_threshold(
     are kept whole. A disabled filter (k outside (0, vocab), p == 1) gives -inf.
     """
     vocab = scaled.shape[1]
+    top_k = to_device(top_k, scaled.device)
     neg_inf = torch.full((scaled.shape[0], 1), float("-inf"), device=scaled.device)
     sorted_logits = scaled.sort(dim=-1, descending=True).values
 
@@ -335,7 +338,7 @@ def _top_k_top_p_threshold(
 
 
 def _top_k_top_p_threshold_by_selection(
-    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+    scaled: torch.Tensor, top_k: list[int], top_p: torch.Tensor
 ) -> torch.Tensor:
     """`_top_k_top_p_threshold` for rows that all have a top-k in (0, vocab), without sorting
     the vocabulary: the largest K = max(top_k) logits are selected (sorted), and top-p walks
@@ -345,8 +348,8 @@ def _top_k_top_p_threshold_by_selection(
     through the first k does not reach p the cut is one of those ties, whose logit is the
     k-th: the threshold is the same as the sort's.
     """
-    largest = scaled.topk(int(top_k.max()), dim=-1).values  # [rows, K], descending
-    kth = largest.gather(1, (top_k - 1).unsqueeze(1))
+    largest = scaled.topk(max(top_k), dim=-1).values  # [rows, K], descending
+    kth = largest.gather(1, to_device([k - 1 for k in top_k], scaled.device).unsqueeze(1))
     top = largest[:, :1]
     inside = largest >= kth
     mass = torch.exp(scaled - top).masked_fill(scaled < kth, 0.0).sum(dim=-1, keepdim=True)
@@ -369,7 +372,9 @@ def _with_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torc
     if not rows:
         return logits
     biased = logits.clone()
-    biased[rows, ids] += torch.tensor(biases, dtype=biased.dtype, device=biased.device)
+    device = biased.device
+    biased.index_put_((to_device(rows, device), to_device(ids, device)),
+                      to_device(biases, device, biased.dtype), accumulate=True)
     return biased
 
 
@@ -393,15 +398,10 @@ def _block_stop_tokens_below_min_tokens(logits: torch.Tensor,
     if not row_index:
         return logits
     blocked_logits = logits.clone()
-    blocked_logits[row_index, token_index] = float("-inf")
+    device = logits.device
+    blocked_logits.index_put_((to_device(row_index, device), to_device(token_index, device)),
+                              blocked_logits.new_full((), float("-inf")))
     return blocked_logits
-
-
-def _take_rows(tensor: torch.Tensor, index: list[int]) -> torch.Tensor:
-    """``tensor[index]`` without the copy when the index is every row in order."""
-    if index == list(range(tensor.shape[0])):
-        return tensor
-    return tensor[index]
 
 
 def _same_device(generator_device: torch.device, device: torch.device) -> bool:

@@ -132,6 +132,16 @@ class DevicePack:
 
 
 @dataclass
+class PendingTokens:
+    """The driver's values of a plan's PENDING_TOKEN entries: the k-th of them (plan order)
+    is `samples[rows[k]]`, `samples` being the sampled ids of the step before, still on the
+    device."""
+
+    samples: torch.Tensor
+    rows: list[int]
+
+
+@dataclass
 class StepInputs:
     """One step's inputs on one rank. `local_seq` / `local_offset` (host) say which planned
     request and which of its new tokens each local token is; the rest is on the device."""
@@ -155,12 +165,12 @@ def is_decode_only(seqs: list[PlannedSeq]) -> bool:
 def prepare_inputs(plan: StepPlan, seqs: list[PlannedSeq], rows: RequestRows,
                    diff: torch.Tensor | None, layout: KVLayout, groups: ParallelGroups,
                    device: torch.device,
-                   pending_tokens: torch.Tensor | None = None) -> StepInputs:
+                   pending_tokens: PendingTokens | None = None) -> StepInputs:
     """The step's inputs (rows already applied, `diff` from `rows.apply`).
 
-    `pending_tokens`: on the driver, the values of the plan's PENDING_TOKEN entries in plan
-    order, on the device (samples of the step before, not yet seen by the host); the other
-    ranks receive them by a broadcast over all ranks.
+    `pending_tokens`: on the driver, where the values of the plan's PENDING_TOKEN entries
+    are (samples of the step before, not yet seen by the host); the other ranks receive
+    them by a broadcast over all ranks.
     """
     flat_ids = torch.tensor([t for r in plan.requests for t in r.token_ids], dtype=torch.long)
     seq_rows = torch.tensor([rows.row(r.request_id) for r in plan.requests], dtype=torch.long)
@@ -189,6 +199,8 @@ def prepare_inputs(plan: StepPlan, seqs: list[PlannedSeq], rows: RequestRows,
         ordinal = (flat_ids == PENDING_TOKEN).long().cumsum(0) - 1
         order = ordinal[pending if host_meta is None else flat_index[pending]]
         pending_at, order_at = pack.add(pending), pack.add(order)
+        if pending_tokens is not None:
+            sample_rows_at = pack.add(torch.tensor(pending_tokens.rows, dtype=torch.long))
     diff_at = pack.add(diff) if diff is not None else None
     sent = pack.send(device)
 
@@ -208,14 +220,18 @@ def prepare_inputs(plan: StepPlan, seqs: list[PlannedSeq], rows: RequestRows,
             StepAttentionMetadata(**{**vars(host_meta), **on_device}),
             tables.index_select(0, sent[seq_rows_at]), layout, groups.cp_rank)
     if num_pending:
-        values = pending_tokens
+        values = None
+        if pending_tokens is not None:
+            if len(pending_tokens.rows) != num_pending:
+                raise ValueError(f"the plan has {num_pending} pending tokens, the driver "
+                                 f"gave {len(pending_tokens.rows)}")
+            values = pending_tokens.samples.index_select(0, sent[sample_rows_at])
         if groups.world_size > 1:  # every rank embeds the tokens; the driver alone has them
             if values is None:
                 values = torch.empty(num_pending, dtype=torch.long, device=device)
             values = broadcast(values, groups.world_group, src=0)
-        if values is None or values.shape != (num_pending,):
-            raise ValueError(f"the plan has {num_pending} pending tokens, the driver gave "
-                             f"{None if values is None else tuple(values.shape)}")
+        if values is None:
+            raise ValueError(f"the plan has {num_pending} pending tokens and no values")
         token_ids.index_copy_(0, sent[pending_at], values.index_select(0, sent[order_at]))
     return StepInputs(seqs, local_seq, local_offset, token_ids, positions, decode_vectors,
                       metadata, host_meta)

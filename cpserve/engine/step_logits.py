@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from cpserve.engine.scheduler import ScheduledRequest
+from cpserve.engine.transfer import to_device
 from cpserve.request import Request
 
 # (request's scheduled item, offset of the first row among its rows, those rows' logits)
@@ -72,5 +73,7 @@ class StepLogits:
         if wanted:
             if self.sample_logits is None:
                 self.sample_logits = logits.new_empty(len(self._sample_rows), self.vocab_size)
-            index = [j for j, _ in wanted]
-            self.sample_logits[index] = logits[[r for _, r in wanted]]
+            device = logits.device
+            self.sample_logits.index_copy_(
+                0, to_device([j for j, _ in wanted], device),
+                logits.index_select(0, to_device([r for _, r in wanted], device)))
