@@ -26,7 +26,11 @@ from tests.test_gpu import LOGPROB_TOL, NEAR_TIE, hf_reference, ours, teacher_fo
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-PROMPT_LENGTHS = [1, 7, 33, 130, 600]
+# The five lengths of test_gpu.py, then short prompts: these random-weight MoE models put a
+# near tie within a token or two of most prompts (on the H200 on 2026-12-01 the five prompts
+# alone compared 2 to 3 greedy tokens in all), so more prompts keep the greedy check from
+# comparing almost nothing; the teacher-forced check covers every position either way.
+PROMPT_LENGTHS = [1, 7, 33, 130, 600] + [3, 5, 9, 12, 17, 21, 26, 40, 52, 64] * 3
 FLIP_FRACTION = 0.03
 FLIP_TOL = 1.5
 SHAPES = {

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device session, in phases (each bounded by `timeout`), logs and JSON under $OUT.
+#   bash benchmarks/gpu_session.sh PHASE [PHASE ...]
+# Phases: env, kernels, parity, chunk, serving-quick, serving, moe, fp8, spec, pd, profile
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl >/dev/null 2>&1 && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+t0=$(date +%s)
+stamp() { echo "== $1 at +$(( $(date +%s) - t0 ))s"; }
+for phase in "$@"; do
+  stamp "$phase"
+  case $phase in
+    env) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+         python3 -c 'import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)' ;;
+    kernels) timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+         tests/test_kernels_backend.py tests/test_kernels_prefix.py tests/test_kernels_runner.py \
+         tests/test_fused_moe.py tests/test_layer_kernels.py 2>&1 | tee "$OUT/kernel-tests.log" | tail -25 ;;
+    parity) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+         tests/test_gpu_moe.py tests/test_vllm_gpu.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+    chunk) timeout 120 python3 benchmarks/bench_chunk_attention.py --quick --out-dir "$OUT" 2>&1 \
+         | tee "$OUT/chunk-attention.log" | tail -45 ;;
+    serving-quick) timeout 110 python3 benchmarks/bench_serving.py --runs long-128k,prefix-128k --no-hf \
+         --out-dir "$OUT" 2>&1 | tee "$OUT/serving-quick.log" | tail -30 ;;
+    serving) timeout 560 python3 benchmarks/bench_serving.py --out-dir "$OUT" 2>&1 \
+         | tee "$OUT/serving.log" | tail -40 ;;
+    moe) mkdir -p "$OUT/moe"; timeout 420 python3 benchmarks/bench_moe.py --out "$OUT/moe" \
+         --budget-s 380 2>&1 | tee "$OUT/moe/bench_moe.log" | tail -60 ;;
+    *) echo "unknown phase $phase" ;;
+  esac
+done
+stamp done
