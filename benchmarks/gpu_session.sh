@@ -28,6 +28,8 @@ for phase in "$@"; do
          --out-dir "$OUT" 2>&1 | tee "$OUT/serving-quick.log" | tail -30 ;;
     serving) timeout 560 python3 benchmarks/bench_serving.py --out-dir "$OUT" 2>&1 \
          | tee "$OUT/serving.log" | tail -40 ;;
+    profile) mkdir -p "$OUT/profile"; timeout 290 python3 benchmarks/profile_steps.py \
+         --out-dir "$OUT/profile" 2>&1 | tee "$OUT/profile/profile-steps.log" | tail -30 ;;
     moe) mkdir -p "$OUT/moe"; timeout 420 python3 benchmarks/bench_moe.py --out "$OUT/moe" \
          --budget-s 380 2>&1 | tee "$OUT/moe/bench_moe.log" | tail -60 ;;
     *) echo "unknown phase $phase" ;;

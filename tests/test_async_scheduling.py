@@ -85,7 +85,8 @@ def test_same_outputs_as_synchronous_steps(engines):
 
 def test_decodes_are_fed_from_the_device_while_a_step_is_queued(engines, monkeypatch):
     """In steady decoding every planned decode token is pending (its value comes from the
-    previous step's samples on the device), and each call returns the step queued before."""
+    previous step's samples on the device), and each call returns the step queued before
+    (the first call queues two: it returns what the first did)."""
     _, overlapped = engines
     engine = overlapped.engine
     plans = []
@@ -94,7 +95,6 @@ def test_decodes_are_fed_from_the_device_while_a_step_is_queued(engines, monkeyp
                         or execute(self, plan, *a))
     engine.add_request("steady", {"prompt_token_ids": PROMPTS[0]},
                        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-    assert engine.step() == []  # the prefill is queued; nothing is finished yet
     lengths = []
     while engine.has_unfinished_requests():
         for out in engine.step():

@@ -7,7 +7,7 @@ driver's logits, and turns tokens into text and finished requests into outputs.
 With async scheduling (vLLM's; on by default on CUDA) the host works on step n+1 while the
 GPU runs step n, so the GPU does not wait for the host between steps:
 
-    step() call k:   schedule n+1 ─ queue n+1 ─ finish n ─ queue sampling n+1 ─ return n's outputs
+    step() call:     schedule n+1 ─ queue n+1 ─ finish n ─ queue sampling n+1 ─ return n's outputs
     GPU:             ...[ forward n ][ sample n ][ forward n+1 ........ ][ sample n+1 ]...
                                                   ^ its decodes read n's samples on the device
 
@@ -215,10 +215,15 @@ class LLMEngine:
     # One step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Outputs of the requests a step moved on: the step this call runs, or with async
-        scheduling the one queued by the call before."""
-        scheduled = self.scheduler.schedule()
-        self.last_step_num_tokens = scheduled.num_tokens
-        queued = None if scheduled.is_empty else self._run(scheduled)
+        scheduling the one queued by the call before. A call that finds nothing queued
+        queues a step first, so it too returns what a step did (an empty list still means
+        nothing could run)."""
+        self.last_step_num_tokens = 0
+        if self.async_scheduling and self._in_flight is None:
+            self._in_flight = self._schedule_and_run()
+            if self._in_flight is not None:
+                self._queue_sampling(self._in_flight)
+        queued = self._schedule_and_run()
         outputs = self._finish(self._in_flight) if self._in_flight is not None else []
         self._in_flight = None
         if queued is not None:
@@ -228,6 +233,11 @@ class LLMEngine:
             else:
                 outputs = self._finish(queued)
         return outputs
+
+    def _schedule_and_run(self) -> QueuedStep | None:
+        scheduled = self.scheduler.schedule()
+        self.last_step_num_tokens += scheduled.num_tokens
+        return None if scheduled.is_empty else self._run(scheduled)
 
     def _run(self, out: SchedulerOutput) -> QueuedStep:
         """Plan the step and queue it on every rank (prompt logprobs are consumed as their
