@@ -1,289 +1,227 @@
-"""Where the host's time goes in one engine step, on CPU: a batch-64 decode step and a mixed
-step (decodes beside a prefill chunk), through `LLMEngine.step()`.
+"""Where the server's host time goes under streaming load, on CPU (py-spy) or any device.
 
-    python benchmarks/profile_host.py --out-dir /tmp/prof            # about a minute
-    python benchmarks/profile_host.py --out-dir /tmp/prof --steps 20 --batch 64
+Starts `cpserve serve` (same interpreter, same environment) on a loopback port, drives
+`--concurrency` streams of `--output-len` tokens at once with `cpserve bench serve`'s client,
+samples every cpserve process with py-spy while the load runs, and writes to OUT:
 
-The model has a real-size vocabulary (128,256, as Llama 3) and two small layers, so that the
-host's costs (scheduling, plans, block tables, the sampler's full-vocabulary passes, output
-processing) are not hidden behind the layers' arithmetic. What the model itself costs is kept
-apart: the forward pass and the LM head are timed as their own phases, since on a GPU they
-run asynchronously and the host only launches them.
+    profile.json        the client's figures (throughput, TPOT, chunks per stream) and, per
+                        process and thread, the share of samples and the top functions
+    <role>-<pid>.txt    py-spy's folded stacks of each process (flame-graph input)
 
-Writes <out-dir>/profile-host.json: per scenario, the median milliseconds a step spends in
-each phase (inclusive), and the top functions of a cProfile by own time.
+    python benchmarks/profile_host.py --out /tmp/prof                       # tiny, 64 x 128
+    python benchmarks/profile_host.py --out /tmp/prof --no-py-spy --model /ckpt --device cuda
+
+Chunks per stream count the SSE events that carried text: with one event per engine step that
+gives a request text, a stream of N tokens gets close to N (fewer when bytes of one character
+or a held-back stop string span tokens).
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
+import asyncio
+import collections
 import json
-import pstats
-import statistics
+import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
-import tempfile
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serving_model import LLAMA_31_8B, write_model_dir  # noqa: E402
+from cpserve.bench.datasets import sample_random_requests  # noqa: E402
+from cpserve.bench.serve import run_benchmark  # noqa: E402
 
-# Real vocabulary, toy layers: the LM head is the only large matmul.
-SHAPE = dict(LLAMA_31_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-             max_position_embeddings=16384, torch_dtype="float32",
-             rope_scaling=dict(LLAMA_31_8B["rope_scaling"],
-                               original_max_position_embeddings=8192))
-
-# (module path, attribute path, phase name). Missing ones are skipped, so the script keeps
-# working as the code moves; nested phases are inclusive.
-PHASES = [
-    ("cpserve.engine.scheduler", "Scheduler.schedule", "schedule"),
-    ("cpserve.engine.llm_engine", "LLMEngine._plan", "plan"),
-    ("cpserve.engine.model_runner", "ModelRunner.prepare", "runner.prepare"),
-    ("cpserve.engine.step_inputs", "RequestRows.apply", "runner.prepare: rows.apply"),
-    ("cpserve.engine.model_runner", "prepare_inputs", "runner.prepare: inputs"),
-    ("cpserve.engine.model_runner", "ModelRunner.forward", "runner.forward (model)"),
-    ("cpserve.engine.model_runner", "ModelRunner._logit_rows", "runner.logit_rows"),
-    ("cpserve.models.llama", "LlamaForCausalLM.compute_logits", "lm_head (model)"),
-    ("cpserve.engine.sampler", "Sampler.__call__", "sampler"),
-    ("cpserve.engine.sampler", "Sampler.sample", "sampler"),
-    ("cpserve.engine.sampler", "SampledBatch.resolve", "sampler: resolve on host"),
-    ("cpserve.engine.llm_engine", "LLMEngine._finish", "finish (outputs, stops)"),
-    ("cpserve.engine.output", "OutputProcessor.on_token", "outputs.on_token"),
-    ("cpserve.engine.output", "OutputProcessor.make_outputs", "outputs.make"),
-    ("cpserve.kv.manager", "KVCacheManager.cache_full_blocks", "kv.cache_full_blocks"),
-    ("cpserve.engine.llm_engine", "LLMEngine.step", "step (total)"),
-]
+TOP_FUNCTIONS = 25
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched outside the model (on a GPU: kernel launches, copies
-    and synchronisations the host pays for each step). `pause` around the model's calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter = Counter()
-        self.paused = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused:
-            self.counts[func._overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-    def pause_inside(self, module: str, attr: str) -> None:
-        import importlib
-
-        owner = importlib.import_module(module)
-        *path, method = attr.split(".")
-        for part in path:
-            owner = getattr(owner, part)
-        original = getattr(owner, method)
-        counter = self
-
-        def paused(*args, **kwargs):
-            counter.paused += 1
-            try:
-                return original(*args, **kwargs)
-            finally:
-                counter.paused -= 1
-
-        setattr(owner, method, paused)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-class PhaseTimer:
-    def __init__(self) -> None:
-        self.current: dict[str, float] = defaultdict(float)
-        self.depth: dict[str, int] = defaultdict(int)
-
-    def wrap(self, module: str, attr: str, name: str) -> None:
-        import importlib
-
+def start_server(args: argparse.Namespace, port: int, log) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "cpserve.entrypoints.cli", "serve", args.model, "--port",
+           str(port), "--max-num-seqs", str(max(args.concurrency, 1)), "--uvicorn-log-level",
+           "warning", *args.engine_flag]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + args.startup_timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode} at start-up")
         try:
-            owner = importlib.import_module(module)
-            *path, method = attr.split(".")
-            for part in path:
-                owner = getattr(owner, part)
-            original = getattr(owner, method)
-        except (ImportError, AttributeError):
-            return
-        timer = self
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("the server did not come up")
+        time.sleep(0.2)
 
-        def timed(*args, **kwargs):
-            timer.depth[name] += 1
-            start = time.perf_counter()
+
+def process_tree(root: int) -> list[int]:
+    """`root` and its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
             try:
-                return original(*args, **kwargs)
-            finally:
-                timer.depth[name] -= 1
-                if timer.depth[name] == 0:  # recursion or a wrapped override: count once
-                    timer.current[name] += time.perf_counter() - start
-
-        setattr(owner, method, timed)
-
-    def take(self) -> dict[str, float]:
-        out, self.current = dict(self.current), defaultdict(float)
-        return out
-
-
-def scenario_requests(name: str, batch: int, vocab: int):
-    """(prompts, params) so that after a warm-up every measured step has the shape named."""
-    from cpserve import SamplingParams
-
-    gen = torch.Generator().manual_seed(0)
-
-    def prompt(n):
-        return torch.randint(0, vocab - 256, (n,), generator=gen).tolist()
-
-    greedy = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
-    if name == "decode-64":
-        return [prompt(1024) for _ in range(batch)], [greedy] * batch
-    if name == "decode-64-sampled":
-        sampled = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, max_tokens=10_000,
-                                 ignore_eos=True)
-        return [prompt(1024) for _ in range(batch)], [sampled] * batch
-    raise ValueError(name)
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children[ppid].append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
 
 
-def run_scenario(engine, timer: PhaseTimer, ops: OpCounter, name: str, batch: int,
-                 steps: int, profile_dir: Path) -> dict:
-    from cpserve import SamplingParams
-
-    vocab = engine.config.model.vocab_size
-    mixed = name.startswith("mixed")
-    base = "decode-64" if mixed else name
-    prompts, params = scenario_requests(base, batch, vocab)
-    ids = []
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        ids.append(f"{name}-{i}")
-        engine.add_request(ids[-1], {"prompt_token_ids": p}, sp)
-    while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
-                                          for r in engine.scheduler.running):
-        engine.step()
-    for _ in range(3):
-        engine.step()  # warm: every request decoding
-    timer.take()
-    per_step = []
-    profiler = cProfile.Profile()
-    chunk = engine.scheduler.config.max_num_batched_tokens - batch
-    # Phases timed without the profiler (its per-call cost would inflate Python), then the
-    # same number of steps under cProfile for the function breakdown, then with aten ops
-    # counted (a dispatch mode costs every op).
-    def one_step(step: int) -> None:
-        if mixed:  # a new prompt each step: its first chunk runs beside the 64 decodes
-            gen = torch.Generator().manual_seed(1000 + step)
-            extra = torch.randint(0, vocab - 256, (chunk,), generator=gen).tolist()
-            engine.add_request(f"{name}-x{step}", {"prompt_token_ids": extra},
-                               SamplingParams(temperature=0, max_tokens=1))
-        engine.step()
-
-    for step in range(steps):
-        one_step(step)
-        per_step.append(timer.take())
-    profiler.enable()
-    for step in range(steps, 2 * steps):
-        one_step(step)
-    profiler.disable()
-    with ops:
-        for step in range(2 * steps, 3 * steps):
-            one_step(step)
-    op_counts, ops.counts = ops.counts, Counter()
-    engine.abort_request(ids + [f"{name}-x{s}" for s in range(3 * steps)])
-    while engine.has_unfinished_requests():
-        engine.step()
-    engine.step()
-    profiler.dump_stats(profile_dir / f"{name}.pstats")
-    stats = pstats.Stats(profiler)
-    top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:25]
-    # Own time in torch's C functions is device work here (CPU) and a launch on a GPU; the
-    # rest is Python the host runs either way (inflated by cProfile's cost per call). Calls
-    # count the launches a GPU step pays.
-    torch_s = python_s = 0.0
-    torch_calls = 0
-    for (file, _, fn), (_, calls, own, _, _) in stats.stats.items():
-        if file == "~" and "torch" in fn:
-            torch_s += own
-            torch_calls += calls
-        else:
-            python_s += own
-    phases = sorted({k for s in per_step for k in s})
-    return dict(
-        name=name, batch=batch, steps=steps,
-        phase_ms_median={k: 1e3 * statistics.median(s.get(k, 0.0) for s in per_step)
-                         for k in phases},
-        python_ms_per_step=1e3 * python_s / steps, torch_ms_per_step=1e3 * torch_s / steps,
-        torch_calls_per_step=torch_calls / steps,
-        aten_ops_outside_model_per_step=sum(op_counts.values()) / steps,
-        top_aten_ops_outside_model={k: v / steps for k, v in op_counts.most_common(15)},
-        top_own_time=[dict(function=f"{Path(f).name}:{line}:{fn}", calls=cc,
-                           own_ms_per_step=1e3 * tt / steps, cum_ms_per_step=1e3 * ct / steps)
-                      for (f, line, fn), (cc, _, tt, ct, _) in top])
+def role(pid: int) -> str:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "gone"
+    text = b" ".join(cmdline).decode(errors="replace")
+    if "core_process" in text:
+        return "engine-core"
+    if "local_ranks" in text:
+        return "rank"
+    if "serve" in text:
+        return "api"
+    return "other"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out-dir", required=True)
-    ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--scenarios", default="decode-64,decode-64-sampled,mixed-64")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: the host's costs are not blurred by idle spinning)")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out_dir)
+def summarize(folded: Path, seconds: float, rate: int) -> dict:
+    """Per thread: the share of the wall time it was busy (py-spy samples only running
+    threads) and its hottest functions, by self time and by total time."""
+    per_thread: dict[str, dict[str, collections.Counter]] = collections.defaultdict(
+        lambda: {"self": collections.Counter(), "total": collections.Counter()})
+    busy: collections.Counter = collections.Counter()
+    for line in folded.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        thread = _thread_name(frames[0])
+        busy[thread] += n
+        funcs = [_frame(f) for f in frames[1:]] or ["(no frame)"]
+        per_thread[thread]["self"][funcs[-1]] += n
+        for func in set(funcs):
+            per_thread[thread]["total"][func] += n
+    possible = max(1.0, seconds * rate)
+    return {thread: {
+        "busy_share_of_wall": round(n / possible, 3),
+        "self": [(f, round(k / n, 3)) for f, k in per_thread[thread]["self"].most_common(
+            TOP_FUNCTIONS)],
+        "total": [(f, round(k / n, 3)) for f, k in per_thread[thread]["total"].most_common(
+            TOP_FUNCTIONS)],
+    } for thread, n in busy.most_common()}
+
+
+def _thread_name(frame: str) -> str:
+    # py-spy --threads writes "thread (TID): NAME" first.
+    return frame.rsplit(": ", 1)[-1] if frame.startswith("thread") else frame
+
+
+def _frame(frame: str) -> str:
+    # "function (path/to/file.py:123)" -> "function (file.py)"
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    return f"{name} ({'/'.join(Path(path).parts[-2:])})" if path else name
+
+
+async def drive(url: str, args: argparse.Namespace) -> dict:
+    requests = sample_random_requests(args.num_prompts, args.input_len, args.output_len,
+                                      vocab_size=args.vocab_size, seed=1)
+    result = await run_benchmark(base_url=url, model=args.served_model, requests=requests,
+                                 max_concurrency=args.concurrency, ignore_eos=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--num-prompts", type=int, default=None, help="default: 2 x concurrency")
+    parser.add_argument("--input-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--py-spy", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--rate", type=int, default=50, help="py-spy samples per second")
+    parser.add_argument("--startup-timeout", type=float, default=300)
+    parser.add_argument("--engine-flag", action="append", default=[],
+                        help="extra `cpserve serve` flag, repeatable: --engine-flag=--device=cpu")
+    args = parser.parse_args(argv)
+    args.num_prompts = args.num_prompts or 2 * args.concurrency
+    args.served_model = args.model
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if args.py_spy and spy is None:
+        parser.error("py-spy is not installed (pip install py-spy), or pass --no-py-spy")
 
-    from cpserve.engine.args import EngineArgs
-    from cpserve.engine.llm_engine import LLMEngine
-
-    timer = PhaseTimer()
-    for module, attr, name in PHASES:
-        timer.wrap(module, attr, name)
-    ops = OpCounter()
-    for module, attr in (("cpserve.models.llama", "LlamaForCausalLM.forward"),
-                         ("cpserve.models.llama", "LlamaForCausalLM.compute_logits")):
-        ops.pause_inside(module, attr)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = write_model_dir(Path(tmp) / "model", SHAPE, 8192)
-        engine = LLMEngine.from_engine_args(EngineArgs(
-            model=str(model), load_format="dummy", dtype="float32", device="cpu",
-            max_model_len=4096, num_kv_blocks=(args.batch + 2) * 1100 // 16,
-            max_num_batched_tokens=512, long_prefill_token_threshold=0,
-            max_num_seqs=args.batch + 2))
-        results = []
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(out / "server.log", "w") as log:
+        server = start_server(args, port, log)
         try:
-            for name in args.scenarios.split(","):
-                result = run_scenario(engine, timer, ops, name, args.batch, args.steps, out)
-                results.append(result)
-                print(f"\n== {name}: median ms per step, by phase (inclusive)")
-                for phase, ms in sorted(result["phase_ms_median"].items(), key=lambda kv: -kv[1]):
-                    print(f"  {phase:<28} {ms:8.2f}")
-                print(f"  own time per step: python {result['python_ms_per_step']:.2f} ms, torch "
-                      f"ops {result['torch_ms_per_step']:.2f} ms in "
-                      f"{result['torch_calls_per_step']:.0f} calls")
-                print(f"  aten ops outside the model per step: "
-                      f"{result['aten_ops_outside_model_per_step']:.0f}: "
-                      + ", ".join(f"{k} {v:g}" for k, v in
-                                  result["top_aten_ops_outside_model"].items()))
-                print("  top own time (ms per step):")
-                for row in result["top_own_time"][:12]:
-                    print(f"    {row['own_ms_per_step']:7.2f}  {row['function']}")
+            asyncio.run(drive(url, argparse.Namespace(**{**vars(args), "num_prompts": 8})))
+            spies = []
+            if args.py_spy:
+                for pid in process_tree(server.pid):
+                    name = role(pid)
+                    if name in ("api", "engine-core"):
+                        spies.append((name, pid, subprocess.Popen(
+                            [spy, "record", "--pid", str(pid), "--rate", str(args.rate),
+                             "--format", "raw", "--threads", "--nonblocking", "--output",
+                             str(out / f"{name}-{pid}.txt")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)))
+                time.sleep(1.0)  # py-spy attaches
+            started = time.perf_counter()
+            result = asyncio.run(drive(url, args))
+            wall = time.perf_counter() - started
+            for _, _, proc in spies:
+                proc.send_signal(signal.SIGINT)
+            for _, _, proc in spies:
+                proc.wait(timeout=60)
         finally:
-            engine.shutdown()
-    meta = dict(torch=torch.__version__, threads=args.threads, shape=SHAPE, date=time.strftime(
-        "%Y-%m-%d %H:%M"))
-    (out / "profile-host.json").write_text(json.dumps(dict(meta=meta, scenarios=results),
-                                                      indent=1))
-    print(f"\nwrote {out / 'profile-host.json'}")
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+    chunks = sorted(len(itl) + 1 for itl, n in zip(result["itls"], result["output_lens"]) if n)
+    report = {
+        "concurrency": args.concurrency, "num_prompts": args.num_prompts,
+        "input_len": args.input_len, "output_len": args.output_len, "wall_s": wall,
+        "output_throughput": result["output_throughput"],
+        "median_tpot_ms": result["median_tpot_ms"], "median_ttft_ms": result["median_ttft_ms"],
+        "chunks_per_stream": {"min": chunks[0], "median": chunks[len(chunks) // 2],
+                              "max": chunks[-1]} if chunks else None,
+        "processes": {f"{name}-{pid}": summarize(out / f"{name}-{pid}.txt", wall, args.rate)
+                      for name, pid, _ in spies if (out / f"{name}-{pid}.txt").exists()},
+    }
+    (out / "profile.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "processes"}, indent=1))
+    for name, threads in report["processes"].items():
+        for thread, summary in threads.items():
+            print(f"== {name} thread {thread}: busy {summary['busy_share_of_wall']:.1%} of "
+                  f"the wall time; its time by function (self):")
+            for func, share in summary["self"][:10]:
+                print(f"   {share:6.1%}  {func}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

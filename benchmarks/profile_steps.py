@@ -104,7 +104,7 @@ def profile_steps(llm, label: str, steps: int, out_dir: Path, mixed: bool) -> di
     ctx, batch = (32, 8) if smoke else (1024, 64)
     decode = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
     for i, p in enumerate(_prompts(batch, ctx, 0.0, vocab, seed=99)):
-        engine.add_request(f"{label}-d{i}", {"prompt_token_ids": p}, decode)
+        engine.add_request(f"{label}-d{i}", p, decode)
     while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
                                           for r in engine.scheduler.running):
         engine.step()
@@ -112,7 +112,7 @@ def profile_steps(llm, label: str, steps: int, out_dir: Path, mixed: bool) -> di
         engine.step()  # steady decoding (and its graph replayed) before the window
     if mixed:
         long = _prompts(1, 256 if smoke else 8192, 0.0, vocab, seed=7)[0]
-        engine.add_request(f"{label}-chunked", {"prompt_token_ids": long},
+        engine.add_request(f"{label}-chunked", long,
                            SamplingParams(temperature=0, max_tokens=1))
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():

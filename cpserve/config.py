@@ -10,9 +10,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from cpserve.quantization.config import QuantizationConfig
 
 _DTYPES = {
     "float32": torch.float32,
@@ -30,6 +33,8 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCaus
                            "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
 # vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN: run past the model's positions, knowingly.
 ALLOW_LONG_ENV = "CPSERVE_ALLOW_LONG_MAX_MODEL_LEN"
 
@@ -59,11 +64,17 @@ class ModelConfig:
     max_model_len: int
     eos_token_ids: tuple[int, ...]
     tokenizer: str = ""  # the tokenizer's directory: the checkpoint's unless --tokenizer
+    quantization: str | None = None  # the --quantization flag, as given
+    # What the engine runs, from the checkpoint's quantization_config and the flag.
+    quant_config: QuantizationConfig | None = field(default=None, compare=False)
 
     @staticmethod
     def from_pretrained(path: str | Path, dtype: str | torch.dtype = "auto",
                         max_model_len: int | None = None,
+                        quantization: str | None = None,
                         tokenizer: str | None = None) -> ModelConfig:
+        from cpserve.quantization.config import resolve_quantization
+
         path = Path(path)
         config_file = path / "config.json"
         if not config_file.is_file():
@@ -93,6 +104,8 @@ class ModelConfig:
             max_model_len=int(max_model_len),
             eos_token_ids=_eos_token_ids(path, hf),
             tokenizer=str(tokenizer) if tokenizer is not None else str(path),
+            quantization=quantization,
+            quant_config=resolve_quantization(hf, quantization),
         )
 
     # Shape, read through properties so the raw dict stays the single source.
@@ -249,6 +262,11 @@ class CacheConfig:
     kv_cache_memory_gib: float | None = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8" / "fp8_e4m3": e4m3
+
+    @property
+    def fp8_kv(self) -> bool:
+        return self.kv_cache_dtype in FP8_KV_CACHE_DTYPES
 
 
 @dataclass(frozen=True)
@@ -396,6 +414,10 @@ def check_engine_config(cfg: EngineConfig) -> None:
         raise ConfigError(f"kv_cache_memory={cache.kv_cache_memory_gib} GiB must be > 0")
     if not 0 < cache.gpu_memory_utilization <= 1:
         raise ConfigError(f"gpu_memory_utilization={cache.gpu_memory_utilization} must be in (0, 1]")
+    if cache.kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ConfigError(f"kv_cache_dtype={cache.kv_cache_dtype!r} is not supported: 'auto' "
+                          "keeps the model's dtype, 'fp8' (= 'fp8_e4m3') caches e4m3 with "
+                          "per-tensor scales")
     if cfg.load_format not in ("auto", "dummy"):
         raise ConfigError(f"load_format={cfg.load_format!r} must be 'auto' or 'dummy'")
     if cfg.device not in ("cpu", "cuda"):

@@ -85,21 +85,22 @@ def test_same_outputs_as_synchronous_steps(engines):
 
 def test_decodes_are_fed_from_the_device_while_a_step_is_queued(engines, monkeypatch):
     """In steady decoding every planned decode token is pending (its value comes from the
-    previous step's samples on the device), and each call returns the step queued before
-    (the first call queues two: it returns what the first did)."""
+    previous step's samples on the device), and each call returns the news of the step
+    queued before (the first call queues two: it returns what the first did)."""
     _, overlapped = engines
     engine = overlapped.engine
     plans = []
     execute = Executor.execute
     monkeypatch.setattr(Executor, "execute", lambda self, plan, *a: plans.append(plan)
                         or execute(self, plan, *a))
-    engine.add_request("steady", {"prompt_token_ids": PROMPTS[0]},
+    engine.add_request("steady", PROMPTS[0],
                        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-    lengths = []
+    news = []
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            lengths.append(len(out.outputs[0].token_ids))
-    assert lengths == [1, 2, 3, 4, 5, 6]  # one output per step, none lost or repeated
+        for out in engine.step().outputs:
+            news.append((len(out.new_token_ids), out.finish_reason))
+    # One token per step, none lost or repeated; the sixth ends it.
+    assert news == [(1, None)] * 5 + [(1, "length")]
     decodes = [p.requests[0].token_ids for p in plans if p.requests][1:]
     # max_tokens is known ahead: no step is queued past the sixth token.
     assert decodes == [[PENDING_TOKEN]] * 5
@@ -111,21 +112,29 @@ def test_abort_while_a_step_is_queued_frees_everything(engines):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     [expected] = sync.generate({"prompt_token_ids": PROMPTS[2]}, params, use_tqdm=False)
     engine = overlapped.engine
-    engine.add_request("keep", {"prompt_token_ids": PROMPTS[2]}, params)
-    engine.add_request("drop", {"prompt_token_ids": PROMPTS[3]}, params)
-    outputs = {}
+    engine.add_request("keep", PROMPTS[2], params)
+    engine.add_request("drop", PROMPTS[3], params)
+    tokens = {"keep": [], "drop": []}
+    ends = {}
+
+    def step() -> None:
+        for out in engine.step().outputs:
+            tokens[out.request_id] += out.new_token_ids
+            if out.finish_reason is not None:
+                ends[out.request_id] = out.finish_reason
+
     for _ in range(4):
-        for out in engine.step():
-            outputs[out.request_id] = out
+        step()
     assert engine._in_flight is not None  # "drop" is in the queued step
+    dropped_at = len(tokens["drop"])
     engine.abort_request(["drop"])
     engine.check_integrity()
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            outputs[out.request_id] = out
-    assert outputs["keep"].outputs[0].token_ids == expected.outputs[0].token_ids
-    assert not outputs.get("drop") or not outputs["drop"].finished
+        step()
+    assert tokens["keep"] == expected.outputs[0].token_ids and ends["keep"] == "length"
+    # No news of an aborted sequence: the front end that aborted it knows.
+    assert len(tokens["drop"]) == dropped_at and "drop" not in ends
     engine.check_integrity()
     assert engine.kv.pool.num_free == engine.kv.pool.num_blocks
-    assert engine.step() == []  # the next plan tells the workers which requests ended
+    assert engine.step().outputs == []  # the next plan tells the workers which requests ended
     assert len(engine.executor.runner.rows) == 0

@@ -35,6 +35,7 @@ from cpserve.attention.merge import merge_two  # noqa: E402
 from cpserve.attention.metadata import PlannedSeq, build_step_tokens  # noqa: E402
 from cpserve.distributed.groups import ParallelGroups, single_process_groups  # noqa: E402
 from cpserve.kv.layout import KVLayout  # noqa: E402
+from cpserve.quantization.fp8 import FP8  # noqa: E402
 
 REF = TorchReferenceBackend()
 # Head width of the small cases: 16 keeps the interpreter fast; on a GPU 32, a width the
@@ -268,7 +269,7 @@ TINY = dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=4 * 
             num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6)
 
 
-def _runner(tmp_path, dtype: str, max_len: int, backend: str):
+def _runner(tmp_path, dtype: str, max_len: int, backend: str, kv_cache_dtype: str = "auto"):
     from cpserve.config import (
         CacheConfig,
         EngineConfig,
@@ -280,7 +281,8 @@ def _runner(tmp_path, dtype: str, max_len: int, backend: str):
 
     (tmp_path / "config.json").write_text(json.dumps(dict(TINY, torch_dtype=dtype)))
     config = EngineConfig(ModelConfig.from_pretrained(tmp_path, dtype, max_len), ParallelConfig(),
-                          CacheConfig(block_size=16, num_blocks=max_len // 16 + 8),
+                          CacheConfig(block_size=16, num_blocks=max_len // 16 + 8,
+                                      kv_cache_dtype=kv_cache_dtype),
                           SchedulerConfig(max_num_seqs=8), device=DEVICE, load_format="dummy",
                           enforce_eager=True)
     runner = ModelRunner(config, single_process_groups(), torch.device(DEVICE))
@@ -371,3 +373,127 @@ def test_prefix_attention_at_prefill_sizes(mode, groups):
     got = backend.paged_attention(q, k_cache, v_cache, tables, seq, lens, 128 ** -0.5, plan=plan)
     want = REF.paged_attention(q, k_cache, v_cache, tables, seq, lens, 128 ** -0.5)
     assert_attention_close(got, want, dtype)
+
+
+# an FP8 KV cache ----------------------------------------------------------------------------
+# Scales of a checkpoint (any positive number) rather than the warm-up's powers of two, so the
+# dequantization rounds.
+K_SCALE, V_SCALE = 0.37, 1.5
+
+
+def _fp8_caches(gen, blocks=48, page=4, kv_heads=2, dim=D):
+    return tuple(c.to(FP8) for c in _caches(torch.float32, gen, blocks, page, kv_heads, dim))
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_gather_dequantizes_an_fp8_cache(dtype, monkeypatch):
+    """The gather into the model's dtype: each row is e4m3 value * scale (in fp32, then
+    rounded), as the reference and the paged kernel read an FP8 cache."""
+    monkeypatch.setattr(prefix_plan, "GATHER_BLOCK_TOKENS", 4)
+    gen = torch.Generator().manual_seed(5)
+    cache = rand(12, 4, 3, 40, gen=gen).mul(20).to(FP8)
+    tables = torch.randperm(12, generator=gen).view(2, 6).to(DEVICE)
+    plan = build_prefix_plan(torch.tensor([1] * 8 + [0] * 9), torch.tensor([9] * 8 + [21] * 9),
+                             2, torch.device(DEVICE), library=True, tile_queries=4)
+    work = plan.library.gather
+    got = gather_kv_triton(cache, tables, work, scale=K_SCALE, dtype=dtype)
+    want = gather_kv_reference(cache, tables, work, scale=K_SCALE, dtype=dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+    flat = cache.reshape(-1, 3, 40)
+    for row, (seq, local) in ((13, (0, 13)), (21 + 6, (1, 6))):
+        stored = flat[tables[seq, local // 4] * 4 + local % 4]
+        assert torch.equal(got[row], (stored.float() * K_SCALE).to(dtype))
+    into = torch.empty(work.num_rows + 5, 3, 40, dtype=dtype, device=DEVICE)  # a workspace
+    assert torch.equal(gather_kv_triton(cache, tables, work, out=into[:work.num_rows],
+                                        scale=K_SCALE), want)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", _layouts(), ids=lambda x: x[0])
+def test_planned_prefix_attention_over_fp8_cache_matches_reference(mode, layout):
+    """Every planned path over an FP8 cache with its layer's scales: the gather (which now
+    dequantizes, so the library path stays on), the tiled kernel and decode mode."""
+    dtype = LOW[0]
+    _, seq, lens, num_seqs = layout
+    gen = torch.Generator().manual_seed(len(seq))
+    k_cache, v_cache = _fp8_caches(gen)
+    tables = torch.randperm(48, generator=gen)[:num_seqs * 12].view(num_seqs, 12).to(DEVICE)
+    seq, lens = torch.tensor(seq), torch.tensor(lens)
+    q = rand(seq.numel(), 8, D, dtype=dtype, gen=gen)
+    shape = AttentionShape(8, 2, D, D, dtype, kv_dtype=FP8)
+    backend = planned_backend(shape, mode, max_prefix_tokens=64)
+    plan = backend._prefix_plan(seq, lens, num_seqs, shape)
+    seq, lens = seq.to(DEVICE), lens.to(DEVICE)
+    call = (q, k_cache, v_cache, tables, seq, lens, 0.3)
+    got = backend.paged_attention(*call, k_scale=K_SCALE, v_scale=V_SCALE, plan=plan)
+    want = REF.paged_attention(*call, k_scale=K_SCALE, v_scale=V_SCALE)
+    assert_attention_close(got, want, dtype)
+    assert (plan.library is not None) == (mode != "triton")
+    if mode != "triton" and DEVICE == "cuda":  # (on CPU the backend starts without ops)
+        assert backend._workspace[0].dtype == dtype  # it holds dequantized rows
+    assert backend.host_plans == 0 and not backend.fallbacks
+    unscaled = REF.paged_attention(*call)  # the scales matter
+    assert not torch.allclose(unscaled[0].float(), want[0].float(), atol=1e-2)
+
+
+@pytest.mark.parametrize("mode", ["gather-cudnn", "triton"])
+def test_attention_context_fp8_steps_match_reference(mode):
+    """AttentionContext with an FP8 cache and per-layer scales: a prefill of two prompts,
+    then a chunk over the cached prefix beside a decode, planned ahead. Outputs match the
+    reference backend and both write the same FP8 values (Triton's rounding writes +0 where
+    PyTorch's writes -0: the same value)."""
+    dtype, layout, groups = LOW[0], KVLayout(block_size=4), single_process_groups()
+    tables = torch.arange(2 * 12).view(2, 12)
+    shape = AttentionShape(4, 2, D, D, dtype, kv_dtype=FP8)
+    backends = [REF, planned_backend(shape, mode, max_prefix_tokens=48)]
+    caches = [[(torch.zeros(24, 4, 2, D, dtype=FP8, device=DEVICE),
+                torch.zeros(24, 4, 2, D, dtype=FP8, device=DEVICE))] for _ in backends]
+    gen = torch.Generator().manual_seed(13)
+    scales = [(K_SCALE, V_SCALE)]
+    for seqs in ([PlannedSeq(0, 27, False), PlannedSeq(0, 9, False)],
+                 [PlannedSeq(27, 18, False), PlannedSeq(9, 1, False)]):
+        host = build_step_tokens(seqs, tables, layout, groups).metadata
+        meta = type(host)(**{n: (x.to(DEVICE) if isinstance(x, torch.Tensor) else x)
+                             for n, x in vars(host).items()})
+        t = host.rep_pos.numel()
+        q, k, v = (rand(t, h, D, dtype=dtype, gen=gen) for h in (4, 2, 2))
+        outs = [AttentionContext(meta, c, groups, b, kv_scales=scales,
+                                 plans=b.plan_step(host, "allgather"))
+                .attention(0, q, k, v, 0.25) for b, c in zip(backends, caches)]
+        lse = torch.zeros(outs[0].shape[:2], device=DEVICE)
+        assert_attention_close((outs[1], lse), (outs[0], lse), dtype)
+    plans = backends[1].plan_step(host, "allgather")
+    assert (plans.rep_prefix.library is not None) == (mode != "triton")
+    assert backends[1].host_plans == 0
+    for (k_ref, v_ref), (k_gpu, v_gpu) in zip(caches[0], caches[1]):
+        assert torch.equal(k_ref.float(), k_gpu.float())
+        assert torch.equal(v_ref.float(), v_gpu.float())
+
+
+def test_runner_fp8_chunked_steps_take_the_gather_path(tmp_path, monkeypatch):
+    """The engine's path with --kv-cache-dtype fp8: the chunks over the FP8 cache gather
+    their prefix (dequantized) for the library op, planned ahead, with the logits of the
+    reference backend on the same FP8 cache and scales."""
+    planned = _runner(tmp_path, "float16", 512, "planned", kv_cache_dtype="fp8")
+    reference = _runner(tmp_path, "float16", 512, "reference", kv_cache_dtype="fp8")
+    reference.backend = REF
+    assert planned.kv_scales == reference.kv_scales and planned.kv_scales is not None
+    assert planned.attention_shape().cache_dtype == FP8
+    gathers, prefix_calls = [], []
+    gather = gpu_backend.gather_kv_triton
+    monkeypatch.setattr(gpu_backend, "gather_kv_triton",
+                        lambda *a, **kw: gathers.append(kw["scale"]) or gather(*a, **kw))
+    planned.backend.full_op = (lambda q, k, v, causal, scale: prefix_calls.append(k.dtype)
+                               or reference_piece(q, k, v, causal, scale))
+    for plan in _chunked_plans(150, 64):
+        got, want = planned.execute(plan), reference.execute(plan)
+        torch.testing.assert_close(got, want, atol=TOL[torch.float16]["out"], rtol=0)
+    assert prefix_calls == [torch.float16] * 4  # chunks 2 and 3, in each of the two layers
+    assert gathers == [s for layer in (0, 1, 0, 1) for s in planned.kv_scales[layer]]
+    assert planned.backend.host_plans == 0
+    # Layer 0's K/V come from the embeddings alone: the same FP8 values on both sides (deeper
+    # layers' may differ by an e4m3 step where the attention outputs' rounding did).
+    (k_ref, v_ref), (k_gpu, v_gpu) = reference.kv_caches[0], planned.kv_caches[0]
+    assert k_gpu.dtype == v_gpu.dtype == FP8
+    assert torch.equal(k_ref.float(), k_gpu.float())
+    assert torch.equal(v_ref.float(), v_gpu.float())

@@ -13,6 +13,10 @@ lse [N, H] in fp32, with lse = -inf (and out = 0) for a query that sees no key.
 
 Latent attention (MLA) stores one cache per layer whose first `v_dim` channels are also the
 values: its caller passes `v = None` / `v_cache = None` and `v_dim`, and nothing is stored twice.
+
+An FP8 (e4m3) cache holds k / k_scale and v / v_scale: `write_kv` quantizes on write,
+`paged_attention` dequantizes on load (cpserve/quantization/kv_cache.py); the scales are 1.0
+for caches in the model's dtype.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from cpserve.attention.merge import merge_two
+from cpserve.quantization.fp8 import FP8, to_fp8
 
 if TYPE_CHECKING:
     from cpserve.attention.metadata import StepAttentionMetadata
@@ -66,18 +71,22 @@ class AttentionBackend(Protocol):
         """Host-side preparation of a step, from the metadata's host tensors."""
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor | None, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
-        """Store k[i], v[i] in flat slot `slot_mapping[i]`; skip entries that are -1."""
+                 v_cache: torch.Tensor | None, slot_mapping: torch.Tensor,
+                 k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+        """Store k[i], v[i] in flat slot `slot_mapping[i]`; skip entries that are -1. An
+        FP8 cache stores e4m3(k / k_scale), saturating at +-448."""
 
     def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor | None, block_tables: torch.Tensor,
                         query_seq: torch.Tensor, query_kv_len: torch.Tensor, scale: float,
-                        v_dim: int | None = None,
+                        v_dim: int | None = None, k_scale: float = 1.0,
+                        v_scale: float = 1.0,
                         plan: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Each query i attends to the first `query_kv_len[i]` slots of sequence
         `query_seq[i]`, whose blocks are `block_tables[query_seq[i]]` (the local slots of
         one shard, in position order; causality is expressed by the lengths). With
-        `v_cache=None` the values are `k_cache[..., :v_dim]`."""
+        `v_cache=None` the values are `k_cache[..., :v_dim]`. An FP8 cache's keys are
+        k_cache * k_scale, its values v_cache * v_scale (k_scale for latent values)."""
 
     def dense_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         q_pos: torch.Tensor, k_pos: torch.Tensor, q_seq: torch.Tensor,
@@ -105,6 +114,23 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Te
     return out.to(q.dtype), lse.transpose(0, 1).contiguous()
 
 
+def _stored(x: torch.Tensor, cache: torch.Tensor, scale: float) -> torch.Tensor:
+    """What a cache of `cache`'s dtype holds for `x`."""
+    return to_fp8(x.float() / scale) if cache.dtype == FP8 else x.to(cache.dtype)
+
+
+def _copy_slots(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    flat = cache.view(-1, *cache.shape[2:])
+    if flat.dtype == FP8:  # index_copy_ has no FP8 kernel on CPU: copy the bytes
+        flat, values = flat.view(torch.uint8), values.view(torch.uint8)
+    flat.index_copy_(0, slots, values)
+
+
+def _loaded(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Cache contents as values: FP8 times its scale, in fp32."""
+    return x.float() * scale if x.dtype == FP8 else x
+
+
 class TorchReferenceBackend:
     """Plain PyTorch, one sequence at a time: the specification the kernels are held to."""
 
@@ -116,17 +142,17 @@ class TorchReferenceBackend:
     def merge_two(self, out_a, lse_a, out_b, lse_b):
         return merge_two(out_a, lse_a, out_b, lse_b)
 
-    def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
+    def write_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
         keep = slot_mapping >= 0
         slots = slot_mapping[keep]
-        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[keep].to(k_cache.dtype))
+        _copy_slots(k_cache, slots, _stored(k[keep], k_cache, k_scale))
         if v_cache is not None:
-            v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+            _copy_slots(v_cache, slots, _stored(v[keep], v_cache, v_scale))
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, query_seq, query_kv_len, scale,
-                        v_dim=None, plan=None):
+                        v_dim=None, k_scale=1.0, v_scale=1.0, plan=None):
         if v_cache is None:
-            v_cache = k_cache[..., :v_dim]
+            v_cache, v_scale = k_cache[..., :v_dim], k_scale
         out = q.new_zeros(*q.shape[:2], v_cache.shape[-1])
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
         block_size = k_cache.shape[1]
@@ -137,8 +163,8 @@ class TorchReferenceBackend:
             if max_len == 0:
                 continue
             blocks = block_tables[seq, : -(-max_len // block_size)]
-            k = k_cache[blocks].flatten(0, 1)[:max_len]
-            v = v_cache[blocks].flatten(0, 1)[:max_len]
+            k = _loaded(k_cache[blocks].flatten(0, 1)[:max_len], k_scale)
+            v = _loaded(v_cache[blocks].flatten(0, 1)[:max_len], v_scale)
             visible = torch.arange(max_len, device=q.device).unsqueeze(0) < lengths.unsqueeze(1)
             out[rows], lse[rows] = _attend(q[rows], k, v, visible, scale)
         return out, lse

@@ -16,6 +16,11 @@ as `TorchReferenceBackend` (the tests hold it to that).
                      irregular layouts: the Triton masked kernel, exact for any mask.
     merge_two        Triton LSE merge of a chunk's own part and its prefix part
 
+An FP8 KV cache (`--kv-cache-dtype fp8`, e4m3 with per-layer k_scale / v_scale) is read by
+every path: the Triton kernels load e4m3 and fold the scales in (kernels/paged.py), and the
+gather dequantizes the prefix into the model's dtype for the library ops (its workspace is in
+that dtype), so a chunk over an FP8 prefix keeps the library path.
+
 `plan_step` builds every plan of a step on the host from the metadata, once, before the
 layers run, with its index tensors on the device: the layers then only launch kernels, never
 wait for the host. A call without a plan builds one itself (tests, benchmarks), which costs
@@ -56,6 +61,7 @@ from cpserve.attention.kernels.library_ops import (
 from cpserve.attention.kernels.merge import merge_two_triton
 from cpserve.attention.kernels.paged import tile_queries, wants_tiles
 from cpserve.attention.kernels.prefix_plan import LibraryPart, PrefixPlan, build_prefix_plan
+from cpserve.quantization.fp8 import FP8
 
 # Steps with at most this many (query, key) pairs take the masked kernel: decode batches
 # (graph-captured) and short chunks, where planning would cost more than it saves.
@@ -187,8 +193,9 @@ class GPUBackend:
         # is sized, so that a long continuation never finds the memory taken.
         self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
         if shape is not None and max_prefix_tokens > 0 and self._library_prefix(shape):
+            # In the model's dtype: the gather dequantizes an FP8 cache into it.
             self._workspace = tuple(torch.empty(max_prefix_tokens, shape.num_kv_heads, dim,
-                                                dtype=shape.cache_dtype, device=self.device)
+                                                dtype=shape.dtype, device=self.device)
                                     for dim in (shape.k_dim, shape.v_dim))
 
     def _library(self) -> bool:
@@ -204,10 +211,11 @@ class GPUBackend:
 
     def _library_prefix(self, shape: AttentionShape) -> bool:
         """Whether a prefix is gathered for the library ops: equal key and value widths, half
-        precision, values stored apart, and the tuning choice."""
+        precision, values stored apart, and the tuning choice. A cache in the model's dtype is
+        copied; an FP8 cache is dequantized by the gather into the model's dtype."""
         return (self.prefix_attention != "triton" and self._library()
                 and not shape.values_in_keys and shape.k_dim == shape.v_dim
-                and _library_dtype(shape.dtype) and shape.cache_dtype == shape.dtype
+                and _library_dtype(shape.dtype) and shape.cache_dtype in (shape.dtype, FP8)
                 and _kernel_dims(shape.k_dim, shape.v_dim))
 
     # planning -------------------------------------------------------------------------------
@@ -251,20 +259,20 @@ class GPUBackend:
                                                            shape.v_dim))
 
     # write ----------------------------------------------------------------------------------
-    def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
-        write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    def write_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=1.0, v_scale=1.0):
+        write_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     def merge_two(self, out_a, lse_a, out_b, lse_b):
         return merge_two_triton(out_a, lse_a, out_b, lse_b)
 
     # paged ----------------------------------------------------------------------------------
     def paged_attention(self, q, k_cache, v_cache, block_tables, query_seq, query_kv_len, scale,
-                        v_dim=None, plan=None):
+                        v_dim=None, k_scale=1.0, v_scale=1.0, plan=None):
         dv = v_dim if v_cache is None else v_cache.shape[-1]
         if not _kernel_dims(q.shape[-1], dv):
             self.fallbacks.add(f"paged: head dims {q.shape[-1]}/{dv}")
             return self.reference.paged_attention(q, k_cache, v_cache, block_tables, query_seq,
-                                                  query_kv_len, scale, v_dim)
+                                                  query_kv_len, scale, v_dim, k_scale, v_scale)
         if plan is None and wants_tiles(q.shape[0], block_tables.shape[0]):
             shape = AttentionShape(q.shape[1], k_cache.shape[2], q.shape[-1], dv, q.dtype,
                                    values_in_keys=v_cache is None, kv_dtype=k_cache.dtype)
@@ -272,47 +280,59 @@ class GPUBackend:
                 query_seq, query_kv_len, block_tables.shape[0], shape))
         if plan is None:  # decode-shaped: one query per program row
             return paged_attention_triton(q, k_cache, v_cache, block_tables, query_seq,
-                                          query_kv_len, scale, v_dim, tiled=False)
+                                          query_kv_len, scale, v_dim, tiled=False,
+                                          k_scale=k_scale, v_scale=v_scale)
         _check_plan("prefix", (plan.num_queries,), (q.shape[0],))
-        return self._run_prefix_plan(plan, q, k_cache, v_cache, block_tables, scale, v_dim, dv)
+        return self._run_prefix_plan(plan, q, k_cache, v_cache, block_tables, scale, v_dim, dv,
+                                     k_scale, v_scale)
 
     def _host_plan(self, query_seq, query_kv_len, num_seqs: int, shape: AttentionShape):
         self.host_plans += 1
         return self._prefix_plan(query_seq, query_kv_len, num_seqs, shape)
 
     def _run_prefix_plan(self, plan: PrefixPlan, q, k_cache, v_cache, block_tables, scale,
-                         v_dim, dv):
+                         v_dim, dv, k_scale=1.0, v_scale=1.0):
         lib, tri = plan.library, plan.triton
         num_heads = q.shape[1]
+        scales = {"k_scale": k_scale, "v_scale": v_scale}
         if lib is not None and lib.rows is None and tri is None:  # one group, rows in order
-            return self._library_prefix_part(lib, q, k_cache, v_cache, block_tables, scale)
+            return self._library_prefix_part(lib, q, k_cache, v_cache, block_tables, scale,
+                                             **scales)
         if tri is not None and tri.rows is None and lib is None:
             return paged_attention_triton(q, k_cache, v_cache, block_tables, tri.seq,
                                           tri.kv_len, scale, v_dim, tiles=tri.tiles,
-                                          tiled=tri.tiles is not None)
+                                          tiled=tri.tiles is not None, **scales)
         out = q.new_zeros(q.shape[0], num_heads, dv)
         lse = torch.full((q.shape[0], num_heads), float("-inf"), dtype=torch.float32,
                          device=q.device)
         if lib is not None:
             part_out, part_lse = self._library_prefix_part(lib, q.index_select(0, lib.rows),
-                                                           k_cache, v_cache, block_tables, scale)
+                                                           k_cache, v_cache, block_tables, scale,
+                                                           **scales)
             out.index_copy_(0, lib.rows, part_out)
             lse.index_copy_(0, lib.rows, part_lse)
         if tri is not None:
             part_out, part_lse = paged_attention_triton(
                 q.index_select(0, tri.rows), k_cache, v_cache, block_tables, tri.seq,
-                tri.kv_len, scale, v_dim, tiles=tri.tiles, tiled=tri.tiles is not None)
+                tri.kv_len, scale, v_dim, tiles=tri.tiles, tiled=tri.tiles is not None,
+                **scales)
             out.index_copy_(0, tri.rows, part_out)
             lse.index_copy_(0, tri.rows, part_lse)
         return out, lse
 
-    def _library_prefix_part(self, lib: LibraryPart, q, k_cache, v_cache, block_tables, scale):
-        """The library rows (grouped, in `lib.pieces` order) over their gathered prefixes."""
+    def _library_prefix_part(self, lib: LibraryPart, q, k_cache, v_cache, block_tables, scale,
+                             k_scale=1.0, v_scale=1.0):
+        """The library rows (grouped, in `lib.pieces` order) over their gathered prefixes. An
+        FP8 cache is gathered into the queries' dtype, dequantized with the layer's scales
+        (the same numbers the step's own K/V were rounded to: context.py)."""
         k_buf = v_buf = None
-        if self._workspace is not None and self._workspace[0].shape[0] >= lib.gather.num_rows:
+        if self._workspace is not None and self._workspace[0].shape[0] >= lib.gather.num_rows \
+                and self._workspace[0].dtype == q.dtype:
             k_buf, v_buf = (w[:lib.gather.num_rows] for w in self._workspace)
-        k = gather_kv_triton(k_cache, block_tables, lib.gather, out=k_buf)
-        v = gather_kv_triton(v_cache, block_tables, lib.gather, out=v_buf)
+        k = gather_kv_triton(k_cache, block_tables, lib.gather, out=k_buf, scale=k_scale,
+                             dtype=q.dtype)
+        v = gather_kv_triton(v_cache, block_tables, lib.gather, out=v_buf, scale=v_scale,
+                             dtype=q.dtype)
         use_cudnn = (self.prefix_attention == "gather-cudnn" and self.ops["cudnn"]
                      and len(lib.pieces) <= MAX_CUDNN_PIECES)
         if not use_cudnn and self.ops["flash"]:

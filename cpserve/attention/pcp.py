@@ -62,13 +62,15 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
                         backend: AttentionBackend, exchange: str,
                         v_dim: int | None = None,
                         plans: StepPlans | None = None,
-                        forms: SameForms = SAME_FORMS) -> torch.Tensor:
+                        forms: SameForms = SAME_FORMS,
+                        kv_scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """q/k/v: this rank's split tokens [n, H, D]. Returns their attention output.
 
     With `v=None` (latent attention) only the keys travel; values are their first v_dim
     channels, or what `forms.new_kv` makes of the keys once they have arrived (MLA expanded).
     Otherwise keys and values travel together as one [2, rows, H_kv, D] tensor.
-    `plans`: the backend's plans of the step (StepPlans.split_*).
+    `plans`: the backend's plans of the step (StepPlans.split_*); `kv_scale`: the layer's
+    (k_scale, v_scale) for an FP8 cache (k and v arrive already rounded to what it holds).
     """
     plans = plans if plans is not None else StepPlans()
     pcp, me, pad = groups.pcp, groups.pcp_rank, meta.pad
@@ -82,7 +84,7 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
     def attend_block(block: torch.Tensor, src: int):
         rows = slice(src * pad, (src + 1) * pad)
         keys, stored = split(block)
-        backend.write_kv(keys, stored, k_cache, v_cache, meta.gathered_slots[rows])
+        backend.write_kv(keys, stored, k_cache, v_cache, meta.gathered_slots[rows], *kv_scale)
         return backend.dense_attention(q, *forms.new_kv(keys, stored, v_dim), meta.split_pos,
                                        meta.gathered_pos[rows], meta.split_seq,
                                        meta.gathered_seq[rows], scale,
@@ -100,7 +102,7 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
         out, lse = running
     else:
         keys, stored = split(all_gather(kv, groups.pcp_group, dim=1))
-        backend.write_kv(keys, stored, k_cache, v_cache, meta.gathered_slots)
+        backend.write_kv(keys, stored, k_cache, v_cache, meta.gathered_slots, *kv_scale)
         out, lse = backend.dense_attention(q, *forms.new_kv(keys, stored, v_dim), meta.split_pos,
                                            meta.gathered_pos, meta.split_seq, meta.gathered_seq,
                                            scale, plan=plans.split_dense_for(0))
@@ -111,7 +113,7 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
         seq = meta.gathered_seq.clamp(min=0)
         o_all, l_all = sharded_kv_attention(all_q, k_cache, v_cache, meta.block_tables, seq,
                                             meta.gathered_prefix_len, scale, groups, backend,
-                                            v_dim, plan=plans.split_prefix)
+                                            v_dim, kv_scale, plan=plans.split_prefix)
         mine = slice(me * pad, me * pad + q.shape[0])
         out, lse = fold_into((out.float(), lse), forms.cached_output(o_all[mine]), l_all[mine])
     return out.to(q.dtype)

@@ -32,18 +32,20 @@ def sharded_kv_attention(
     groups: ParallelGroups,
     backend: AttentionBackend,
     v_dim: int | None = None,
+    kv_scale: tuple[float, float] = (1.0, 1.0),
     plan=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [N, H_local, D]; `query_kv_len` counts the visible tokens on THIS rank's shard.
 
     Returns out [N, H_local, D_v] and lse [N, H_local] over all shards. `v_cache=None`:
-    values are `k_cache[..., :v_dim]` (latent attention). `plan`: the backend's plan of this
-    call (rows and lengths only, so the same after the gather over heads).
+    values are `k_cache[..., :v_dim]` (latent attention). `kv_scale`: (k_scale, v_scale) of
+    an FP8 cache. `plan`: the backend's plan of this call (rows and lengths only, so the
+    same after the gather over heads).
     """
     num_heads = q.shape[1]
     q = all_gather(q, groups.dcp_group, dim=1)
     out, lse = backend.paged_attention(q, k_cache, v_cache, block_tables, query_seq,
-                                       query_kv_len, scale, v_dim, plan=plan)
+                                       query_kv_len, scale, v_dim, *kv_scale, plan=plan)
     if groups.num_kv_shards > 1:
         # One collective carries both: [N, H, D] outputs with their [N, H] LSE as column D.
         packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1).unsqueeze(0)

@@ -68,6 +68,8 @@ class EngineArgs:
     enable_expert_parallel: bool = False
     enforce_eager: bool = False
     load_format: str = "auto"
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
     # vLLM's flags (see "Coming from vLLM" in the README for what each maps to).
     tokenizer: str | None = None
     trust_remote_code: bool = False
@@ -109,6 +111,7 @@ class EngineArgs:
             raise ConfigError("--device cuda was asked for but no CUDA GPU is visible")
         model_path = resolve_model_path(self.model)
         model = ModelConfig.from_pretrained(model_path, self.dtype, self.max_model_len,
+                                            self.quantization,
                                             tokenizer=self._tokenizer_path())
         max_batched, threshold = self.step_budget(model.max_model_len)
         return EngineConfig(
@@ -127,6 +130,7 @@ class EngineArgs:
                 kv_cache_memory_gib=self.kv_cache_memory,
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 enable_prefix_caching=self.enable_prefix_caching,
+                kv_cache_dtype=self.kv_cache_dtype,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,
@@ -248,6 +252,15 @@ class EngineArgs:
                        help="no CUDA graphs for decode steps")
         g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="dummy: random weights made on the device, for benchmarks")
+        q = parser.add_argument_group("quantization")
+        q.add_argument("-q", "--quantization", default=None,
+                       help="fp8: quantize bf16 weights to FP8 at load (per channel); "
+                            "FP8 checkpoints (fp8, compressed-tensors) are found from their "
+                            "config.json without it")
+        q.add_argument("--kv-cache-dtype", default="auto",
+                       help="auto: the model's dtype; fp8 (fp8_e4m3): an e4m3 KV cache, "
+                            "half the bytes per token, scales from the checkpoint or "
+                            "computed at start-up")
         _add_vllm_args(parser)
 
     @classmethod

@@ -106,7 +106,7 @@ class DecodeGraphs:
         meta = decode_metadata(runner.rows.table, positions, runner.layout,
                                runner.groups.cp_rank, seq=rows)
         ctx = AttentionContext(meta, runner.kv_caches, runner.groups, runner.backend,
-                               runner.config.parallel.kv_exchange)
+                               runner.config.parallel.kv_exchange, kv_scales=runner.kv_scales)
         return runner.model(token_ids, meta.rep_pos, ctx)
 
     def _capture(self, bucket: int) -> None:

@@ -48,7 +48,7 @@ def profile_kv_budget(runner: ModelRunner) -> float:
     """
     config, device = runner.config, runner.device
     tokens = min(config.scheduler.max_num_batched_tokens, config.model.max_model_len - 1)
-    blocks = runner.layout.num_blocks_for(tokens) + 1
+    blocks = runner.layout.num_blocks_for(tokens)  # within a max_model_len request's row
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     runner.kv_caches = [runner.kv_spec.allocate(blocks, config.cache.block_size, device)

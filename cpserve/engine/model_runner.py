@@ -21,6 +21,7 @@ import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -29,7 +30,7 @@ from cpserve.attention.context import AttentionContext
 from cpserve.attention.metadata import PlannedSeq
 from cpserve.config import EngineConfig
 from cpserve.distributed.groups import ParallelGroups, all_reduce
-from cpserve.distributed.plan import StepPlan
+from cpserve.distributed.plan import PlannedRequest, StepPlan
 from cpserve.engine.cuda_graphs import DecodeGraphs
 from cpserve.engine.kv_sizing import decide_num_blocks
 from cpserve.engine.step_inputs import (
@@ -41,8 +42,11 @@ from cpserve.engine.step_inputs import (
 )
 from cpserve.engine.transfer import to_device
 from cpserve.kv.layout import KVLayout
+from cpserve.models.checkpoint import checkpoint_files
 from cpserve.models.loader import build_model
+from cpserve.quantization import kv_cache as fp8_kv
 
+WARMUP_REQUEST_ID = "__cpserve_kv_warmup__"
 # fp32 logits computed at once, whatever the number of rows a step asks for.
 LOGITS_SLICE_BYTES = 256 * 2**20
 
@@ -71,7 +75,9 @@ class ModelRunner:
                                            expert_parallel=par.enable_expert_parallel)
         self.model = build_model(config.model, model_groups, device, config.load_format,
                                  config.seed)
-        self.kv_spec = self.model.kv_cache_spec()
+        # The cache's layout in its own dtype (FP8 with --kv-cache-dtype fp8), known before
+        # the backend: its plans and gather workspace depend on it.
+        self.kv_spec = fp8_kv.with_cache_dtype(self.model.kv_cache_spec(), cache)
         # Before the KV cache is sized: the backend reserves its gather workspace here, the
         # rows their tables.
         self.backend = get_backend("auto", device, self.attention_shape(),
@@ -79,6 +85,12 @@ class ModelRunner:
         self.rows = RequestRows(config.scheduler.max_num_seqs,
                                 self.layout.num_blocks_for(model_cfg.max_model_len), device)
         self.kv_caches: list = []
+        self.kv_scales: list[tuple[float, float]] | None = None  # per layer, FP8 caches only
+        self.kv_report = None
+        if cache.fp8_kv:  # the warm-up prefill (if any) runs on a cache of the model's dtype
+            self.kv_scales = self._fp8_kv_scales()
+            self.kv_report = fp8_kv.cache_report(self.kv_spec, model_cfg.dtype,
+                                                 self.kv_scales_source)
         self.num_blocks = decide_num_blocks(self)
         self.kv_caches = [self.kv_spec.allocate(self.num_blocks, cache.block_size, device)
                           for _ in range(model_cfg.num_layers)]
@@ -104,8 +116,44 @@ class ModelRunner:
         gen = torch.Generator(device=self.device).manual_seed(self.config.seed)
         for k_cache, v_cache in self.kv_caches:
             for cache in (k_cache, v_cache):
-                if cache is not None:
+                if cache is None:
+                    continue
+                if cache.dtype != torch.float8_e4m3fn:
                     cache.normal_(generator=gen)
+                    continue
+                for block in cache.split(max(1, 2**28 // cache[0].numel())):  # no normal_ in FP8
+                    block.copy_(torch.randn(block.shape, generator=gen, device=self.device,
+                                            dtype=torch.bfloat16).to(block.dtype))
+
+    def _fp8_kv_scales(self) -> list[tuple[float, float]]:
+        """Per-layer (k_scale, v_scale) of an FP8 cache: the checkpoint's, or measured by a
+        warm-up prefill into a cache of the model's dtype (quantization/kv_cache.py)."""
+        cfg = self.config
+        if cfg.load_format != "dummy":
+            scales = fp8_kv.checkpoint_kv_scales(checkpoint_files(Path(cfg.model.path)),
+                                                 cfg.model.num_layers)
+            if scales is not None:
+                self.kv_scales_source = "from the checkpoint"
+                return scales
+        tokens = min(fp8_kv.WARMUP_TOKENS, cfg.model.max_model_len - 1,
+                     cfg.scheduler.max_num_batched_tokens)
+        blocks = self.layout.num_blocks_for(tokens)  # within a max_model_len request's row
+        spec = self.model.kv_cache_spec()
+        self.kv_caches = [spec.allocate(blocks, cfg.cache.block_size, self.device)
+                          for _ in range(cfg.model.num_layers)]
+        prompt = fp8_kv.warmup_prompt(cfg.model.vocab_size, tokens)
+        self.execute(StepPlan([PlannedRequest(WARMUP_REQUEST_ID, prompt, 0,
+                                              list(range(blocks)), True, 1)]),
+                     use_graphs=False)
+        self.rows.remove(WARMUP_REQUEST_ID)
+        amax = fp8_kv.kv_amax(self.kv_caches)
+        self.kv_caches = []
+        if self.groups.cpu_group is not None:
+            torch.distributed.all_reduce(amax, torch.distributed.ReduceOp.MAX,
+                                         group=self.groups.cpu_group)
+        self.kv_scales_source = f"measured by a {tokens}-token warm-up prefill"
+        return [(fp8_kv.scale_from_amax(float(k)), fp8_kv.scale_from_amax(float(v)))
+                for k, v in amax.tolist()]
 
     def attention_shape(self) -> AttentionShape:
         """The attention calls' shape on this rank: DCP gathers its group's query heads."""
@@ -124,6 +172,8 @@ class ModelRunner:
     def written_slots(self) -> torch.Tensor:
         """Flat slots of layer 0 whose K is not all zero (the cache starts zeroed)."""
         k_cache = self.kv_caches[0][0]
+        if k_cache.element_size() == 1:  # FP8: compare the bits
+            k_cache = k_cache.view(torch.uint8)
         return torch.nonzero(k_cache.flatten(0, 1).flatten(1).ne(0).any(dim=1)).squeeze(1).cpu()
 
     # One step ------------------------------------------------------------------------------
@@ -190,7 +240,7 @@ class ModelRunner:
         plans = (StepPlans() if inputs.host_metadata is None
                  else self.backend.plan_step(inputs.host_metadata, exchange))
         step.ctx = AttentionContext(inputs.metadata, self.kv_caches, self.groups, self.backend,
-                                    exchange, plans)
+                                    exchange, kv_scales=self.kv_scales, plans=plans)
         return step
 
     def forward(self, step: PreparedStep) -> torch.Tensor:

@@ -31,7 +31,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cpserve.attention.context import AttentionContext
@@ -43,6 +42,7 @@ from cpserve.models.decoder import CausalLM, DecoderLayer
 from cpserve.models.layers import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
+    ReplicatedLinear,
     RMSNorm,
     RowParallelLinear,
     sharded_parameter,
@@ -68,19 +68,6 @@ def step_new_tokens(ctx: AttentionContext) -> int:
     rank's padded share of the split ones), so all ranks pick the same form."""
     meta = ctx.metadata
     return meta.rep_index.numel() + ctx.groups.pcp * meta.pad
-
-
-class ReplicatedLinear(nn.Module):
-    """The whole linear layer on every rank."""
-
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype,
-                 bias: bool = False) -> None:
-        super().__init__()
-        self.weight = sharded_parameter((out_features, in_features), dtype)
-        self.bias = sharded_parameter((out_features,), dtype) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 def softmax_scale(qk_head_dim: int, rope: dict) -> float:
@@ -151,6 +138,7 @@ class MLAAttention(nn.Module):
         per_head = self.nope + self.v_head_dim
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, h * per_head,
                                               first_head * per_head, dtype)
+        self.kv_b_proj.quantizable = False  # its weight is read: absorbed, or LatentForms
         self.o_proj = RowParallelLinear(h * self.v_head_dim, hidden, tp_rank, groups.tp_group,
                                         dtype)
         if bias:  # added once, after the all-reduce

@@ -4,6 +4,10 @@ Each parameter records which slice of the checkpoint's full tensor this rank hol
 (`param.shard = (dim, start, length)`, or None for the whole tensor), so the loader reads only
 that slice from safetensors.
 
+Linear layers compute through their `method` (see `LinearBase`): `F.linear` unless the
+quantization package gives them an FP8 weight, its scales and the kernels that use them.
+
+    ReplicatedLinear       y = x @ W.T                                      (the whole layer)
     ColumnParallelLinear   y[:, cols of rank]  = x @ W[cols of rank].T       (no communication)
     MergedColumnParallelLinear  several column-parallel linears of one input as one GEMM
     RowParallelLinear      y = all_reduce_tp( x[:, rows of rank] @ W[:, rows of rank].T )
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cpserve.distributed.groups import Group, ParallelGroups, all_gather, all_reduce
+from cpserve.quantization.linear import UNQUANTIZED
 
 
 def sharded_parameter(shape: tuple[int, ...], dtype: torch.dtype, shard=None) -> nn.Parameter:
@@ -63,7 +68,36 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return weight * normed.to(s.dtype), (None if residual is None else s)
 
 
-class ColumnParallelLinear(nn.Module):
+class LinearBase(nn.Module):
+    """`weight` [out_local, in_local]: this rank's slice of a linear layer, applied by
+    `method` (`method.apply(layer, x, bias)`). Unquantized, that is `F.linear`; FP8 layers
+    hold an FP8 weight and its scales, installed by `cpserve.quantization` at load.
+    A layer whose weight the model reads directly (not through `method`) sets
+    `quantizable = False` and keeps it in the compute dtype."""
+
+    quantizable = True
+
+    def __init__(self, out_local: int, in_local: int, dtype: torch.dtype, shard=None) -> None:
+        super().__init__()
+        self.params_dtype = dtype
+        self.weight = sharded_parameter((out_local, in_local), dtype, shard)
+        self.bias = None
+        self.method = UNQUANTIZED
+
+
+class ReplicatedLinear(LinearBase):
+    """The whole linear layer on every rank."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype,
+                 bias: bool = False) -> None:
+        super().__init__(out_features, in_features, dtype)
+        self.bias = sharded_parameter((out_features,), dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x, self.bias)
+
+
+class ColumnParallelLinear(LinearBase):
     """Output features `[start, start + out_local)` of a linear layer.
 
     `start` defaults to this rank's even share; attention passes its own (for example the
@@ -72,15 +106,14 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_local: int, start: int, dtype: torch.dtype,
                  bias: bool = False) -> None:
-        super().__init__()
-        self.weight = sharded_parameter((out_local, in_features), dtype, (0, start, out_local))
+        super().__init__(out_local, in_features, dtype, (0, start, out_local))
         self.bias = sharded_parameter((out_local,), dtype, (0, start, out_local)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.method.apply(self, x, self.bias)
 
 
-class MergedColumnParallelLinear(nn.Module):
+class MergedColumnParallelLinear(LinearBase):
     """Column-parallel linears that read the same input (q, k, v; gate, up), run as one GEMM.
 
     The checkpoint keeps them apart, as modules beside this one; this rank's rows of each are
@@ -98,17 +131,16 @@ class MergedColumnParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, outputs: list[tuple[str, int, int]],
                  dtype: torch.dtype, bias: bool = False) -> None:
-        super().__init__()
-        self.sizes = [rows for _, rows, _ in outputs]
-        self.weight = sharded_parameter((sum(self.sizes), in_features), dtype)
+        sizes = [rows for _, rows, _ in outputs]
+        super().__init__(sum(sizes), in_features, dtype)
+        self.sizes = sizes
         self.weight.parts = _stacked_parts(outputs, "weight")
-        self.bias = None
         if bias:
             self.bias = sharded_parameter((sum(self.sizes),), dtype)
             self.bias.parts = _stacked_parts(outputs, "bias")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return self.method.apply(self, x, self.bias).split(self.sizes, dim=-1)
 
 
 def _stacked_parts(outputs: list[tuple[str, int, int]], kind: str) -> list[tuple]:
@@ -121,18 +153,17 @@ def _stacked_parts(outputs: list[tuple[str, int, int]], kind: str) -> list[tuple
     return parts
 
 
-class RowParallelLinear(nn.Module):
-    """Input features `[rank * in_local, (rank + 1) * in_local)`; partial sums all-reduced."""
+class RowParallelLinear(LinearBase):
+    """Input features `[rank * in_local, (rank + 1) * in_local)`; partial sums all-reduced.
+    A bias, where a model has one, is the model's to add once after the reduction."""
 
     def __init__(self, in_local: int, out_features: int, tp_rank: int, tp_group: Group,
                  dtype: torch.dtype) -> None:
-        super().__init__()
+        super().__init__(out_features, in_local, dtype, (1, tp_rank * in_local, in_local))
         self.tp_group = tp_group
-        self.weight = sharded_parameter((out_features, in_local), dtype,
-                                        (1, tp_rank * in_local, in_local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(F.linear(x, self.weight), self.tp_group)
+        return all_reduce(self.method.apply(self, x, None), self.tp_group)
 
 
 class GatedMLP(nn.Module):

@@ -1,92 +1,138 @@
-"""Load Hugging Face safetensors checkpoints, each rank reading only its own slices."""
+"""Load Hugging Face safetensors checkpoints, each rank reading only its own slices.
+
+Every parameter must be found in the checkpoint (a missing tensor is an error naming it);
+checkpoint tensors that no rank used are listed in a warning, since a name the model does not
+know usually means a format it does not understand. FP8 checkpoints: see
+`cpserve.quantization.weights` (FP8 linear layers, or weights dequantized as they are read).
+"""
 
 from __future__ import annotations
 
-import json
+import logging
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
 
 from cpserve.config import ConfigError, ModelConfig
 from cpserve.distributed.groups import ParallelGroups
+from cpserve.models.checkpoint import (
+    TensorInfo,
+    checkpoint_files,
+    checkpoint_index,
+    parameter_reads,
+)
+from cpserve.quantization.fp8 import FP8
+from cpserve.quantization.kv_cache import is_kv_scale_name
+from cpserve.quantization.weights import dequantized_slice, finish_fp8_layers, prepare_fp8_layers
+
+__all__ = ["build_model", "checkpoint_files", "load_weights"]
+
+logger = logging.getLogger(__name__)
+# Tensors some checkpoints carry that no model computes with.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+UNUSED_SHOWN = 8
 
 
-def checkpoint_files(path: Path) -> dict[str, Path]:
-    """Tensor name -> file holding it, for single-file and sharded (indexed) checkpoints."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: path / file for name, file in weight_map.items()}
-    single = path / "model.safetensors"
-    if not single.is_file():
-        raise ConfigError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
+def _fit(loaded: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
+    """`loaded` in the parameter's shape; only size-1 dims may differ (a scalar scale stored
+    as [1], a per-row scale as [N] or [N, 1])."""
+    if loaded.shape == shape:
+        return loaded
+    if [d for d in loaded.shape if d != 1] == [d for d in shape if d != 1]:
+        return loaded.reshape(shape)
+    raise ConfigError(f"tensor {name!r}: checkpoint slice {tuple(loaded.shape)} does not fit "
+                      f"parameter {tuple(shape)}")
 
 
-def _reads(name: str, param: nn.Parameter) -> list[tuple[str, tuple | None, tuple]]:
-    """(checkpoint tensor, slice of it to read, where in `param` it goes) for one parameter.
-
-    A parameter is one checkpoint tensor, or the slice `param.shard = (dim, start, length)` of
-    it. A parameter that stacks several tensors (a layer's experts, merged q/k/v rows) lists
-    them in `param.parts = [(name relative to the parameter's module, shard, index into
-    param)]`; each leading "../" in a name climbs one module, to tensors of sibling modules.
-    """
-    parts = getattr(param, "parts", None)
-    if parts is None:
-        return [(name, getattr(param, "shard", None), ())]
-    return [(_relative_name(name.rpartition(".")[0], part), shard, index)
-            for part, shard, index in parts]
+def _check_source_dtype(name: str, source, target: torch.dtype) -> None:
+    """Refuse what a cast would silently turn into garbage: packed integers (GPTQ, AWQ, ...),
+    FP8 kinds other than e4m3, dtypes torch does not know."""
+    if isinstance(source, str) or (source.is_floating_point != target.is_floating_point):
+        raise ConfigError(f"checkpoint tensor {name!r} is {source}, the model needs "
+                          f"{target}: a quantized format cpserve does not read")
+    if source.itemsize == 1 and source.is_floating_point and source != FP8:
+        raise ConfigError(f"checkpoint tensor {name!r} is {source}: only e4m3 FP8 "
+                          "(float8_e4m3fn) weights are supported")
 
 
-def _relative_name(module: str, relative: str) -> str:
-    """"model.layers.0.self_attn.qkv_proj" + "../q_proj.weight"
-    -> "model.layers.0.self_attn.q_proj.weight"."""
-    while relative.startswith("../"):
-        module, relative = module.rpartition(".")[0], relative[3:]
-    return f"{module}.{relative}" if module else relative
+def load_weights(model: nn.Module, config: ModelConfig,
+                 index: dict[str, TensorInfo] | None = None) -> set[str]:
+    """Fill every parameter of `model` from the checkpoint; all must be found. Returns the
+    checkpoint tensors read (scales of dequantized FP8 weights included)."""
+    index = checkpoint_index(config.path) if index is None else index
+    quant = getattr(config, "quant_config", None)
+    used: set[str] = set()
+    with ExitStack() as stack:
+        handles: dict[Path, object] = {}
 
+        def read(name: str, shard: tuple | None) -> torch.Tensor:
+            file = index[name].file
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(file, framework="pt",
+                                                              device="cpu"))
+            if shard is None:
+                return handles[file].get_tensor(name)
+            tensor_slice = handles[file].get_slice(name)
+            dim, start, length = shard
+            where = [slice(None)] * len(tensor_slice.get_shape())
+            where[dim] = slice(start, start + length)
+            return tensor_slice[tuple(where)]
 
-def load_weights(model: nn.Module, config: ModelConfig) -> None:
-    """Fill every parameter of `model` from the checkpoint; all must be found."""
-    files = checkpoint_files(Path(config.path))
-    by_file: dict[Path, list[tuple[str, tuple | None, torch.Tensor]]] = {}
-    for param_name, param in model.named_parameters():
-        for name, shard, index in _reads(param_name, param):
-            if name not in files:
-                raise ConfigError(f"checkpoint {config.path} has no tensor {name!r}")
-            by_file.setdefault(files[name], []).append((name, shard, param[index]))
-    for file, reads in by_file.items():
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name, shard, target in reads:
-                tensor_slice = f.get_slice(name)
-                if shard is None:
-                    loaded = tensor_slice[:]
+        for param_name, param in model.named_parameters():
+            for name, shard, where in parameter_reads(param_name, param):
+                if name not in index:
+                    raise ConfigError(f"checkpoint {config.path} has no tensor {name!r}")
+                target = param[where]
+                _check_source_dtype(name, index[name].dtype, target.dtype)
+                if index[name].dtype == FP8 and target.dtype != FP8:
+                    loaded, scale_name = dequantized_slice(read, name, shard, index, quant,
+                                                           target.dtype)
+                    used.add(scale_name)
                 else:
-                    dim, start, length = shard
-                    index = [slice(None)] * len(tensor_slice.get_shape())
-                    index[dim] = slice(start, start + length)
-                    loaded = tensor_slice[tuple(index)]
-                if tuple(loaded.shape) != tuple(target.shape):
-                    raise ConfigError(f"tensor {name!r}: checkpoint slice {tuple(loaded.shape)} "
-                                      f"does not fit parameter {tuple(target.shape)}")
+                    loaded = read(name, shard)
                 with torch.no_grad():
-                    target.copy_(loaded.to(target.dtype))
+                    target.copy_(_fit(loaded, target.shape, name).to(target.dtype))
+                used.add(name)
+    return used
+
+
+def warn_unused(index: dict[str, TensorInfo], used: set[str], groups: ParallelGroups) -> None:
+    """On the driver, list the checkpoint tensors no rank read (ranks read different slices,
+    and may read different tensors, so their sets are joined first)."""
+    names = sorted(index)
+    read = torch.tensor([name in used for name in names], dtype=torch.uint8)
+    if groups.cpu_group is not None:
+        dist.all_reduce(read, dist.ReduceOp.MAX, group=groups.cpu_group)
+    unused = [name for name, hit in zip(names, read.tolist())
+              if not hit and not name.endswith(IGNORED_SUFFIXES) and not is_kv_scale_name(name)]
+    if unused and groups.is_driver:
+        shown = ", ".join(unused[:UNUSED_SHOWN]) + (", ..." if len(unused) > UNUSED_SHOWN else "")
+        logger.warning("%d checkpoint tensor(s) were not used by the model: %s", len(unused),
+                       shown)
 
 
 def build_model(config: ModelConfig, groups: ParallelGroups, device: torch.device,
                 load_format: str = "auto", seed: int = 0) -> nn.Module:
     """The model of `config` on `device`, this rank's slices loaded from the checkpoint; or,
     with load format "dummy", random weights made directly on the device (benchmarks: speed
-    does not depend on the values, and an 8B model needs no 16 GB of files)."""
+    does not depend on the values, and an 8B model needs no 16 GB of files). Dummy weights of
+    a quantized model are quantized on the device, as `--quantization fp8` does at load."""
     from cpserve.models.registry import model_class
 
+    quant = config.quant_config
     if load_format != "dummy":
         model = model_class(config.architecture)(config, groups)
-        load_weights(model, config)
-        return model.to(device).eval()
+        index = checkpoint_index(config.path)
+        prepare_fp8_layers(model, quant, index)
+        warn_unused(index, load_weights(model, config, index), groups)
+        model = model.to(device)
+        if quant is not None:
+            finish_fp8_layers(model, quant, device, quant.online, groups.tp_group)
+        return model.eval()
     with torch.device(device):
         model = model_class(config.architecture)(config, groups)
     # Seeded by TP rank: PCP ranks hold the same weights, as with a checkpoint.
@@ -97,4 +143,6 @@ def build_model(config: ModelConfig, groups: ParallelGroups, device: torch.devic
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, 0.02, generator=gen)
+    if quant is not None:
+        finish_fp8_layers(model, quant, device, True, groups.tp_group)
     return model.eval()

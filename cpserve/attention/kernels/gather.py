@@ -16,6 +16,10 @@ gathers the prefix once per layer and hands the buffer to the library kernel:
 Items are built on the host once per step (kernels/prefix_plan.py) with at most `block_tokens`
 tokens each; each program copies one item's tokens over a slice of the H_kv * D channels.
 For the 8B shape a 128k-token prefix is 256 MiB of keys per layer: read once, written once.
+
+An FP8 cache (`--kv-cache-dtype fp8`) is gathered into the model's dtype and dequantized on
+the way, row = e4m3 value * the layer's scale (computed in fp32, then rounded), the numbers
+the paged kernel and the reference read back (cpserve/quantization/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -45,9 +49,9 @@ class GatherWork:
 
 
 @triton.jit
-def _gather_kernel(cache, out, tables, items, num_items, s_slot, s_head, s_table, s_out,
+def _gather_kernel(cache, out, tables, items, num_items, scale, s_slot, s_head, s_table, s_out,
                    HEAD_DIM: tl.constexpr, CHANNELS: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                   BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SCALED: tl.constexpr):
     item = tl.program_id(0)
     seq = tl.load(items + item).to(tl.int64)
     src = tl.load(items + num_items + item)
@@ -63,6 +67,8 @@ def _gather_kernel(cache, out, tables, items, num_items, s_slot, s_head, s_table
     mask = t_ok[:, None] & c_ok[None, :]
     x = tl.load(cache + slot[:, None] * s_slot + (c // HEAD_DIM)[None, :] * s_head
                 + (c % HEAD_DIM)[None, :], mask=mask)
+    if SCALED:  # an FP8 cache: dequantized in fp32
+        x = x.to(tl.float32) * scale
     tl.store(out + (dst + t)[:, None] * s_out + c[None, :], x.to(out.dtype.element_ty),
              mask=mask)
 
@@ -73,13 +79,28 @@ def _check_cache(cache: torch.Tensor) -> None:
     assert cache.stride(-1) == 1, "the cache's last dimension must be contiguous"
 
 
-def gather_kv_triton(cache: torch.Tensor, block_tables: torch.Tensor, work: GatherWork,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows of `cache` [num_blocks, B, H_kv, D] named by `work`, as a contiguous
-    [work.num_rows, H_kv, D] tensor (`out`, or a new one in the cache's dtype)."""
-    _, page, heads, dim = cache.shape
+def _out(cache: torch.Tensor, work: GatherWork, out: torch.Tensor | None,
+         dtype: torch.dtype | None) -> torch.Tensor:
+    _, _, heads, dim = cache.shape
     if out is None:
-        out = torch.empty(work.num_rows, heads, dim, dtype=cache.dtype, device=cache.device)
+        out = torch.empty(work.num_rows, heads, dim, dtype=dtype or cache.dtype,
+                          device=cache.device)
+    return out
+
+
+def _scaled(cache: torch.Tensor) -> bool:
+    """Whether the gather multiplies by `scale`: an FP8 cache (read back as value * scale)."""
+    return cache.dtype == torch.float8_e4m3fn
+
+
+def gather_kv_triton(cache: torch.Tensor, block_tables: torch.Tensor, work: GatherWork,
+                     out: torch.Tensor | None = None, scale: float = 1.0,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rows of `cache` [num_blocks, B, H_kv, D] named by `work`, as a contiguous
+    [work.num_rows, H_kv, D] tensor (`out`, or a new one in `dtype`, by default the cache's).
+    An FP8 cache's rows come out as value * `scale` (its dequantization)."""
+    _, page, heads, dim = cache.shape
+    out = _out(cache, work, out, dtype)
     if work.num_items == 0:
         return out
     _check_cache(cache)
@@ -88,18 +109,19 @@ def gather_kv_triton(cache: torch.Tensor, block_tables: torch.Tensor, work: Gath
     channels = heads * dim
     block_c = min(BLOCK_CHANNELS, triton.next_power_of_2(channels))
     _gather_kernel[(work.num_items, triton.cdiv(channels, block_c))](
-        cache, out, block_tables, work.items, work.num_items, cache.stride(1), cache.stride(2),
-        block_tables.stride(0), channels, HEAD_DIM=dim, CHANNELS=channels, PAGE=page,
-        BLOCK_T=triton.next_power_of_2(work.block_tokens), BLOCK_C=block_c, num_warps=4)
+        cache, out, block_tables, work.items, work.num_items, float(scale), cache.stride(1),
+        cache.stride(2), block_tables.stride(0), channels, HEAD_DIM=dim, CHANNELS=channels,
+        PAGE=page, BLOCK_T=triton.next_power_of_2(work.block_tokens), BLOCK_C=block_c,
+        SCALED=_scaled(cache), num_warps=4)
     return out
 
 
 def gather_kv_reference(cache: torch.Tensor, block_tables: torch.Tensor, work: GatherWork,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
+                        out: torch.Tensor | None = None, scale: float = 1.0,
+                        dtype: torch.dtype | None = None) -> torch.Tensor:
     """The specification of `gather_kv_triton`, in PyTorch (same signature)."""
     _, page, heads, dim = cache.shape
-    if out is None:
-        out = torch.empty(work.num_rows, heads, dim, dtype=cache.dtype, device=cache.device)
+    out = _out(cache, work, out, dtype)
     if work.num_items == 0:
         return out
     seq, src, dst, count = work.items.long()
@@ -108,5 +130,8 @@ def gather_kv_reference(cache: torch.Tensor, block_tables: torch.Tensor, work: G
     local = (src[:, None] + t)[valid]
     rows_seq = seq[:, None].expand_as(valid)[valid]
     slots = block_tables[rows_seq, local // page] * page + local % page
-    out[(dst[:, None] + t)[valid]] = cache.reshape(-1, heads, dim)[slots].to(out.dtype)
+    rows = cache.reshape(-1, heads, dim)[slots]
+    if _scaled(cache):
+        rows = rows.float() * scale
+    out[(dst[:, None] + t)[valid]] = rows.to(out.dtype)
     return out

@@ -28,6 +28,9 @@ first 512 key channels, `v_cache=None`) are scored in 64-wide chunks (scores.py)
 576-wide query or key tile is live; the value tile is then read at full DV width, mostly
 from L1/L2 since the same bytes were just read as keys.
 
+An FP8 cache (e4m3) is read as the query's dtype; its scales cost nothing per element:
+k_scale joins the softmax scale, v_scale multiplies each output once.
+
 Decode mode needs nothing from the host but shapes, so it is safe inside a CUDA graph: the
 number of splits depends only on the block-table width, and each program sizes its range
 from its own query's length at run time. Tiled mode needs its tiles (`PagedTiles`): the
@@ -92,7 +95,7 @@ def _paged_step(start, hi, lens, qv, q_rows, row_ok, m_i, l_i, acc, table, k_cac
     if NUM_DK_CHUNKS == 1:  # the query tile stays in registers across blocks
         dk = tl.arange(0, CHUNK_DK)
         kt = tl.load(k_cols[None, :] + dk[:, None], mask=valid[None, :] & (dk[:, None] < DK),
-                     other=0.0)
+                     other=0.0).to(q_rows.dtype.element_ty)
         s = dot(qv, kt, IEEE)
     else:
         s = chunked_scores(q_rows, row_ok, k_cols, valid, DK, CHUNK_DK, NUM_DK_CHUNKS, IEEE)
@@ -104,14 +107,14 @@ def _paged_step(start, hi, lens, qv, q_rows, row_ok, m_i, l_i, acc, table, k_cac
     l_i = l_i * alpha + tl.sum(p, axis=1)
     vt = tl.load(v_cache + block[:, None] * sv_b + in_page[:, None] * sv_s
                  + kv_head * sv_h + dv[None, :],
-                 mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
+                 mask=valid[:, None] & (dv[None, :] < DV), other=0.0).to(q_rows.dtype.element_ty)
     pv = dot(p.to(vt.dtype), vt, IEEE)
     return m_new, l_i, acc * alpha[:, None] + pv
 
 
 @triton.jit
 def _paged_kernel(q, k_cache, v_cache, block_tables, query_seq, kv_len, tile_first, tile_rows,
-                  tile_lens, out, lse, part_out, part_lse, scale_log2, num_splits,
+                  tile_lens, out, lse, part_out, part_lse, scale_log2, v_scale, num_splits,
                   sq_n, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, sbt_s,
                   so_n, so_h, sl_n, spo_n, spo_h, spo_s, spl_n, spl_h,
                   G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_PARTS: tl.constexpr,
@@ -170,7 +173,7 @@ def _paged_kernel(q, k_cache, v_cache, block_tables, query_seq, kv_len, tile_fir
                                         NUM_DK_CHUNKS, BLOCK_N, IEEE)
 
     seen = l_i > 0
-    result = acc / tl.where(seen, l_i, 1.0)[:, None]
+    result = acc / tl.where(seen, l_i, 1.0)[:, None] * v_scale
     row_lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                        float("-inf"))
     if SPLIT:
@@ -267,8 +270,9 @@ def plan_tiles_now(query_seq: torch.Tensor, query_kv_len: torch.Tensor,
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
                            block_tables: torch.Tensor, query_seq: torch.Tensor,
                            query_kv_len: torch.Tensor, scale: float, v_dim: int | None = None,
-                           tiled: bool | None = None,
-                           tiles: PagedTiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           tiled: bool | None = None, tiles: PagedTiles | None = None,
+                           k_scale: float = 1.0,
+                           v_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `TorchReferenceBackend.paged_attention`.
 
     `tiles` given: tiled mode over them. Otherwise `tiled=None` picks the mode from shapes:
@@ -277,8 +281,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     cost a host synchronisation.
     """
     num_queries, num_heads, dk = q.shape
-    if v_cache is None:
-        v_cache = k_cache[..., :v_dim]  # latent attention: the values are key channels
+    if v_cache is None:  # latent attention: the values are key channels
+        v_cache, v_scale = k_cache[..., :v_dim], k_scale
     dv = v_cache.shape[-1]
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -326,7 +330,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_out, part_lse = out, lse  # unused
     _paged_kernel[(num_tiles, num_kv_heads * head_parts, splits)](
         q, k_cache, v_cache, block_tables, query_seq, query_kv_len, first, rows, tile_lens,
-        out, lse, part_out, part_lse, scale * LOG2E, splits,
+        out, lse, part_out, part_lse, scale * k_scale * LOG2E, float(v_scale), splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), lse.stride(0),

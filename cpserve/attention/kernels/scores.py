@@ -41,13 +41,14 @@ def chunked_scores(q_rows, q_ok, k_cols, k_ok, DK: tl.constexpr, CHUNK_DK: tl.co
     Returns fp32 [R, N]; masked rows and columns contribute 0."""
     d = tl.arange(0, CHUNK_DK)
     qc = tl.load(q_rows[:, None] + d[None, :], mask=q_ok[:, None] & (d[None, :] < DK), other=0.0)
-    kc = tl.load(k_cols[None, :] + d[:, None], mask=k_ok[None, :] & (d[:, None] < DK), other=0.0)
+    kc = tl.load(k_cols[None, :] + d[:, None], mask=k_ok[None, :] & (d[:, None] < DK),
+                 other=0.0).to(qc.dtype)  # an FP8 cache is read as the query's dtype
     s = dot(qc, kc, IEEE)
     for c in tl.static_range(1, NUM_DK_CHUNKS):
         d = c * CHUNK_DK + tl.arange(0, CHUNK_DK)
         qc = tl.load(q_rows[:, None] + d[None, :], mask=q_ok[:, None] & (d[None, :] < DK),
                      other=0.0)
         kc = tl.load(k_cols[None, :] + d[:, None], mask=k_ok[None, :] & (d[:, None] < DK),
-                     other=0.0)
+                     other=0.0).to(qc.dtype)
         s += dot(qc, kc, IEEE)
     return s
