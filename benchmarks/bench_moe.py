@@ -31,6 +31,7 @@ numbers are those of the constants flipped as printed. Writes DIR/bench_moe.json
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import subprocess
@@ -180,14 +181,17 @@ def decode_ms(engine, prefix, tokens, batch: int, args) -> tuple[float, list[flo
     for rid in rids:
         engine.add_request(rid, prefix + tokens(16), params)
     times, decoding = [], 0
+    generated = collections.Counter()  # tokens so far, per request
     try:
         while engine.has_unfinished_requests() and len(times) < args.steps:
             sync(args.device)
             start = time.perf_counter()
-            outputs = engine.step()
+            outputs = engine.step().outputs
             sync(args.device)
             elapsed = time.perf_counter() - start
-            if len(outputs) == batch and all(len(o.outputs[0].token_ids) > 1 for o in outputs):
+            for o in outputs:
+                generated[o.request_id] += len(o.new_token_ids)
+            if len(outputs) == batch and all(generated[o.request_id] > 1 for o in outputs):
                 decoding += 1
                 if decoding > 2:
                     times.append(elapsed * 1e3)
@@ -227,8 +231,10 @@ def profile(args, engine, tokens, ctx, prefix, batch) -> dict:
     for rid in rids:
         engine.add_request(rid, prefix + tokens(16), SamplingParams(max_tokens=8,
                                                                     ignore_eos=True))
-    while not all(len(o.outputs[0].token_ids) > 1 for o in engine.step()):
-        pass
+    generated = collections.Counter()  # tokens so far, per request
+    while not all(generated[rid] > 1 for rid in rids):
+        for o in engine.step().outputs:
+            generated[o.request_id] += len(o.new_token_ids)
     with torch_profile(activities=activities) as prof:
         for _ in range(3):
             engine.step()

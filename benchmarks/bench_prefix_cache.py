@@ -44,8 +44,8 @@ def ttft(engine: LLMEngine, request_id: str, prompt: list[int]) -> tuple[float, 
     engine.add_request(request_id, prompt, SamplingParams(temperature=0, max_tokens=1,
                                                           ignore_eos=True))
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
+        for out in engine.step().outputs:
+            if out.finish_reason is not None:
                 sync()
                 return time.perf_counter() - start, out.num_cached_tokens
     raise RuntimeError("the request never finished")

@@ -40,18 +40,18 @@ def run_one(engine: LLMEngine, request_id: str, prompt: list[int], params) -> di
         torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() if cuda else 0
     start = time.perf_counter()
-    engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
-    out = None
+    engine.add_request(request_id, prompt, params)
+    out, num_prompt_logprobs = None, 0
     while engine.has_unfinished_requests():
-        for o in engine.step():
+        for o in engine.step().outputs:
             out = o
+            num_prompt_logprobs += len(o.new_prompt_logprobs or [])
     peak = 0
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     return dict(seconds=time.perf_counter() - start, peak_above_start_gib=peak / 2**30,
-                num_prompt_logprobs=len(out.prompt_logprobs or []),
-                finish_reason=out.outputs[0].finish_reason)
+                num_prompt_logprobs=num_prompt_logprobs, finish_reason=out.finish_reason)
 
 
 def main() -> int:

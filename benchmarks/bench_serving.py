@@ -5,14 +5,15 @@
     python benchmarks/bench_serving.py --sweep                  # + the step-budget sweep
     python benchmarks/bench_serving.py --runs '' --sweep        # the sweep alone
     python benchmarks/bench_serving.py --smoke --out-dir /tmp/s # tiny model on CPU, seconds
+    python benchmarks/bench_serving.py --runs throughput        # issue 19: server and LLM
 
 Model: the Llama-3.1-8B shape, random bf16 weights made on the GPU (`load_format="dummy"`),
 and a byte-level BPE tokenizer with exactly the model's 128,256 ids (serving_model.py). Each
 run is a named spec in RUNS, driven through the `LLM` API: all its prompts are submitted at
 once and timed from each request's own metrics (TTFT = first token - arrival). Runs that
 share engine flags share one engine process (a hang or crash costs that group, not the
-benchmark); before its runs each engine serves a warm-up (kernels compiled, decode graphs of
-batch 1 to 8 captured). Transformers' prefill of the same shape runs in its own process.
+benchmark); before its runs each engine serves a warm-up (kernels compiled, decode batches
+of 1 to 8 run; every decode graph is captured at start-up). Transformers' prefill of the same shape runs in its own process.
 
 Writes <out-dir>/<date>-<device>-serving.json:
     {"device", "date", "torch", "model", "runs": [{"name", "num_prompts", "prompt_tokens",
@@ -20,10 +21,13 @@ Writes <out-dir>/<date>-<device>-serving.json:
      "ttft_s_median", "ttft_s_max", "tpot_ms_median", "wall_s", "output_tok_per_s",
      "total_tok_per_s", ...}], "hf_prefill": [{"tokens", "ttft_s"}], "targets": [...]}
 
-Adding a run: a `RunSpec` in RUNS (flags are `EngineArgs` fields on top of the defaults). The
-throughput issue's server-driven runs (`64x1k`, `512x512`, `decode-32k`) get a driver that
-starts `cpserve serve` and replays `cpserve bench serve`: a function in DRIVERS taking
-(spec, engine flags) and returning the same fields.
+The throughput runs (issue 19: `64x1k`, `512x512`, `decode-32k`) go through the server: one
+`cpserve serve --load-format dummy` per flag set, started by `serving_http.py` with this
+interpreter and environment, loaded by `cpserve bench serve`'s client; their `-llm` twins send
+the same text prompts through the offline API. Their runs carry `"via": "server" | "llm"`.
+
+Adding a run: a `RunSpec` in RUNS (flags are `EngineArgs` fields on top of the defaults,
+`via` says which front end, `driver` which function of DRIVERS drives an LLM run).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from serving_http import run_llm_workload, server_worker  # noqa: E402
 from serving_model import LLAMA_31_8B, TINY, hf_prefill, write_model_dir  # noqa: E402
 
 
@@ -65,6 +70,8 @@ class RunSpec:
     # for the largest step, serves every budget): the defaults EngineArgs would derive.
     scheduler: dict = field(default_factory=dict)
     driver: str = "llm"
+    via: str = "llm"  # "server": through `cpserve serve` (serving_http.py)
+    range_ratio: float = 0.0  # lengths uniform in [len*(1-r), len*(1+r)] (random workload)
 
     @property
     def concurrency(self) -> int:
@@ -81,13 +88,27 @@ RUNS = {spec.name: spec for spec in [
     RunSpec("long-32k-one-chunk", 1, 32768, 128, flags=ONE_CHUNK),
 ]}
 DEFAULT_RUNS = list(RUNS)
+# Issue 19: everything at once through the server, and the same through the offline API.
+THROUGHPUT = [
+    dict(name="64x1k", num_prompts=64, prompt_tokens=1024, output_tokens=256),
+    dict(name="512x512", num_prompts=512, prompt_tokens=512, output_tokens=128,
+         range_ratio=0.5),
+    dict(name="decode-32k", num_prompts=1, prompt_tokens=32768, output_tokens=256),
+]
+for run in THROUGHPUT:
+    RUNS[run["name"]] = RunSpec(**run, via="server")
+    RUNS[run["name"] + "-llm"] = RunSpec(**dict(run, name=run["name"] + "-llm"),
+                                         driver="llm-workload")
+ALIASES = {"throughput": [r["name"] for r in THROUGHPUT] + [r["name"] + "-llm"
+                                                             for r in THROUGHPUT]}
 # The step budget sweep: TTFT should hardly depend on the chunk size.
 SWEEP_BUDGETS = (4096, 8192, 16384, 32768)
 SWEEP_TOLERANCE = 0.02
 MAX_MODEL_LEN = 131072 + 1024
 HF_TOKENS = (32768, 131072)
-# Wall-clock limit of one engine process (model build, warm-up, its runs).
+# Wall-clock limit of one engine process (model build, warm-up, its runs), of one server.
 GROUP_TIMEOUT_S = 240
+SERVER_GROUP_TIMEOUT_S = 300
 
 
 SWEEP_ENGINE = dict(max_num_batched_tokens=131072, long_prefill_token_threshold=0)
@@ -135,7 +156,8 @@ def smoke(spec: RunSpec) -> RunSpec:
         return {k: max(16, v // SMOKE_BUDGET) if k == "max_num_batched_tokens" else v
                 for k, v in settings.items()}
 
-    return replace(spec, prompt_tokens=max(64, spec.prompt_tokens // SMOKE_TOKENS),
+    return replace(spec, num_prompts=min(spec.num_prompts, 16),
+                   prompt_tokens=max(64, spec.prompt_tokens // SMOKE_TOKENS),
                    output_tokens=min(spec.output_tokens, 4),
                    cached_tokens=spec.cached_tokens // SMOKE_TOKENS, flags=scaled(spec.flags),
                    scheduler=scaled(spec.scheduler))
@@ -151,7 +173,7 @@ def _seed(name: str) -> int:
     return sum(ord(c) * 131 ** i for i, c in enumerate(name)) % (2**31)
 
 
-def run_llm(llm, spec: RunSpec, done: set[str]) -> dict:
+def run_llm(llm, spec: RunSpec, done: set[str], job: dict) -> dict:
     from cpserve import SamplingParams
 
     vocab = llm.engine.config.model.vocab_size
@@ -186,12 +208,17 @@ def run_llm(llm, spec: RunSpec, done: set[str]) -> dict:
         cached_tokens=min(o.num_cached_tokens for o in outputs), flags=spec.flags)
 
 
-DRIVERS: dict[str, Callable] = {"llm": run_llm}
+def run_workload(llm, spec: RunSpec, done: set[str], job: dict) -> dict:
+    return run_llm_workload(llm, spec, job["model"], dict(job["base_flags"], **spec.flags))
+
+
+DRIVERS: dict[str, Callable] = {"llm": run_llm, "llm-workload": run_workload}
 
 
 def warm_up(llm, budget: int, short_prompt: int) -> None:
-    """Compile the kernels, build the library plans of chunked steps, capture decode graphs
-    of batch 1 to 8: what a server has done long before a user's request."""
+    """Compile the kernels, build the library plans of chunked steps, run decode batches of 1
+    to 8 (their graphs were captured at start-up): what a server has done long before a
+    user's request."""
     from cpserve import SamplingParams
 
     vocab = llm.engine.config.model.vocab_size
@@ -199,7 +226,7 @@ def warm_up(llm, budget: int, short_prompt: int) -> None:
     chunked = prompt_tokens(1, min(2 * budget + 100, longest), vocab)
     llm.generate([{"prompt_token_ids": chunked}],
                  SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-    # Staggered lengths: the decode batch shrinks from 8 to 1, each bucket captured once.
+    # Staggered lengths: the decode batch shrinks from 8 to 1, each bucket replayed.
     llm.generate([{"prompt_token_ids": prompt_tokens(2 + i, short_prompt, vocab)}
                   for i in range(8)],
                  [SamplingParams(temperature=0, max_tokens=4 + 3 * i, ignore_eos=True)
@@ -237,7 +264,7 @@ def engine_worker(job: dict) -> list[dict]:
         for spec in specs:
             llm.engine.scheduler = (scheduler_for(llm, spec.scheduler) if spec.scheduler
                                     else engine_scheduler)
-            result = DRIVERS[spec.driver](llm, spec, done)
+            result = DRIVERS[spec.driver](llm, spec, done, job)
             done.add(spec.name)
             print(f"{spec.name}: TTFT median {result['ttft_s_median']:.3f} s, wall "
                   f"{result['wall_s']:.2f} s", flush=True)
@@ -247,10 +274,11 @@ def engine_worker(job: dict) -> list[dict]:
 
 # The driver side -----------------------------------------------------------------------------
 def _groups(specs: list[RunSpec]) -> list[list[RunSpec]]:
-    """Runs by engine flags, in first-appearance order (each group: one engine)."""
+    """Runs by front end and engine flags, in first-appearance order (each group: one engine
+    or one server)."""
     groups: dict[str, list[RunSpec]] = {}
     for spec in specs:
-        groups.setdefault(json.dumps(spec.flags, sort_keys=True), []).append(spec)
+        groups.setdefault(spec.via + json.dumps(spec.flags, sort_keys=True), []).append(spec)
     return list(groups.values())
 
 
@@ -292,23 +320,37 @@ def targets(runs: list[dict], hf: list[dict]) -> list[dict]:
         check("8x32k wall (s)", by_name["8x32k"]["wall_s"], 14.0)
     if "prefix-128k" in by_name:
         check("prefix-128k TTFT (s)", by_name["prefix-128k"]["ttft_s_median"], 1.5)
+    # Issue 19, through the server (limits are upper bounds: throughputs go in as 1/x).
+    if "64x1k" in by_name:
+        check("64x1k output tok/s >= 5000 (as 5000 / value)",
+              5000 / by_name["64x1k"]["output_tok_per_s"], 1.0)
+    if "512x512" in by_name:
+        check("512x512 total tok/s >= 25000 (as 25000 / value)",
+              25000 / by_name["512x512"]["total_tok_per_s"], 1.0)
+    if "decode-32k" in by_name and by_name["decode-32k"]["tpot_ms_median"] is not None:
+        check("decode-32k TPOT (ms)", by_name["decode-32k"]["tpot_ms_median"], 6.5)
+    if "64x1k" in by_name and "64x1k-llm" in by_name:
+        check("64x1k offline / server output tok/s", by_name["64x1k-llm"]["output_tok_per_s"]
+              / by_name["64x1k"]["output_tok_per_s"], 1.05)
     return checks
 
 
 def main(argv: list[str] | None = None) -> Path | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", default=",".join(DEFAULT_RUNS),
-                        help=f"comma-separated names of {', '.join(RUNS)}")
+                        help=f"comma-separated names of {', '.join(RUNS)}, or "
+                             f"{', '.join(ALIASES)}")
     parser.add_argument("--sweep", action="store_true", help="add the step-budget sweep")
     parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=None,
                         help="transformers prefill baseline (default: with the default runs)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model on CPU, in this process: checks the pipeline")
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
-    for kind in ("engine", "hf"):
+    for kind in ("engine", "server", "hf"):
         parser.add_argument(f"--{kind}-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for kind, fn in (("engine", engine_worker), ("hf", hf_worker)):
+    args.runs = ",".join(n for name in args.runs.split(",") for n in ALIASES.get(name, [name]))
+    for kind, fn in (("engine", engine_worker), ("server", server_group), ("hf", hf_worker)):
         job_file = getattr(args, f"{kind}_worker")
         if job_file:
             Path(job_file[1]).write_text(json.dumps(fn(json.loads(Path(job_file[0]).read_text()))))
@@ -333,11 +375,14 @@ def main(argv: list[str] | None = None) -> Path | None:
     runs, errors = [], []
     for group in _groups(specs):
         job = dict(model=str(model), base_flags=base_flags, specs=[asdict(s) for s in group],
-                   warm_prompt=16 if args.smoke else 300)
+                   warm_prompt=16 if args.smoke else 300, out_dir=args.out_dir)
+        server = group[0].via == "server"
         if args.smoke:
-            results, error = engine_worker(job), None
+            results, error = (server_group if server else engine_worker)(job), None
         else:
-            results, error = _in_subprocess("engine", job, GROUP_TIMEOUT_S)
+            results, error = _in_subprocess("server" if server else "engine", job,
+                                            SERVER_GROUP_TIMEOUT_S if server
+                                            else GROUP_TIMEOUT_S)
         runs += results
         if error:
             errors.append(dict(runs=[s.name for s in group], error=error))
@@ -368,17 +413,21 @@ def hf_worker(job: dict) -> list[dict]:
     return hf_prefill(job["shape"], job["tokens"], job["device"])
 
 
+def server_group(job: dict) -> list[dict]:
+    return server_worker(job, RunSpec)
+
+
 def print_table(report: dict) -> None:
-    print("| run | prompts x tokens | out | budget | cap | TTFT median (s) | TTFT max (s) | "
-          "TPOT median (ms) | wall (s) | out tok/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| run | via | prompts x tokens | out | budget | cap | TTFT median (s) | TTFT max (s) "
+          "| TPOT median (ms) | wall (s) | out tok/s | total tok/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in report["runs"]:
         tpot = "-" if r["tpot_ms_median"] is None else f"{r['tpot_ms_median']:.1f}"
-        print(f"| {r['name']} | {r['num_prompts']} x {r['prompt_tokens']} | "
-              f"{r['output_tokens']} | {r['max_num_batched_tokens']} | "
+        print(f"| {r['name']} | {r.get('via', 'llm')} | {r['num_prompts']} x "
+              f"{r['prompt_tokens']} | {r['output_tokens']} | {r['max_num_batched_tokens']} | "
               f"{r['long_prefill_token_threshold']} | {r['ttft_s_median']:.3f} | "
               f"{r['ttft_s_max']:.3f} | {tpot} | {r['wall_s']:.2f} | "
-              f"{r['output_tok_per_s']:.1f} |")
+              f"{r['output_tok_per_s']:.1f} | {r['total_tok_per_s']:.1f} |")
     for h in report["hf_prefill"]:
         print(f"HF prefill {h['tokens']}: {h['ttft_s']:.3f} s")
     for t in report["targets"]:

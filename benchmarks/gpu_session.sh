@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device session, in phases (each bounded by `timeout`), logs and JSON under $OUT.
 #   bash benchmarks/gpu_session.sh PHASE [PHASE ...]
-# Phases: env, kernels, parity, chunk, serving-quick, serving, moe, fp8, spec, pd, profile
+# Phases: env, kernels, parity, chunk, serving-quick, serving, throughput, host-profile, moe,
+#         fp8, spec, pd, profile
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -28,6 +29,15 @@ for phase in "$@"; do
          --out-dir "$OUT" 2>&1 | tee "$OUT/serving-quick.log" | tail -30 ;;
     serving) timeout 560 python3 benchmarks/bench_serving.py --out-dir "$OUT" 2>&1 \
          | tee "$OUT/serving.log" | tail -40 ;;
+    profile) mkdir -p "$OUT/profile"; timeout 290 python3 benchmarks/profile_steps.py \
+         --out-dir "$OUT/profile" 2>&1 | tee "$OUT/profile/profile-steps.log" | tail -30 ;;
+    throughput) timeout 590 python3 benchmarks/bench_serving.py --runs throughput --out-dir "$OUT" \
+         2>&1 | tee "$OUT/throughput.log" | tail -30 ;;
+    host-profile) timeout 300 python3 benchmarks/profile_host.py --no-py-spy --out "$OUT/host" \
+         --model "$(python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import tempfile, pathlib; from serving_model import LLAMA_31_8B, write_model_dir; print(write_model_dir(pathlib.Path(tempfile.mkdtemp()), LLAMA_31_8B, 4096))')" \
+         --input-len 1024 --output-len 256 --vocab-size 128000 \
+         --engine-flag=--load-format=dummy --engine-flag=--dtype=bfloat16 --engine-flag=--max-model-len=4096 \
+         2>&1 | tee "$OUT/host-profile.log" | tail -20 ;;
     moe) mkdir -p "$OUT/moe"; timeout 420 python3 benchmarks/bench_moe.py --out "$OUT/moe" \
          --budget-s 380 2>&1 | tee "$OUT/moe/bench_moe.log" | tail -60 ;;
     fp8) mkdir -p "$OUT/fp8"; timeout 150 python3 -m pytest -q -p no:cacheprovider \

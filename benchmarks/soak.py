@@ -15,7 +15,7 @@ greedy token may then flip where the reference's top two logprobs are within TIE
 is counted as a near tie, never as a match; any other difference is a failure.
 
 At the end, once idle: no KV block in use and the pool's `check_integrity()` passes, and
-resident memory grew less than 5% from the end of warm-up.
+resident memory (this process and the engine process) grew less than 5% from the end of warm-up.
 
     python benchmarks/soak.py --duration 600 --out /tmp/soak     # the 10-minute run
 Exit code 0 if every check holds; the figures go to OUT/soak.json.
@@ -56,9 +56,13 @@ WORDS = ("the morning train left the station while a language model read every p
          "the old library and counted stars over quiet water").split()
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def rss_bytes(pids: list[int]) -> int:
+    """Resident memory of these processes (the API process and the engine process)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/statm") as f:
+            total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return total
 
 
 def greedy_specs(rng: random.Random) -> list[tuple[str, str, int]]:
@@ -228,6 +232,7 @@ async def main_async(args) -> dict:
     app = build_app(engine, served_model_names=["tiny"], max_request_body_bytes=BODY_LIMIT)
     engine.start()
     thread = ServerThread(app, host="127.0.0.1").start()
+    processes = [os.getpid(), engine.engine_pid]
     started = time.time()
     try:
         specs = greedy_specs(random.Random(args.seed))
@@ -236,12 +241,12 @@ async def main_async(args) -> dict:
         await soak.run(args.warmup, args.max_requests, args.concurrency)
         await wait_idle(engine)
         gc.collect()
-        rss_warm = rss_bytes()
+        rss_warm = rss_bytes(processes)
         await soak.run(args.duration - args.warmup, args.max_requests, args.concurrency)
         await wait_idle(engine)
         gc.collect()
-        rss_end = rss_bytes()
-        await engine.call(lambda e: e.check_integrity())  # raises on a leak or double free
+        rss_end = rss_bytes(processes)
+        await engine.check_integrity()  # raises on a leak or double free
         stats = engine.stats()
         growth = (rss_end - rss_warm) / rss_warm
         if stats.kv_cache_usage != 0:

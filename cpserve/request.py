@@ -1,4 +1,8 @@
-"""One sequence being generated. A request of `n` completions is `n` of these."""
+"""One sequence being generated, as the engine core knows it: token ids, KV progress, status.
+
+A request of `n` completions is `n` of these (the front end fans them out); text, stop
+strings and decoded logprobs live in the front end (`engine/output_processor.py`).
+"""
 
 from __future__ import annotations
 
@@ -35,11 +39,9 @@ class Request:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 arrival_time: float | None = None, parent_id: str | None = None,
-                 index: int = 0, generator: torch.Generator | None = None) -> None:
+                 arrival_time: float | None = None,
+                 generator: torch.Generator | None = None) -> None:
         self.request_id = request_id
-        self.parent_id = parent_id if parent_id is not None else request_id
-        self.index = index  # which of the parent's n completions
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.all_token_ids = list(prompt_token_ids)
@@ -48,22 +50,35 @@ class Request:
         self.arrival_time = arrival_time if arrival_time is not None else time.time()
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        # Tokens being sampled by steps already queued (async scheduling: at most one), not
+        # yet in `all_token_ids`: a step may compute them before the host knows them.
+        self.num_pending_tokens = 0
         self.num_cached_tokens = 0  # prefix-cache hit at first admission
         self.num_preemptions = 0
-        self.stop_reason: int | str | None = None
+        self.stop_reason: int | None = None  # the stop token id that ended it
         self.error: str | None = None  # why it ended with FINISHED_ERROR
-        self.cumulative_logprob = 0.0
-        self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
-        self.prompt_logprobs: list[PositionLogprobs | None] | None = (
-            [None] if params.prompt_logprobs is not None else None)
+        # Prompt logprobs: positions scored so far (the first prompt token's is None, so 1
+        # from the start), and those scored since the last output, to hand out next.
+        wants = params.prompt_logprobs is not None
+        self.num_prompt_logprobs = 1 if wants else 0
+        self.new_prompt_logprobs: list[PositionLogprobs | None] = [None] if wants else []
         self.first_scheduled_time: float | None = None
-        self.first_token_time: float | None = None
-        self.last_token_time: float | None = None
         self.finished_time: float | None = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self.all_token_ids) + self.num_pending_tokens
+
+    @property
+    def length_reached_with_pending(self) -> bool:
+        """The pending tokens will end it by max_tokens: no step should compute past them."""
+        max_tokens = self.params.max_tokens
+        return (self.num_pending_tokens > 0 and max_tokens is not None
+                and len(self.output_token_ids) + self.num_pending_tokens >= max_tokens)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -82,12 +97,14 @@ class Request:
     @property
     def wants_prompt_logprobs(self) -> bool:
         """Prompt logprobs are still to be collected (not again after a preemption)."""
-        return (self.prompt_logprobs is not None
-                and len(self.prompt_logprobs) < self.num_prompt_tokens)
+        return (self.params.prompt_logprobs is not None
+                and self.num_prompt_logprobs < self.num_prompt_tokens)
 
     def append_token(self, token_id: int) -> None:
+        """A sampled token; it was pending since the step that computes it was scheduled."""
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+        self.num_pending_tokens = max(0, self.num_pending_tokens - 1)
 
     def preempt(self) -> None:
         """Drop all KV; the tokens so far (prompt and output) are recomputed on resume."""

@@ -48,3 +48,22 @@ def test_smoke_run_writes_the_issue_json(tmp_path):
     assert [h["tokens"] for h in report["hf_prefill"]] == [
         t // bench_serving.SMOKE_TOKENS for t in bench_serving.HF_TOKENS]
     assert all(h["ttft_s"] > 0 for h in report["hf_prefill"])
+
+
+def test_smoke_throughput_runs_through_the_server_and_the_offline_api(tmp_path):
+    """Issue 19's runs at the tiny scale: a real `cpserve serve` started by the script (same
+    interpreter), loaded by `cpserve bench serve`'s client, and the same prompts offline."""
+    out = bench_serving.main(["--smoke", "--runs", "64x1k,64x1k-llm", "--out-dir",
+                              str(tmp_path)])
+    report = json.loads(out.read_text())
+    assert not report["errors"]
+    runs = {r["name"]: r for r in report["runs"]}
+    assert {(n, r["via"]) for n, r in runs.items()} == {("64x1k", "server"), ("64x1k-llm", "llm")}
+    spec = bench_serving.smoke(bench_serving.RUNS["64x1k"])
+    for run in runs.values():
+        assert RUN_KEYS <= set(run) and run["failed"] == 0
+        assert run["total_output_tokens"] == spec.num_prompts * spec.output_tokens
+        assert run["total_prompt_tokens"] == spec.num_prompts * spec.prompt_tokens
+        assert 0 < run["ttft_s_median"] <= run["ttft_s_max"] <= run["wall_s"]
+        assert run["output_tok_per_s"] > 0 and run["tpot_ms_median"] > 0
+    assert (tmp_path / "server-64x1k.log").exists()  # the server's log, kept

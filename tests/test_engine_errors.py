@@ -8,6 +8,7 @@ import pytest
 
 from cpserve import LLM, SamplingParams
 from cpserve.config import ConfigError
+from cpserve.engine.output_processor import OutputProcessor, RequestOutputKind
 
 
 @pytest.fixture(scope="module")
@@ -21,23 +22,28 @@ def test_bad_requests_are_refused_and_others_continue(llm):
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     expected = llm.generate("a good prompt", greedy, use_tqdm=False)[0].outputs[0].token_ids
 
-    engine.add_request("good", "a good prompt", greedy)
-    engine.step()  # the good request is running when the bad ones arrive
+    good_ids = llm.get_tokenizer().encode("a good prompt")
+    engine.add_request("good", good_ids, greedy)
+    tokens = engine.step().outputs[0].new_token_ids  # it is running when the bad ones come
     bad = [
-        (list(range(10, 80)), greedy, r"70 tokens.*max_model_len is 64"),
-        ("", greedy, "empty"),
-        ([5, 1024], greedy, r"token id 1024 is outside the vocabulary \[0, 1024\)"),
-        ([5, -1], greedy, "token id -1"),
+        (list(range(10, 80)), r"70 tokens.*max_model_len is 64"),
+        ("", "empty"),
+        ([5, 1024], r"token id 1024 is outside the vocabulary \[0, 1024\)"),
+        ([5, -1], "token id -1"),
     ]
-    for prompt, params, message in bad:
-        with pytest.raises(ValueError, match=message):
-            engine.add_request("bad", prompt, params)
-    outputs = {}
+    for prompt, message in bad:
+        with pytest.raises(ValueError, match=message):  # the front end refuses it...
+            llm.generate(prompt, greedy, use_tqdm=False)
+        if isinstance(prompt, list):  # ...and so does the core, sent it anyway
+            with pytest.raises(ValueError, match=message):
+                engine.add_request("bad", prompt, greedy)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("good", good_ids, greedy)
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            outputs[out.request_id] = out
-    assert list(outputs) == ["good"]
-    assert outputs["good"].outputs[0].token_ids == expected
+        for out in engine.step().outputs:
+            assert out.request_id == "good"
+            tokens += out.new_token_ids
+    assert tokens == expected
     engine.check_integrity()
     assert engine.kv.pool.num_free == engine.kv.pool.num_blocks
 
@@ -68,21 +74,31 @@ def test_unknown_model_path(tmp_path):
         LLM(str(tmp_path / "no-such-model"))
 
 
-def test_stop_strings_and_running_text_is_never_taken_back(llm):
+def test_stop_strings_end_streams_where_the_final_text_ends(llm):
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     full = llm.generate("stop here", greedy, use_tqdm=False)[0].outputs[0].text
     stop = full[10:13]
-    engine = llm.engine
-    engine.add_request("s", "stop here", SamplingParams(temperature=0, max_tokens=24,
-                                                        ignore_eos=True, stop=[stop]))
-    seen = ""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop])
+    final = llm.generate("stop here", params, use_tqdm=False)[0].outputs[0]
+    assert final.finish_reason == "stop" and final.stop_reason == stop
+    assert final.text == full[: full.index(stop)]
+
+    # Streamed: the core's news through a DELTA front end; the deltas add up to the same text
+    # and the stop string's first characters were never sent before it was known.
+    engine, tok = llm.engine, llm.get_tokenizer()
+    ids = tok.encode("stop here")
+    processor = OutputProcessor(tok)
+    processor.add("s", "stop here", ids, params, RequestOutputKind.DELTA, time.time())
+    engine.add_request("s", ids, params)
+    deltas = []
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            text = out.outputs[0].text
-            assert text.startswith(seen)  # cumulative text only grows
-            seen = text
-    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop
-    assert seen == full[: full.index(stop)]
+        processed = processor.process(engine.step())
+        engine.abort_request(processed.stopped)
+        deltas += [o.outputs[0] for o in processed.outputs]
+    assert "".join(d.text for d in deltas) == final.text
+    assert [d.finish_reason for d in deltas][-1] == "stop" and len(processor) == 0
+    assert sum(len(d.token_ids) for d in deltas) == len(final.token_ids)
+    engine.check_integrity()
 
 
 # ---- KV capacity: refused at start-up ------------------------------------------------------
@@ -113,12 +129,15 @@ def test_a_kv_budget_smaller_than_one_block_is_refused_not_rounded_up():
 POISON = 1000  # token id whose embedding row is infinite in the poisoned checkpoint
 
 
-@pytest.fixture(scope="module")
-def poisoned(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def poisoned(tmp_path_factory, request):
+    """Synchronous steps, and async scheduling (the failure is found while the request's
+    next step is already queued)."""
     from tests.checkpoints import make_poisoned_checkpoint
 
     path = make_poisoned_checkpoint(tmp_path_factory.mktemp("poisoned"), POISON)
-    with LLM(str(path), num_kv_blocks=64, max_model_len=256) as llm:
+    with LLM(str(path), num_kv_blocks=64, max_model_len=256,
+             async_scheduling=request.param) as llm:
         yield llm
 
 
@@ -169,7 +188,7 @@ def test_a_huge_text_prompt_is_refused_without_tokenizing_it_whole(llm):
     text = "The morning train left the station. " * 280_000  # 10 MB, ~2.8M tokens
     started = time.monotonic()
     with pytest.raises(ValueError, match=r"at least \d+ tokens, but max_model_len is 64"):
-        llm.engine.add_request("huge", text, SamplingParams())
+        llm.generate(text, SamplingParams(), use_tqdm=False)
     assert time.monotonic() - started < 1.0  # tokenizing it whole takes about 10 s here
     assert not llm.engine.has_unfinished_requests()
 
@@ -177,7 +196,9 @@ def test_a_huge_text_prompt_is_refused_without_tokenizing_it_whole(llm):
 def test_token_ids_in_sampling_params_are_checked_against_the_vocabulary(llm):
     for params in (SamplingParams(logit_bias={1024: 1.0}), SamplingParams(stop_token_ids=[5000])):
         with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 1024\)"):
-            llm.engine.add_request("bad-ids", "hello", params)
+            llm.generate("hello", params, use_tqdm=False)
+        with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 1024\)"):
+            llm.engine.add_request("bad-ids", [5, 6], params)
     assert not llm.engine.has_unfinished_requests()
 
 
@@ -213,7 +234,7 @@ def test_kv_cache_memory_help_states_the_default_the_code_uses():
     import argparse
 
     from cpserve.engine.args import EngineArgs
-    from cpserve.engine.model_runner import CPU_DEFAULT_KV_GIB
+    from cpserve.engine.kv_sizing import CPU_DEFAULT_KV_GIB
 
     parser = argparse.ArgumentParser()
     EngineArgs.add_cli_args(parser)

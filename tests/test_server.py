@@ -51,7 +51,7 @@ class Server:
         return read_metric(self.http, name)
 
     def check_integrity(self) -> None:
-        asyncio.run(self.engine.call(lambda engine: engine.check_integrity()))
+        asyncio.run(self.engine.check_integrity())
 
     def wait_idle(self, timeout_s: float = 5.0) -> None:
         """Until no request runs or waits and no KV block is in use."""

@@ -1,19 +1,26 @@
-"""`AsyncEngine`: the engine thread, delivery to coroutines, aborts, death and shutdown, on the
-real engine with the demo model."""
+"""`AsyncEngine`: the engine process and this process's front end to it. Delivery to
+coroutines (every step, on any event loop), aborts, a stalled engine, a dead one, shutdown,
+on the real engine with the demo model."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import signal
 import threading
 import time
 
 import pytest
 
-from cpserve import SamplingParams
+from cpserve import LLM, SamplingParams
 from cpserve.engine.args import EngineArgs
-from cpserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
-from cpserve.engine.llm_engine import LLMEngine
+from cpserve.engine.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    RequestOutputKind,
+    RequestStream,
+)
 
 ARGS = EngineArgs(model="tiny", max_model_len=512, num_kv_blocks=128)
 LONG = SamplingParams(max_tokens=400, ignore_eos=True)
@@ -37,25 +44,95 @@ async def wait_idle(engine: AsyncEngine, timeout_s: float = 3.0) -> None:
     while not is_idle(engine):
         assert time.monotonic() < deadline, f"engine not idle: {engine.stats()}"
         await asyncio.sleep(0.01)
-    await engine.call(lambda e: e.check_integrity())
+    await engine.check_integrity()
 
 
-def test_outputs_are_cumulative_and_end_finished(engine):
+def test_outputs_are_deltas_that_add_up_to_the_offline_answer(engine):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2, logprobs=1)
+
     async def run():
-        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2)
-        outputs = [o async for o in engine.generate("cumulative", "The morning train", params)]
+        deltas = [o async for o in engine.generate("deltas", "The morning train", params)]
+        stream = RequestStream()
+        await engine.add_requests(stream, [("final", "The morning train", params)],
+                                  RequestOutputKind.FINAL)
+        finals = await stream.get()
+        await wait_idle(engine)
+        return deltas, finals
+
+    deltas, finals = asyncio.run(run())
+    assert deltas[-1].finished and not any(o.finished for o in deltas[:-1])
+    assert len(finals) == 1 and finals[0].finished
+    with LLM(**vars(ARGS)) as llm:
+        offline = llm.generate("The morning train", params, use_tqdm=False)[0]
+    for k in range(2):
+        mine = [c for o in deltas for c in o.outputs if c.index == k]
+        # One token a step, each delta holding only its step's token.
+        assert [len(c.token_ids) for c in mine] == [1] * 12
+        expected = offline.outputs[k]
+        assert sum((c.token_ids for c in mine), []) == expected.token_ids
+        assert "".join(c.text for c in mine) == expected.text
+        assert [p for c in mine for p in c.logprobs] == expected.logprobs
+        assert finals[0].outputs[k].text == expected.text
+        assert finals[0].outputs[k].token_ids == expected.token_ids
+        assert mine[-1].cumulative_logprob == pytest.approx(expected.cumulative_logprob,
+                                                            abs=1e-4)
+
+
+def test_the_engine_process_runs_async_scheduling():
+    """With async scheduling (the default on CUDA) the engine process still sends one delta a
+    step, and they add up to the synchronous offline answer: n completions with logprobs, and
+    a stop string the front end finds while the sequence's next step is already queued (its
+    abort frees everything)."""
+    args = dataclasses.replace(ARGS, async_scheduling=True)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2, logprobs=1)
+    with LLM(**vars(ARGS)) as llm:
+        offline = llm.generate("The morning train", greedy, use_tqdm=False)[0]
+        text = offline.outputs[0].text
+        stop = text[len(text) // 2:len(text) // 2 + 3]
+        stopped = llm.generate("The morning train", dataclasses.replace(greedy, n=1, stop=[stop]),
+                               use_tqdm=False)[0].outputs[0]
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) < 12
+    e = AsyncEngine.from_engine_args(args)
+    assert e.config.scheduler.async_scheduling  # what the engine process is started with
+    e.start()
+    try:
+        async def run():
+            deltas = [o async for o in e.generate("a", "The morning train", greedy)]
+            stops = [o async for o in e.generate(
+                "b", "The morning train", dataclasses.replace(greedy, n=1, stop=[stop]))]
+            await wait_idle(e)
+            return deltas, stops
+
+        deltas, stops = asyncio.run(run())
+    finally:
+        e.shutdown()
+    for k in range(2):
+        mine = [c for o in deltas for c in o.outputs if c.index == k]
+        assert [len(c.token_ids) for c in mine] == [1] * 12
+        assert sum((c.token_ids for c in mine), []) == offline.outputs[k].token_ids
+        assert [p for c in mine for p in c.logprobs] == offline.outputs[k].logprobs
+        assert mine[-1].cumulative_logprob == pytest.approx(
+            offline.outputs[k].cumulative_logprob, abs=1e-4)
+    assert sum((c.token_ids for o in stops for c in o.outputs), []) == stopped.token_ids
+    assert "".join(c.text for o in stops for c in o.outputs) == stopped.text
+    assert stops[-1].outputs[0].finish_reason == "stop"
+
+
+def test_a_slow_consumer_sees_every_step(engine):
+    """Outputs that wait for their consumer are kept, one a step; they were merged into the
+    latest once (a streaming client saw a burst, its timings lost)."""
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+    async def run():
+        outputs = []
+        async for output in engine.generate("slow", "The morning train", params):
+            outputs.append(output)
+            await asyncio.sleep(0.1)  # several steps come meanwhile
         await wait_idle(engine)
         return outputs
 
     outputs = asyncio.run(run())
-    assert outputs[-1].finished and not any(o.finished for o in outputs[:-1])
-    for k in range(2):
-        lengths = [len(o.outputs[k].token_ids) for o in outputs]
-        assert lengths == sorted(lengths) and lengths[-1] == 12
-        final = outputs[-1].outputs[k]
-        assert final.finish_reason == "length"
-        assert all(final.token_ids[:len(o.outputs[k].token_ids)] == o.outputs[k].token_ids
-                   for o in outputs)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [1] * 20
 
 
 def test_a_batch_with_a_bad_prompt_adds_nothing(engine):
@@ -101,7 +178,7 @@ def test_outputs_reach_consumers_on_several_event_loops(engine):
         async def run():
             params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
             outputs = [o async for o in engine.generate(name, "hello", params)]
-            results[name] = outputs[-1].outputs[0].text
+            results[name] = "".join(o.outputs[0].text for o in outputs)
 
         asyncio.run(run())
 
@@ -113,26 +190,29 @@ def test_outputs_reach_consumers_on_several_event_loops(engine):
     assert len(results) == 4 and len(set(results.values())) == 1  # greedy, same prompt
 
 
-def _cpu_ticks(native_id: int) -> int:
-    with open(f"/proc/self/task/{native_id}/stat") as f:
+def _cpu_ticks(stat_path: str) -> int:
+    with open(stat_path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
-def test_idle_engine_thread_sleeps(engine):
+def test_an_idle_engine_sleeps(engine):
     assert is_idle(engine)
-    native_id = engine._thread.native_id
-    before = _cpu_ticks(native_id)
+    engine_process = f"/proc/{engine.engine_pid}/stat"
+    output_thread = f"/proc/self/task/{engine._thread.native_id}/stat"
+    before = [_cpu_ticks(engine_process), _cpu_ticks(output_thread)]
     time.sleep(0.5)
-    # A busy loop would burn ~50 ticks (10 ms each) in 0.5 s.
-    assert _cpu_ticks(native_id) - before <= 2
+    # A busy loop would burn ~50 ticks (10 ms each) in 0.5 s; the ranks' keep-alives and
+    # the output thread's look at the engine process (5 a second) take far less than one.
+    after = [_cpu_ticks(engine_process), _cpu_ticks(output_thread)]
+    assert [b - a for a, b in zip(before, after)] <= [3, 2], (before, after)
     assert engine.health() is None
 
 
 def test_health_reports_an_engine_that_makes_no_progress(engine, monkeypatch):
-    """Work is unfinished and nothing moves (here the engine thread is held by a command):
-    /health must say so, and recover once steps run again."""
+    """Work is unfinished and nothing moves (the engine process is stopped, as a hung device
+    would hold it): /health must say so, and recover once steps run again."""
     monkeypatch.setattr(engine, "stall_timeout_s", 0.3)
 
     async def run():
@@ -140,15 +220,17 @@ def test_health_reports_an_engine_that_makes_no_progress(engine, monkeypatch):
         await engine.add_requests(stream, [("stuck", "The morning train", LONG)])
         await stream.get()  # it is running
         assert engine.health() is None
-        held = asyncio.ensure_future(engine.call(lambda e: time.sleep(1.2)))
-        deadline = time.monotonic() + 1.0
-        while engine.health() is None:
-            assert time.monotonic() < deadline, "health never reported the stall"
-            await asyncio.sleep(0.02)
-        assert "no progress" in engine.health()
-        await held
-        # Outputs queued before the hold may still be in the stream: wait for a step that
-        # ran after it, rather than trusting the first output read.
+        os.kill(engine.engine_pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 3.0
+            while engine.health() is None:
+                assert time.monotonic() < deadline, "health never reported the stall"
+                await asyncio.sleep(0.02)
+            assert "no progress" in engine.health()
+        finally:
+            os.kill(engine.engine_pid, signal.SIGCONT)
+        # Outputs queued before the stop may still be in the stream: wait for news of a
+        # step that ran after it, rather than trusting the first output read.
         deadline = time.monotonic() + 5.0
         while engine.health() is not None:
             assert time.monotonic() < deadline, "health never recovered after steps resumed"
@@ -157,41 +239,6 @@ def test_health_reports_an_engine_that_makes_no_progress(engine, monkeypatch):
         await wait_idle(engine)
 
     asyncio.run(run())
-
-
-def test_engine_death_fails_everyone():
-    llm_engine = LLMEngine.from_engine_args(ARGS)
-    real_step = llm_engine.step
-    num_steps = 0
-
-    def step_then_fail():
-        nonlocal num_steps
-        num_steps += 1
-        if num_steps > 3:
-            raise RuntimeError("injected fault")
-        return real_step()
-
-    llm_engine.step = step_then_fail
-    engine = AsyncEngine(llm_engine)
-    deaths = []
-    engine.on_death.append(deaths.append)
-    engine.start()
-
-    async def run():
-        received = 0
-        with pytest.raises(EngineDeadError):
-            async for _ in engine.generate("doomed", "The morning train", LONG):
-                received += 1
-        assert 1 <= received <= 3
-        with pytest.raises(EngineDeadError):
-            await engine.add_requests(RequestStream(), [("late", "hello", LONG)])
-        with pytest.raises(EngineDeadError):
-            await engine.call(lambda e: None)
-
-    asyncio.run(run())
-    assert engine.is_dead and engine.health() is not None
-    engine.shutdown()  # joins the engine thread, which runs the callbacks last
-    assert [str(e) for e in deaths] == ["injected fault"]
 
 
 def test_shutdown_ends_requests_in_flight(engine):
@@ -208,5 +255,38 @@ def test_shutdown_ends_requests_in_flight(engine):
         with pytest.raises(EngineDeadError):
             await task
         assert engine.health() is not None
+        with pytest.raises(EngineDeadError):
+            await engine.add_requests(RequestStream(), [("late", "hello", LONG)])
 
     asyncio.run(run())
+    assert engine._client.exitcode() == 0  # it stopped as asked
+
+
+def test_a_killed_engine_process_fails_everyone():
+    """The engine process vanishes (the OOM killer, a segfault in a kernel): consumers get
+    EngineDeadError, later calls fail at once, and the death callbacks hear why."""
+    engine = AsyncEngine.from_engine_args(ARGS)
+    deaths = []
+    engine.on_death.append(deaths.append)
+    engine.start()
+
+    async def run():
+        received = 0
+        with pytest.raises(EngineDeadError):
+            async for _ in engine.generate("doomed", "The morning train", LONG):
+                received += 1
+                if received == 3:
+                    os.kill(engine.engine_pid, signal.SIGKILL)
+        assert 3 <= received < 400
+        with pytest.raises(EngineDeadError):
+            await engine.add_requests(RequestStream(), [("late", "hello", LONG)])
+        with pytest.raises(EngineDeadError):
+            await engine.check_integrity()
+
+    try:
+        asyncio.run(run())
+        assert engine.is_dead and engine.health() is not None
+    finally:
+        engine.shutdown()
+    assert [str(e) for e in deaths] == [f"the engine process (pid {engine.engine_pid}) was "
+                                        "killed by SIGKILL"]

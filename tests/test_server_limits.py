@@ -59,7 +59,7 @@ def server():
     try:
         s.wait_for("cpserve:num_requests_running", 0)
         s.wait_for("cpserve:kv_cache_usage_perc", 0)
-        asyncio.run(s.engine.call(lambda engine: engine.check_integrity()))
+        asyncio.run(s.engine.check_integrity())
     finally:
         s.http.close()
         s.thread.stop()

@@ -56,5 +56,5 @@ def test_a_failing_request_gets_an_error_and_the_others_their_answers(server):
     assert http.get("/health").status_code == 200 and not engine.is_dead
     again = completion(http, [5, 6, 7])
     assert again.status_code == 200 and again.json()["choices"] == good.json()["choices"]
-    asyncio.run(engine.call(lambda e: e.check_integrity()))
+    asyncio.run(engine.check_integrity())
     assert engine.stats().kv_cache_usage == 0

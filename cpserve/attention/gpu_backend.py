@@ -223,7 +223,7 @@ class GPUBackend:
         """Every plan of the step, from the metadata's host tensors (before they move)."""
         if self.shape is None or (meta.rep_decode_only and not meta.has_split):
             return StepPlans()  # decode: the kernels need nothing but shapes
-        num_seqs = meta.block_tables.shape[0]
+        num_seqs = meta.num_seqs
         dense = self._library() and _library_dtype(self.shape.dtype)  # else the masked kernel
         rep_dense = rep_prefix = split_prefix = None
         split_dense: tuple = ()

@@ -1,6 +1,7 @@
-"""EngineConfig as a plain dict of JSON types, so it can cross a process boundary unpickled.
+"""EngineConfig as a plain dict of JSON types, so it can cross a process boundary unpickled
+(to the ranks, and to the server's engine process).
 
-Sampling defaults stay on the driver: only rank 0 samples.
+Sampling defaults stay with the front end, which fills the requests' unset fields.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def config_to_dict(config: EngineConfig) -> dict:
     return {
         "model": {"path": config.model.path, "dtype": str(config.model.dtype).removeprefix("torch."),
                   "max_model_len": config.model.max_model_len,
-                  "quantization": config.model.quantization},
+                  "quantization": config.model.quantization,
+                  "tokenizer": config.model.tokenizer},
         "parallel": asdict(config.parallel),
         "cache": asdict(config.cache),
         "scheduler": asdict(config.scheduler),
@@ -42,7 +44,8 @@ def config_from_dict(data: dict) -> EngineConfig:
     model = data["model"]
     return EngineConfig(
         model=ModelConfig.from_pretrained(model["path"], getattr(torch, model["dtype"]),
-                                          model["max_model_len"], model["quantization"]),
+                                          model["max_model_len"], model["quantization"],
+                                          model.get("tokenizer")),
         parallel=ParallelConfig(**data["parallel"]),
         cache=CacheConfig(**data["cache"]),
         scheduler=SchedulerConfig(**data["scheduler"]),

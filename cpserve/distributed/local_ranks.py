@@ -4,8 +4,9 @@ multiprocessing's "spawn" re-imports the user's main module in every child, so a
 without an `if __name__ == "__main__":` guard runs again there and starts engines of its own
 (the README's example died with a DistStoreError that way); "fork" is unsafe once CUDA or
 threads are running. A rank here is `python -m cpserve.distributed.local_ranks SPEC`, where
-SPEC is JSON of plain values (rank, store address, layout, launch, device, timeout, the worker loop
-as "module:function"): no pickle, no user code re-run, the same with or without CUDA.
+SPEC is JSON of plain values (rank, store address, layout, launch, device, timeout, the worker
+loop as "module:function"): no pickle, no user code re-run, the same with or without CUDA. A
+rank exits when its driver dies, however it dies (`cpserve.child_process`: a lifeline pipe).
 
     driver (the user's process)                    rank r (a new interpreter)
     LocalRank(r, ...) --Popen(python -m ...)-->    main(): import the worker loop by name,
@@ -16,17 +17,16 @@ from __future__ import annotations
 
 import atexit
 import importlib
-import json
-import os
-import subprocess
 import sys
 import weakref
 from collections.abc import Callable
 
+from cpserve.child_process import ChildProcess, child_spec, watch_parent
+
 _LIVE: weakref.WeakSet[LocalRank] = weakref.WeakSet()
 
 
-class LocalRank:
+class LocalRank(ChildProcess):
     """One rank's process, with the few `multiprocessing.Process` calls the pool uses."""
 
     def __init__(self, rank: int, store_addr: tuple[str, int], parallel: dict, launch: dict,
@@ -35,36 +35,10 @@ class LocalRank:
         target = f"{worker_loop.__module__}:{worker_loop.__qualname__}"
         if _resolve(target) is not worker_loop:
             raise ValueError(f"the worker loop {target} must be a module-level function")
-        spec = json.dumps(dict(rank=rank, store_addr=list(store_addr), parallel=parallel,
-                               launch=launch, device=device, timeout_s=timeout_s,
-                               worker_loop=target))
-        # The driver's import path (a source checkout, pytest's rootdir), as spawn passes it.
-        path = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-        self.popen = subprocess.Popen([sys.executable, "-m", __name__, spec], env=env,
-                                      stdin=subprocess.DEVNULL)
+        super().__init__(__name__, dict(rank=rank, store_addr=list(store_addr),
+                                        parallel=parallel, launch=launch, device=device,
+                                        timeout_s=timeout_s, worker_loop=target))
         _LIVE.add(self)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
-    def exitcode(self) -> int | None:
-        return self.popen.poll()
-
-    def is_alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def kill(self) -> None:
-        if self.is_alive():
-            self.popen.kill()
-
-    def join(self, timeout: float | None = None) -> None:
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 @atexit.register
@@ -83,7 +57,8 @@ def _resolve(target: str) -> Callable:
 def main(argv: list[str]) -> None:
     from cpserve.distributed.worker_pool import run_spawned_rank
 
-    spec = json.loads(argv[1])
+    spec = child_spec(argv)
+    watch_parent(spec)
     run_spawned_rank(spec["rank"], tuple(spec["store_addr"]), spec["parallel"], spec["launch"],
                      spec["device"], spec["timeout_s"], _resolve(spec["worker_loop"]))
 

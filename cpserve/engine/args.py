@@ -59,6 +59,7 @@ class EngineArgs:
     max_waiting_requests: int = 4096
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int | None = None  # None: a share of the step budget
+    async_scheduling: bool | None = None  # None: on CUDA, off on CPU (as vLLM)
     tensor_parallel_size: int = 1
     prefill_context_parallel_size: int = 1
     decode_context_parallel_size: int = 1
@@ -137,6 +138,9 @@ class EngineArgs:
                 max_waiting_requests=self.max_waiting_requests,
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 long_prefill_token_threshold=threshold,
+                # As in vLLM: on by default, but not on the CPU, where nothing would overlap.
+                async_scheduling=(device == "cuda" if self.async_scheduling is None
+                                  else self.async_scheduling),
             ),
             device=device,
             seed=self.seed,
@@ -202,7 +206,7 @@ class EngineArgs:
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
         """Engine flags with vLLM's names."""
-        from cpserve.engine.model_runner import CPU_DEFAULT_KV_GIB
+        from cpserve.engine.kv_sizing import CPU_DEFAULT_KV_GIB
         if with_model:
             parser.add_argument("model", nargs="?", default="tiny",
                                 help="checkpoint directory, or 'tiny' for the built-in demo model")
@@ -232,6 +236,10 @@ class EngineArgs:
                        help="most tokens one request computes in a step; 0: no cap (default: "
                             f"{DEFAULT_LONG_PREFILL_SHARE:g} of --max-num-batched-tokens with "
                             "chunked prefill, so a long prompt never takes a whole step)")
+        g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="schedule and queue each step while the one before runs (default: "
+                            "on with CUDA, off on CPU)")
         g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
         g.add_argument("-pcp", "--prefill-context-parallel-size", type=int, default=1)
         g.add_argument("-dcp", "--decode-context-parallel-size", type=int, default=1)

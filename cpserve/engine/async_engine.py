@@ -1,58 +1,61 @@
-"""An asyncio front for the synchronous `LLMEngine`.
+"""The API server's engine: a front end in this process, the engine core in another.
 
-The engine is not thread-safe, so exactly one thread touches it: the engine thread. Coroutines
-talk to it through a command list guarded by a condition variable, and it talks back through
-each caller's event loop:
+    this process (HTTP, event loops)                   engine process (core_process.py)
+    add_requests ─ tokenize, check, fan out ─ "add" ─> LLMEngine: schedule, run, sample
+    abort ─────────────────────────────────── "abort"> frees KV at once
+    output thread <───────────── "outputs" per step ── news of each sequence
+      OutputProcessor: detokenize, stop strings (an "abort" back), logprob text
+      RequestStream.get() <── loop.call_soon_threadsafe (consumers on any event loop)
 
-    event loop (HTTP handlers)                      engine thread (owns LLMEngine)
-    add_requests() --+                              +-> drain commands: add / abort / call
-    abort()        --+--> _commands --notify-->     |   step() -> list[RequestOutput]
-    call()         --+                              |   group outputs by event loop
-    RequestStream.get() <-- loop.call_soon_threadsafe --+   sleep on the condition when idle
+Tokenizing, detokenizing, stop strings, logprob decoding and HTTP never delay a step: they
+run here while the engine computes the next one. Each stream gets one output per engine step
+that gives it news, never merged: a streaming client sees every step.
 
-Outputs are cumulative (each one carries the full text so far), so a consumer that falls
-behind keeps only the latest output of each request.
-
-If `step()` raises, the engine is dead: every waiting consumer gets `EngineDeadError`, later
-calls fail at once, `health()` reports it and the `on_death` callbacks run (the server uses one
-to exit the process).
+If the engine process dies (a step raised, it was killed, the machine ran out of memory) or
+this process loses it, every waiting consumer gets `EngineDeadError`, later calls fail at once,
+`health()` reports it and the `on_death` callbacks run (the server uses one to exit non-zero).
+The engine process dies with this one, however this one ends (a lifeline pipe).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from cpserve.engine.core_client import EngineCoreClient
+from cpserve.engine.errors import EngineDeadError, QueueFullError
+from cpserve.engine.input_processor import InputProcessor, load_tokenizer
+from cpserve.engine.messages import EngineCoreOutputs, EngineStats, decode_outputs, encode_request
+from cpserve.engine.output_processor import (
+    FinishedRequest,
+    OutputProcessor,
+    RequestOutputKind,
+)
 from cpserve.outputs import RequestOutput
 from cpserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from cpserve.config import EngineConfig
     from cpserve.engine.args import EngineArgs
-    from cpserve.engine.llm_engine import LLMEngine
+
+__all__ = ["AsyncEngine", "EngineDeadError", "QueueFullError", "RequestStream",
+           "RequestOutputKind"]
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
-# How long the engine thread waits before trying again after a step that could run nothing.
-_IDLE_RETRY_S = 0.01
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop has stopped (it raised, or it was shut down)."""
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at its bound; the caller should retry later."""
+_RECV_POLL_S = 0.2  # how often the output thread looks at the engine process between news
 
 
 class EngineObserver(Protocol):
-    """Per-step and per-request events, reported from the engine thread (keep these cheap)."""
+    """Per-step and per-request events, reported from the output thread (keep these cheap)."""
 
     def on_step(self, num_tokens: int) -> None: ...
 
@@ -60,7 +63,7 @@ class EngineObserver(Protocol):
 
     def on_inter_token(self, itl_s: float) -> None: ...
 
-    def on_finished(self, output: RequestOutput, e2e_s: float) -> None: ...
+    def on_finished(self, request: FinishedRequest, e2e_s: float) -> None: ...
 
     def on_aborted(self) -> None: ...
 
@@ -68,7 +71,7 @@ class EngineObserver(Protocol):
 class RequestStream:
     """Outputs of one or more requests, delivered on the event loop that created the stream.
 
-    An HTTP request with several prompts adds them all to one stream, so one consumer waits on
+    An HTTP call with several prompts adds them all to one stream, so one consumer waits on
     one queue.
     """
 
@@ -91,91 +94,75 @@ class RequestStream:
         for item in items:
             self._queue.put_nowait(item)
 
-    async def get(self) -> dict[str, RequestOutput]:
-        """Wait for news; returns the latest output of each request that progressed.
+    async def get(self) -> list[RequestOutput]:
+        """Wait for news; returns every output that came since the last call, in order.
 
         Raises `EngineDeadError` if the engine stopped while requests were in flight.
         """
         items = [await self._queue.get()]
         while not self._queue.empty():
             items.append(self._queue.get_nowait())
-        latest: dict[str, RequestOutput] = {}
+        outputs = []
         for item in items:
             if isinstance(item, BaseException):
                 self._unfinished.clear()
                 raise item
             if item.finished:
                 self._unfinished.discard(item.request_id)
-            latest[item.request_id] = item
-        return latest
-
-
-@dataclass
-class _Add:
-    stream: RequestStream
-    requests: list[tuple[str, Prompt, SamplingParams, float]]
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-
-
-@dataclass
-class _Abort:
-    request_ids: list[str]
-
-
-@dataclass
-class _Call:
-    fn: Callable[[LLMEngine], Any]
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+            outputs.append(item)
+        return outputs
 
 
 @dataclass
 class _Tracked:
-    """What the engine thread remembers about a request in flight."""
+    """What the output thread remembers of a request in flight."""
 
     stream: RequestStream
     arrival: float  # time.monotonic()
     last_token_time: float | None = None
-    num_tokens: int = 0
 
 
 class AsyncEngine:
-    """Runs `LLMEngine.step()` in a background thread and serves coroutines.
+    """The engine process and this process's front end to it, for coroutines.
 
     `max_waiting_requests` bounds the engine's waiting queue: an add that would go past it
     fails with `QueueFullError`. `stall_timeout_s` is how long the engine may go without
-    progress (a step computing tokens or finishing requests) while it has unfinished work
-    before `health()` calls it stuck: one step running that long, or steps that do nothing.
+    progress (news of a step) while requests are unfinished before `health()` calls it stuck.
     """
 
-    def __init__(self, engine: LLMEngine, *, max_waiting_requests: int | None = None,
+    def __init__(self, config: EngineConfig, *, max_waiting_requests: int | None = None,
                  stall_timeout_s: float = 300.0, log_requests: bool = False) -> None:
-        self._engine = engine
-        # Read-only after start-up, safe to share with the event loop.
-        self.config = engine.config
-        self.tokenizer = engine.tokenizer
+        self.config = config
+        self.tokenizer = load_tokenizer(config)
+        self.inputs = InputProcessor(config, self.tokenizer)
         self.max_waiting_requests = (max_waiting_requests if max_waiting_requests is not None
-                                     else engine.config.scheduler.max_waiting_requests)
+                                     else config.scheduler.max_waiting_requests)
         self.stall_timeout_s = stall_timeout_s
         self.log_requests = log_requests  # --enable-log-requests: a line per request
         self.observers: list[EngineObserver] = []
         self.on_death: list[Callable[[BaseException], None]] = []
 
-        self._cv = threading.Condition()
-        self._commands: list[_Add | _Abort | _Call] = []
-        self._stopping = False
+        # Shared by event loops and the output thread: requests in flight, pending calls.
+        self._lock = threading.Lock()
+        self._outputs = OutputProcessor(self.tokenizer)
+        self._tracked: dict[str, _Tracked] = {}
+        self._calls: dict[int, concurrent.futures.Future] = {}
+        self._call_ids = itertools.count()
+        self._stats = EngineStats()
+        self._last_progress = time.monotonic()
         self._dead: BaseException | None = None
-        self._tracked: dict[str, _Tracked] = {}  # engine thread only
-        self._stats = engine.stats()
-        self._step_started: float | None = None
-        # Since when unfinished work has waited for progress; None while idle.
-        self._waiting_for_progress_since: float | None = None
-        self._thread = threading.Thread(target=self._run, name="cpserve-engine", daemon=True)
+        self._stopping = False
+        self._client = EngineCoreClient(config, max_waiting_requests=self.max_waiting_requests)
+        self._thread = threading.Thread(target=self._run, name="cpserve-outputs", daemon=True)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, **kwargs: Any) -> AsyncEngine:
-        from cpserve.engine.llm_engine import LLMEngine
+        return cls(args.create_engine_config(), **kwargs)
 
-        return cls(LLMEngine.from_engine_args(args), **kwargs)
+    @property
+    def engine_pid(self) -> int:
+        """The engine process's pid."""
+        return self._client.pid
 
     # ---- event-loop side -------------------------------------------------------------------
 
@@ -183,30 +170,62 @@ class AsyncEngine:
         self._thread.start()
 
     async def add_requests(self, stream: RequestStream,
-                           requests: Sequence[tuple[str, Prompt, SamplingParams]]) -> None:
+                           requests: Sequence[tuple[str, Prompt, SamplingParams]],
+                           kind: RequestOutputKind = RequestOutputKind.DELTA) -> None:
         """Add requests whose outputs go to `stream`, all or none.
 
         Raises ValueError (bad input, message for the user), QueueFullError or EngineDeadError.
         """
-        now = time.time()
-        command = _Add(stream, [(rid, prompt, params, now) for rid, prompt, params in requests])
+        if self._dead is not None or self._stopping:
+            raise EngineDeadError("the inference engine has stopped")
+        arrival = time.time()
+        if any(isinstance(prompt, str) for _, prompt, _ in requests):
+            tokenized = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: [self.inputs.tokenize(p) for _, p, _ in requests])
+        else:
+            tokenized = [(None, list(p)) for _, p, _ in requests]
+        sequences = []
+        for (rid, _, params), (_, token_ids) in zip(requests, tokenized):
+            sequences += self.inputs.sequences(rid, token_ids, params, arrival)
         ids = [rid for rid, _, _ in requests]
-        self._submit(command)
-        # Safe after submitting: outputs reach the stream through this loop, which is ours.
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            added = []
+            try:
+                for (rid, _, params), (text, token_ids) in zip(requests, tokenized):
+                    self._outputs.add(rid, text, token_ids, params, kind, arrival)
+                    added.append(rid)
+            except ValueError:
+                for rid in added:
+                    self._outputs.abort(rid)
+                raise
+            if not self._tracked:
+                self._last_progress = time.monotonic()  # the stall clock starts now
+            for rid in ids:
+                self._tracked[rid] = _Tracked(stream, time.monotonic())
+            call_id = next(self._call_ids)
+            self._calls[call_id] = future
         stream.request_ids.extend(ids)
         stream._unfinished.update(ids)
         try:
-            await asyncio.wrap_future(command.future)
+            self._client.send(["add", call_id, [encode_request(s) for s in sequences]])
+            await asyncio.wrap_future(future)
         except asyncio.CancelledError:
             self.abort(ids)
             raise
         except BaseException:
+            self._forget(ids)
             stream._unfinished.difference_update(ids)
             raise
+        if self.log_requests:
+            for (rid, _, params), (_, token_ids) in zip(requests, tokenized):
+                logger.info("Received request %s: prompt of %d token ids, %s", rid,
+                            len(token_ids), params)
 
     async def generate(self, request_id: str, prompt: Prompt,
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request; closing or cancelling the iterator aborts the request.
+        """The outputs of one request, each holding what one step added (DELTA); closing or
+        cancelling the iterator aborts the request.
 
         Use `contextlib.aclosing` when breaking out early, so the abort happens at once.
         """
@@ -214,7 +233,7 @@ class AsyncEngine:
         await self.add_requests(stream, [(request_id, prompt, params)])
         try:
             while not stream.finished:
-                for output in (await stream.get()).values():
+                for output in await stream.get():
                     yield output
         finally:
             if not stream.finished:
@@ -225,31 +244,57 @@ class AsyncEngine:
 
         Not a coroutine, so it can run in `finally` blocks of cancelled tasks.
         """
-        if request_ids:
-            self._submit(_Abort(list(request_ids)), raise_if_dead=False)
+        with self._lock:
+            aborted = [rid for rid in request_ids if rid in self._tracked]
+        sequences = self._forget(request_ids)
+        if sequences and self._dead is None:
+            try:
+                self._client.send(["abort", sequences])
+            except EngineDeadError:
+                pass
+        for rid in aborted:
+            for observer in self.observers:
+                observer.on_aborted()
+            if self.log_requests:
+                logger.info("Aborted request %s", rid)
 
-    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
-        """Run `fn(engine)` on the engine thread between two steps and return its result."""
-        command = _Call(fn)
-        self._submit(command)
-        return await asyncio.wrap_future(command.future)
+    def _forget(self, request_ids: Sequence[str]) -> list[str]:
+        with self._lock:
+            sequences = []
+            for rid in request_ids:
+                sequences += self._outputs.abort(rid)
+                self._tracked.pop(rid, None)
+            return sequences
 
-    def stats(self) -> Any:
-        """The engine's `EngineStats` as of the end of the last step or command."""
+    async def call_utility(self, name: str, *args: Any) -> Any:
+        """Run one of the engine process's UTILITIES between two steps; returns its result."""
+        if self._dead is not None or self._stopping:
+            raise EngineDeadError("the inference engine has stopped")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            call_id = next(self._call_ids)
+            self._calls[call_id] = future
+        self._client.send(["utility", call_id, name, list(args)])
+        return await asyncio.wrap_future(future)
+
+    async def check_integrity(self) -> None:
+        """The KV block pool's self-check, in the engine process (raises on a leak)."""
+        await self.call_utility("check_integrity")
+
+    def stats(self) -> EngineStats:
+        """The engine's stats as of the end of its last step or command."""
         return self._stats
 
     def health(self) -> str | None:
-        """None while the engine loop is alive and making progress, else why not."""
-        if self._dead is not None:
+        """None while the engine is alive and making progress, else why not."""
+        if self._dead is not None or self._client.exitcode() is not None:
             return "the inference engine has stopped"
         if not self._thread.is_alive():
             return "the inference engine is not running"
-        now = time.monotonic()
-        started = self._step_started
-        if started is not None and now - started > self.stall_timeout_s:
-            return f"an engine step has been running for over {self.stall_timeout_s:g} s"
-        since = self._waiting_for_progress_since
-        if since is not None and now - since > self.stall_timeout_s:
+        with self._lock:
+            waiting = bool(self._tracked)
+            since = self._last_progress
+        if waiting and time.monotonic() - since > self.stall_timeout_s:
             return (f"the inference engine has made no progress for over "
                     f"{self.stall_timeout_s:g} s while requests are unfinished")
         return None
@@ -259,173 +304,121 @@ class AsyncEngine:
         return self._dead is not None
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Stop the engine thread (in-flight requests end with EngineDeadError)."""
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
+        """Stop the engine process (in-flight requests end with EngineDeadError)."""
+        self._stopping = True
+        self._client.close(timeout_s)
         if self._thread.is_alive():
             self._thread.join(timeout_s)
-        elif self._thread.ident is None:  # never started: the engine is still ours to close
-            self._engine.shutdown()
+        self._fail_everything(EngineDeadError("the inference engine was shut down"))
 
-    def _submit(self, command: _Add | _Abort | _Call, raise_if_dead: bool = True) -> None:
-        with self._cv:
-            if self._dead is not None or self._stopping:
-                if raise_if_dead:
-                    raise EngineDeadError("the inference engine has stopped")
-                return
-            self._commands.append(command)
-            self._cv.notify()
-
-    # ---- engine thread -----------------------------------------------------------------------
+    # ---- output thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        engine = self._engine
         try:
-            has_work = False
-            while True:
-                with self._cv:
-                    while not (self._commands or self._stopping or has_work):
-                        self._cv.wait()
-                    commands, self._commands = self._commands, []
-                    stopping = self._stopping
-                for command in commands:
-                    self._apply(command)
-                if stopping:
-                    break
-                outputs = []
-                if engine.has_unfinished_requests():
-                    if self._waiting_for_progress_since is None:
-                        self._waiting_for_progress_since = time.monotonic()
-                    self._step_started = time.monotonic()
-                    outputs = engine.step()  # an output for every request that progressed
-                    self._step_started = None
-                    for observer in self.observers:
-                        observer.on_step(engine.last_step_num_tokens)
-                has_work = engine.has_unfinished_requests()
-                if outputs or not has_work:
-                    self._waiting_for_progress_since = time.monotonic() if has_work else None
+            while not self._stopping:
+                message = self._client.recv(_RECV_POLL_S)
+                if message is None:
+                    if self._client.exitcode() is not None and not self._stopping:
+                        raise EngineDeadError(self._client.describe_exit())
+                    continue
+                kind = message[0]
+                if kind == "outputs":
+                    self._on_outputs(decode_outputs(message[1]))
+                elif kind == "reply":
+                    self._on_reply(*message[1:])
+                elif kind == "dead":
+                    raise EngineDeadError(f"the engine failed: {message[1]}")
                 else:
-                    with self._cv:  # nothing could run: do not spin on the scheduler
-                        self._cv.wait(_IDLE_RETRY_S)
-                # Before delivering: whoever sees an output sees stats at least that new.
-                self._stats = engine.stats()
-                self._deliver(outputs)
-            self._fail_everything(EngineDeadError("the inference engine was shut down"))
+                    raise RuntimeError(f"unexpected message {kind!r} from the engine")
         except BaseException as exc:
-            logger.exception("the engine loop died")
-            self._fail_everything(EngineDeadError("the inference engine has stopped"), exc)
-        finally:
-            try:
-                engine.shutdown()
-            except Exception:
-                logger.exception("engine shutdown failed")
+            if not self._stopping:
+                logger.error("the engine is gone: %s", exc)
+                self._fail_everything(EngineDeadError("the inference engine has stopped"), exc)
 
-    def _apply(self, command: _Add | _Abort | _Call) -> None:
-        engine = self._engine
-        if isinstance(command, _Abort):
-            ids = [rid for rid in command.request_ids if rid in self._tracked]
-            if ids:
-                engine.abort_request(ids)
-                for rid in ids:
-                    del self._tracked[rid]
-                    for observer in self.observers:
-                        observer.on_aborted()
-                    if self.log_requests:
-                        logger.info("Aborted request %s", rid)
+    def _on_reply(self, call_id: int, error_kind: str | None, value: Any) -> None:
+        with self._lock:
+            future = self._calls.pop(call_id, None)
+        if future is None or not future.set_running_or_notify_cancel():
             return
-        if not command.future.set_running_or_notify_cancel():
-            return
-        if isinstance(command, _Call):
-            try:
-                command.future.set_result(command.fn(engine))
-            except Exception as exc:
-                command.future.set_exception(exc)
-            return
-        # Counted in sequences, as the scheduler queues them (n per request). A call bigger
-        # than the whole queue could never be admitted: that is the caller's error.
-        num_waiting = engine.stats().num_waiting
-        incoming = sum(params.n for _, _, params, _ in command.requests)
-        if incoming > self.max_waiting_requests:
-            command.future.set_exception(ValueError(
-                f"the request asks for {incoming} sequences, more than the server queues at "
-                f"once (--max-waiting-requests {self.max_waiting_requests})"))
-            return
-        if num_waiting + incoming > self.max_waiting_requests:
-            command.future.set_exception(QueueFullError(
-                f"the server is busy: {num_waiting} requests are waiting, the limit is "
-                f"{self.max_waiting_requests}; retry later"))
-            return
-        added: list[str] = []
-        try:
-            for rid, prompt, params, arrival in command.requests:
-                if rid in self._tracked:
-                    raise ValueError(f"request id {rid!r} is already in use")
-                engine.add_request(rid, prompt, params, arrival_time=arrival)
-                added.append(rid)
-                self._tracked[rid] = _Tracked(command.stream, time.monotonic())
-                if self.log_requests:
-                    logger.info("Received request %s: prompt of %d %s, %s", rid, len(prompt),
-                                "characters" if isinstance(prompt, str) else "token ids",
-                                params)
-        except Exception as exc:
-            # All or none: a batch with one bad prompt adds nothing.
-            if added:
-                engine.abort_request(added)
-                for rid in added:
-                    del self._tracked[rid]
-            command.future.set_exception(exc)
-            return
-        command.future.set_result(None)
+        if error_kind is None:
+            future.set_result(value)
+        else:
+            error = {"value": ValueError, "queue_full": QueueFullError}.get(error_kind,
+                                                                            RuntimeError)
+            future.set_exception(error(value))
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def _on_outputs(self, batch: EngineCoreOutputs) -> None:
         now = time.monotonic()
+        with self._lock:
+            processed = self._outputs.process(batch)
+            # Before delivering: whoever sees an output sees stats at least that new.
+            self._stats = batch.stats
+            if batch.outputs or batch.num_scheduled_tokens:
+                self._last_progress = now
+            timings = [(self._tracked[rid], n) for rid, n in processed.new_tokens.items()
+                       if rid in self._tracked]
+            delivery = []
+            for output in processed.outputs:
+                tracked = self._tracked.get(output.request_id)
+                if tracked is None:
+                    continue
+                if output.finished:
+                    del self._tracked[output.request_id]
+                delivery.append((tracked.stream, output))
+        if processed.stopped:  # ended by a stop string here: the engine frees them
+            try:
+                self._client.send(["abort", processed.stopped])
+            except EngineDeadError:
+                pass
         by_loop: dict[asyncio.AbstractEventLoop, dict[RequestStream, list]] = {}
-        for output in outputs:
-            tracked = self._tracked.get(output.request_id)
-            if tracked is None:  # aborted while the step ran
-                continue
-            self._observe(tracked, output, now)
-            if output.finished:
-                del self._tracked[output.request_id]
-                if self.log_requests:
-                    logger.info("Finished request %s: %s", output.request_id,
-                                ", ".join(str(c.finish_reason) for c in output.outputs))
-            stream = tracked.stream
+        for stream, output in delivery:
             by_loop.setdefault(stream.loop, {}).setdefault(stream, []).append(output)
         for loop, per_stream in by_loop.items():
             _call_soon(loop, _put_per_stream, per_stream)
+        if batch.num_scheduled_tokens:
+            for observer in self.observers:
+                observer.on_step(batch.num_scheduled_tokens)
+        if self.observers:
+            self._observe(timings, processed.finished, now)
+        if self.log_requests:
+            for request in processed.finished:
+                logger.info("Finished request %s: %s", request.request_id,
+                            ", ".join(map(str, request.finish_reasons)))
 
-    def _observe(self, tracked: _Tracked, output: RequestOutput, now: float) -> None:
-        num_tokens = max((len(c.token_ids) for c in output.outputs), default=0)
-        if num_tokens > tracked.num_tokens:
+    def _observe(self, timings: list[tuple[_Tracked, int]], finished: list[FinishedRequest],
+                 now: float) -> None:
+        """Token latencies as this process sees them (outputs received), and finished
+        requests, for the metrics."""
+        for tracked, new_tokens in timings:
             for observer in self.observers:
                 if tracked.last_token_time is None:
                     observer.on_first_token(now - tracked.arrival)
                 else:
-                    itl = (now - tracked.last_token_time) / (num_tokens - tracked.num_tokens)
-                    observer.on_inter_token(itl)
-            tracked.last_token_time, tracked.num_tokens = now, num_tokens
-        if output.finished:
+                    observer.on_inter_token((now - tracked.last_token_time) / new_tokens)
+            tracked.last_token_time = now
+        for request in finished:
+            e2e = (request.metrics.finished_time or time.time()) - request.metrics.arrival_time
             for observer in self.observers:
-                observer.on_finished(output, now - tracked.arrival)
+                observer.on_finished(request, max(0.0, e2e))
 
     def _fail_everything(self, error: EngineDeadError, cause: BaseException | None = None) -> None:
-        with self._cv:
-            if cause is not None:
+        with self._lock:
+            first_death = cause is not None and self._dead is None
+            if cause is not None and self._dead is None:
                 self._dead = cause
-            self._stopping = True
-            commands, self._commands = self._commands, []
-        for command in commands:
-            if not isinstance(command, _Abort) and command.future.set_running_or_notify_cancel():
-                command.future.set_exception(error)
+            calls, self._calls = self._calls, {}
+            tracked, self._tracked = self._tracked, {}
+            for rid in tracked:
+                self._outputs.abort(rid)
+        for future in calls.values():
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
         by_loop: dict[asyncio.AbstractEventLoop, dict[RequestStream, list]] = {}
-        for tracked in self._tracked.values():
-            by_loop.setdefault(tracked.stream.loop, {})[tracked.stream] = [error]
-        self._tracked.clear()
+        for t in tracked.values():
+            by_loop.setdefault(t.stream.loop, {})[t.stream] = [error]
         for loop, per_stream in by_loop.items():
             _call_soon(loop, _put_per_stream, per_stream)
-        if cause is not None:
+        if first_death:
             for callback in self.on_death:
                 try:
                     callback(cause)

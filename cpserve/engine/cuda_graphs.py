@@ -7,19 +7,20 @@ GPU's time and not the host's launch overhead (about 10x fewer host microseconds
 from __future__ import annotations
 
 import os
+import time
 from typing import TYPE_CHECKING
 
 import torch
 
 from cpserve.attention.context import AttentionContext
-from cpserve.attention.metadata import PlannedSeq, StepAttentionMetadata
+from cpserve.attention.metadata import decode_metadata
 from cpserve.config import EngineConfig
 from cpserve.distributed.groups import ParallelGroups
-from cpserve.distributed.plan import StepPlan
 from cpserve.engine.compilation import decode_graph_buckets
 
 if TYPE_CHECKING:
     from cpserve.engine.model_runner import ModelRunner
+    from cpserve.engine.step_inputs import StepInputs
 
 
 def graphs_enabled(config: EngineConfig, groups: ParallelGroups, device: torch.device) -> bool:
@@ -35,14 +36,19 @@ class DecodeGraphs:
     """CUDA graphs of decode steps, one per batch-size bucket, captured at first use.
 
     A decode step: every request computes one new token after cached ones, replicated on
-    every PCP rank. The graph runs the model on static buffers, refilled before each replay:
+    every PCP rank. A graph runs on one static buffer, refilled before each replay:
 
-        token_ids, positions, slots, kv_len         [bucket]
-        block_tables                                [bucket, blocks of a max_model_len request]
+        vectors [3, largest bucket]:  token ids | positions | rows of the persistent tables
 
-    Rows past the batch are padding: their own sequence, slot -1 (no KV written), no cached
-    tokens visible; their outputs are dropped. The kernels take every size they need from
-    shapes (the split-K factor from the table width), so one capture serves all contexts.
+    and derives everything else inside the graph (`decode_metadata`): block tables are the
+    runner's persistent ones (`RequestRows.table`, updated in place by each plan's diffs, so
+    the graph always sees the current tables), slots and visible lengths come from the
+    positions. Rows past the batch are padding: position -1 (no KV written, nothing visible),
+    their outputs dropped. The kernels take every size they need from shapes (the split-K
+    factor from the table width), so one capture serves all contexts.
+
+    Every bucket is captured at start-up (`capture_all`, as vLLM does), over padding rows
+    only: a bucket first met under load would otherwise cost its capture in a user's step.
     """
 
     @classmethod
@@ -57,71 +63,63 @@ class DecodeGraphs:
         self.buckets = decode_graph_buckets(config.cudagraph_capture_sizes,
                                             config.scheduler.max_num_seqs)
         largest = self.buckets[-1]
-        self.width = runner.layout.num_blocks_for(runner.config.model.max_model_len)
-        n, dev = largest, runner.device
-
-        def zeros(*shape):
-            return torch.zeros(*shape, dtype=torch.long, device=dev)
-
-        self.token_ids, self.positions, self.kv_len = zeros(n), zeros(n), zeros(n)
-        self.slots = torch.full((n,), -1, dtype=torch.long, device=dev)
-        self.block_tables = zeros(n, self.width)
-        self.rows = torch.arange(n, device=dev)
+        self.vectors = torch.zeros(3, largest, dtype=torch.long, device=runner.device)
+        # Padding columns: token 0, position -1, row 0.
+        self.padding = torch.zeros(3, largest, dtype=torch.long, device=runner.device)
+        self.padding[1] = -1
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.replays: dict[int, int] = dict.fromkeys(self.buckets, 0)  # steps per bucket
         self.pool = None
 
-    def can_run(self, plan: StepPlan, seqs: list[PlannedSeq]) -> bool:
-        return (len(seqs) <= self.buckets[-1]
-                and all(s.num_new == 1 and s.start > 0 and not s.split for s in seqs)
-                and all(len(self.runner.block_tables[r.request_id]) <= self.width
-                        for r in plan.requests))
+    @torch.inference_mode()
+    def capture_all(self) -> float:
+        """Capture every bucket, largest first (the pool then holds the largest activations
+        once); returns the seconds it took."""
+        start = time.perf_counter()
+        for bucket in reversed(self.buckets):
+            self.vectors[:, :bucket].copy_(self.padding[:, :bucket])
+            self._capture(bucket)
+        torch.cuda.synchronize(self.runner.device)
+        return time.perf_counter() - start
 
-    def run(self, token_ids: torch.Tensor, positions: torch.Tensor,
-            meta: StepAttentionMetadata) -> torch.Tensor:
-        n = token_ids.numel()
+    def can_run(self, inputs: StepInputs) -> bool:
+        return (inputs.decode_vectors is not None and len(inputs.seqs) <= self.buckets[-1]
+                and all(s.start > 0 for s in inputs.seqs))
+
+    def run(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Hidden states of a decode step given as [3, n] vectors (see the class)."""
+        n = vectors.shape[1]
         bucket = next(b for b in self.buckets if b >= n)
-        for buffer, values, pad in ((self.token_ids, token_ids, 0),
-                                    (self.positions, positions, 0),
-                                    (self.slots, meta.rep_slots, -1),
-                                    (self.kv_len, meta.rep_kv_len, 0)):
-            buffer[:n].copy_(values, non_blocking=True)
-            buffer[n:bucket].fill_(pad)
-        self.block_tables[:n, :meta.block_tables.shape[1]].copy_(meta.block_tables,
-                                                                  non_blocking=True)
+        self.vectors[:, :n].copy_(vectors)
+        self.vectors[:, n:bucket].copy_(self.padding[:, :bucket - n])
         if bucket not in self.graphs:
             self._capture(bucket)
         self.graphs[bucket].replay()
+        self.replays[bucket] += 1
         return self.outputs[bucket][:n]
 
-    def _metadata(self, bucket: int) -> StepAttentionMetadata:
-        rows, none = self.rows[:bucket], self.rows[:0]
-        return StepAttentionMetadata(
-            block_tables=self.block_tables[:bucket], rep_index=rows,
-            rep_slots=self.slots[:bucket], rep_seq=rows, rep_pos=self.positions[:bucket],
-            rep_prefix_len=self.kv_len[:bucket], has_rep_prefix=True,
-            rep_kv_len=self.kv_len[:bucket], rep_decode_only=True, split_index=none,
-            split_pos=none, split_seq=none, pad=0, gathered_pos=none, gathered_seq=none,
-            gathered_slots=none, gathered_prefix_len=none, has_prefix=False)
+    def forward(self, bucket: int) -> torch.Tensor:
+        """The forward pass a graph of `bucket` rows captures, over the static vectors."""
+        runner = self.runner
+        token_ids, positions, rows = self.vectors[:, :bucket]
+        meta = decode_metadata(runner.rows.table, positions, runner.layout,
+                               runner.groups.cp_rank, seq=rows)
+        ctx = AttentionContext(meta, runner.kv_caches, runner.groups, runner.backend,
+                               runner.config.parallel.kv_exchange, kv_scales=runner.kv_scales)
+        return runner.model(token_ids, meta.rep_pos, ctx)
 
     def _capture(self, bucket: int) -> None:
         runner = self.runner
-        ctx = AttentionContext(self._metadata(bucket), runner.kv_caches, runner.groups,
-                               runner.backend, runner.config.parallel.kv_exchange,
-                               kv_scales=runner.kv_scales)
-
-        def forward() -> torch.Tensor:
-            return runner.model(self.token_ids[:bucket], self.positions[:bucket], ctx)
-
         # Run once outside the capture: Triton compiles, cuDNN and NCCL set up. It writes the
         # same KV the replay will write, so it changes nothing.
         side = torch.cuda.Stream(runner.device)
         side.wait_stream(torch.cuda.current_stream(runner.device))
         with torch.cuda.stream(side):
-            forward()
+            self.forward(bucket)
         torch.cuda.current_stream(runner.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.outputs[bucket] = forward()
+            self.outputs[bucket] = self.forward(bucket)
         self.pool = graph.pool()
         self.graphs[bucket] = graph

@@ -1,8 +1,25 @@
-"""The engine loop: `schedule -> run -> postprocess`, one step at a time.
+"""The engine core's loop: `schedule -> run -> postprocess`, one step at a time.
 
-The engine lives on the driver (rank 0). It validates and admits requests, builds the step
-plan from the scheduler's decision, has the executor run it on every rank, samples from the
-driver's logits, and turns tokens into text and finished requests into outputs.
+The engine core lives on the driver (rank 0): in the engine process behind the server
+(`core_process.py`), in the user's process behind the offline `LLM`. It knows sequences of
+token ids: it admits them, builds the step plan from the scheduler's decision, has the executor
+run it on every rank, samples from the driver's logits and decides the stops that token ids
+decide (eos, stop token ids, max_tokens, the context). Each step returns the news of every
+sequence that progressed (`EngineCoreOutputs`). Text, stop strings, logprob decoding and the
+`n` completions of a request are a front end's (`input_processor.py`, `output_processor.py`).
+
+With async scheduling (vLLM's; on by default on CUDA) the host works on step n+1 while the
+GPU runs step n, so the GPU does not wait for the host between steps:
+
+    step() call:     schedule n+1 ─ queue n+1 ─ finish n ─ queue sampling n+1 ─ return n's news
+    GPU:             ...[ forward n ][ sample n ][ forward n+1 ........ ][ sample n+1 ]...
+                                                  ^ its decodes read n's samples on the device
+
+Finishing step n waits only for its own samples (an event after them), never for n+1.
+Sampling of n+1 is queued after n is finished, so it sees every token before its own
+(repetition penalty, min_tokens). What n+1 computed for a sequence that n's token stopped
+(or that was aborted or failed meanwhile) is dropped; its KV blocks are freed at once all
+the same. Without async scheduling each call schedules, runs and finishes one step.
 """
 
 from __future__ import annotations
@@ -17,46 +34,48 @@ import torch
 
 from cpserve.config import ConfigError, EngineConfig, check_kv_capacity
 from cpserve.distributed.groups import layout_report
-from cpserve.distributed.plan import PlannedRequest, StepPlan
+from cpserve.distributed.plan import PENDING_TOKEN, PlannedRequest, StepPlan
 from cpserve.distributed.worker_pool import WorkerPool
 from cpserve.engine.args import EngineArgs
+from cpserve.engine.errors import QueueFullError
 from cpserve.engine.executor import Executor
-from cpserve.engine.output import OutputProcessor, ParentRequest
+from cpserve.engine.input_processor import check_sequence
+from cpserve.engine.messages import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineStats,
+)
 from cpserve.engine.sampler import (
-    SampledToken,
+    SampledBatch,
     Sampler,
     SamplingRow,
     make_generator,
     prompt_logprobs,
 )
 from cpserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from cpserve.engine.step_inputs import PendingTokens
 from cpserve.engine.step_logits import StepLogits, num_logit_rows
 from cpserve.kv.layout import KVLayout
 from cpserve.kv.manager import KVCacheManager
-from cpserve.outputs import RequestOutput
 from cpserve.request import Request, RequestStatus
 from cpserve.sampling_params import SamplingParams
-from cpserve.tokenizer import PromptTooLongError, Tokenizer
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_preemptions_total: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    prefix_cache_queries_total: int
-    prefix_cache_hits_total: int
+class QueuedStep:
+    """A step on its way through the device: its outputs are not processed yet."""
+
+    scheduled: SchedulerOutput
+    logits: StepLogits
+    samples: SampledBatch | None = None  # of logits.sampled_items, in that order
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, worker_pool: WorkerPool | None = None) -> None:
         self.config = config
-        self.tokenizer = Tokenizer.from_pretrained(config.model.tokenizer or config.model.path)
         self.executor = Executor(config, worker_pool)
         try:
             check_kv_capacity(config, self.executor.num_blocks)
@@ -73,11 +92,11 @@ class LLMEngine:
         if self.executor.runner.kv_report:  # an FP8 cache: its scales and what it buys
             print(self.executor.runner.kv_report, file=sys.stderr, flush=True)
         self.sampler = Sampler(config.seed)
-        self.outputs = OutputProcessor(self.tokenizer, config.model.max_model_len)
         self.requests: dict[str, Request] = {}
+        self.async_scheduling = config.scheduler.async_scheduling
+        self._in_flight: QueuedStep | None = None  # async scheduling: the step n above
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        self.last_step_num_tokens = 0  # tokens computed by the last step (a metric)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, worker_pool: WorkerPool | None = None) -> LLMEngine:
@@ -88,174 +107,202 @@ class LLMEngine:
         return self.executor.device
 
     # Requests ------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int] | dict,
-                    params: SamplingParams, arrival_time: float | None = None) -> None:
-        """Validate and queue a request. Bad input raises ValueError and changes nothing."""
-        if request_id in self.outputs.parents:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        params.validate()
-        self._check_logprobs(params)
-        text, token_ids = self._tokenize(prompt)
-        self._check_prompt(token_ids)
-        self._check_token_ids(params)
-        params._eos_token_ids = self.config.model.eos_token_ids
-        children = []
-        for index in range(params.n):
-            child_id = request_id if params.n == 1 else f"{request_id}#{index}"
-            child_params = params
-            if index > 0 and params.prompt_logprobs is not None:
-                child_params = _copy_params(params, prompt_logprobs=None)
-            generator = None
-            if params.seed is not None:
-                generator = make_generator(params.child_seed(index), self.device)
-            children.append(Request(child_id, token_ids, child_params, arrival_time,
-                                    parent_id=request_id, index=index, generator=generator))
-        self.outputs.add(ParentRequest(request_id, text, token_ids, params, children))
-        for child in children:
-            self.requests[child.request_id] = child
-            self.scheduler.add_request(child)
-        self.prompt_tokens_total += len(token_ids)
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        """Queue one sequence. Bad input raises ValueError and changes nothing."""
+        self.add_requests([EngineCoreRequest(request_id, list(prompt_token_ids), params,
+                                             arrival_time or time.time())])
 
-    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, str):
-            if not prompt:  # would still tokenize to a lone BOS; refuse it like no tokens
-                raise ValueError("the prompt is empty: it must have at least one token")
-            try:
-                return prompt, self.tokenizer.encode_within(prompt, self._max_prompt_tokens)
-            except PromptTooLongError as exc:
-                raise ValueError(self._too_long(exc.count)) from None
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise ValueError("a prompt must be a string, a list of token ids, or a dict with "
-                         "'prompt' or 'prompt_token_ids'")
-
-    def _check_logprobs(self, params: SamplingParams) -> None:
-        limit = self.config.max_logprobs
-        if limit == -1:
-            limit = self.config.model.vocab_size
-        for name in ("logprobs", "prompt_logprobs"):
-            asked = getattr(params, name)
-            if asked is not None and asked > limit:
-                raise ValueError(f"{name}={asked} is more than this server returns per token: "
-                                 f"at most {limit} (--max-logprobs)")
-
-    def _check_prompt(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise ValueError("the prompt is empty: it must have at least one token")
-        vocab = self.config.model.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        # Start-up made sure the KV cache holds max_model_len tokens (check_kv_capacity).
-        if len(token_ids) > self._max_prompt_tokens:
-            raise ValueError(self._too_long(str(len(token_ids))))
-
-    @property
-    def _max_prompt_tokens(self) -> int:
-        return self.config.model.max_model_len - 1  # room for one generated token
-
-    def _too_long(self, count: str) -> str:
-        max_len = self.config.model.max_model_len
-        return (f"the prompt has {count} tokens, but max_model_len is {max_len}: at most "
-                f"{max_len - 1} prompt tokens leave room for one generated token")
-
-    def _check_token_ids(self, params: SamplingParams) -> None:
-        vocab = self.config.model.vocab_size
-        for name, ids in (("stop_token_ids", params.stop_token_ids),
-                          ("logit_bias", params.logit_bias or ())):
-            bad = sorted(t for t in ids if t >= vocab)
-            if bad:
-                raise ValueError(f"{name} has token id {bad[0]}, outside the vocabulary "
-                                 f"[0, {vocab})")
+    def add_requests(self, requests: list[EngineCoreRequest],
+                     max_waiting: int | None = None) -> None:
+        """Queue sequences, all or none: ValueError (bad input, a message for the user) or,
+        past `max_waiting` waiting sequences, QueueFullError, and nothing is queued."""
+        if max_waiting is not None:
+            if len(requests) > max_waiting:  # could never be admitted: the caller's error
+                raise ValueError(
+                    f"the request asks for {len(requests)} sequences, more than the server "
+                    f"queues at once (--max-waiting-requests {max_waiting})")
+            num_waiting = len(self.scheduler.waiting)
+            if num_waiting + len(requests) > max_waiting:
+                raise QueueFullError(
+                    f"the server is busy: {num_waiting} requests are waiting, the limit is "
+                    f"{max_waiting}; retry later")
+        ids = set()
+        for r in requests:
+            if r.request_id in self.requests or r.request_id in ids:
+                raise ValueError(f"request id {r.request_id!r} is already in use")
+            ids.add(r.request_id)
+            if r.params.n != 1:
+                raise ValueError("the engine core runs one sequence per request: the front "
+                                 "end fans n completions out")
+            check_sequence(self.config, r.prompt_token_ids, r.params)
+        for r in requests:
+            params = r.params
+            params._eos_token_ids = self.config.model.eos_token_ids
+            generator = (make_generator(params.seed, self.device) if params.seed is not None
+                         else None)
+            request = Request(r.request_id, r.prompt_token_ids, params, r.arrival_time,
+                              generator=generator)
+            self.requests[r.request_id] = request
+            self.scheduler.add_request(request)
+            if r.counts_prompt:
+                self.prompt_tokens_total += len(r.prompt_token_ids)
 
     def abort_request(self, request_ids: Iterable[str]) -> None:
-        """Stop requests (by the id given to add_request) and free their KV blocks at once."""
+        """Stop sequences and free their KV blocks at once; unknown ids are ignored."""
         for request_id in request_ids:
-            parent = self.outputs.parents.pop(request_id, None)
-            if parent is None:
-                continue
-            for child in parent.children:
-                self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
-                self.requests.pop(child.request_id, None)
+            request = self.requests.pop(request_id, None)
+            if request is not None:
+                self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Sequences to run, or a queued step whose news is still to come."""
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # One step ------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        scheduled = self.scheduler.schedule()
-        self.last_step_num_tokens = scheduled.num_tokens
-        if scheduled.is_empty:
-            return []
-        logits = StepLogits(scheduled.scheduled, self.config.model.vocab_size,
-                            self._collect_prompt_logprobs)
-        self.executor.execute(self._plan(scheduled), logits)
-        return self._postprocess(scheduled, logits)
+    def step(self) -> EngineCoreOutputs:
+        """The news of the step this call runs, or with async scheduling of the one queued by
+        the call before. A call that finds nothing queued queues a step first, so it too
+        returns what a step did (no outputs and no tokens still mean nothing could run)."""
+        if self.async_scheduling and self._in_flight is None:
+            self._in_flight = self._schedule_and_run()
+            if self._in_flight is not None:
+                self._queue_sampling(self._in_flight)
+        queued = self._schedule_and_run()
+        finished, self._in_flight = self._in_flight, None
+        news = self._finish(finished) if finished is not None else None
+        if queued is not None:
+            self._queue_sampling(queued)
+            if self.async_scheduling:
+                self._in_flight = queued
+            else:
+                news = self._finish(queued)
+        return news or EngineCoreOutputs([], self.stats(), time.time())
 
-    def _plan(self, out: SchedulerOutput) -> StepPlan:
-        requests = []
+    def _schedule_and_run(self) -> QueuedStep | None:
+        scheduled = self.scheduler.schedule()
+        return None if scheduled.is_empty else self._run(scheduled)
+
+    def _run(self, out: SchedulerOutput) -> QueuedStep:
+        """Plan the step and queue it on every rank (prompt logprobs are consumed as their
+        logits come)."""
+        logits = StepLogits(out.scheduled, self.config.model.vocab_size,
+                            self._collect_prompt_logprobs)
+        plan, pending = self._plan(out)
+        self.executor.execute(plan, logits, pending)
+        return QueuedStep(out, logits)
+
+    def _plan(self, out: SchedulerOutput) -> tuple[StepPlan, PendingTokens | None]:
+        """The plan, and where the values of its pending tokens are: a sequence's last token
+        when the queued step is still sampling it."""
+        requests, pending_rows = [], []
         for item in out.scheduled:
             r = item.request
             block_ids = self.kv.block_table(r.request_id) if item.is_new else item.new_block_ids
-            requests.append(PlannedRequest(
-                r.request_id, r.all_token_ids[item.start_pos:item.start_pos + item.num_new_tokens],
-                item.start_pos, list(block_ids), item.is_new, num_logit_rows(item)))
-        return StepPlan(requests, list(out.freed_request_ids))
+            end = item.start_pos + item.num_new_tokens
+            token_ids = r.all_token_ids[item.start_pos:end]
+            if len(token_ids) < item.num_new_tokens:  # only ever its one pending token
+                pending_rows.append(self._pending_row(r))
+                token_ids = token_ids + [PENDING_TOKEN]
+            requests.append(PlannedRequest(r.request_id, token_ids, item.start_pos,
+                                           list(block_ids), item.is_new, num_logit_rows(item)))
+        plan = StepPlan(requests, list(out.freed_request_ids))
+        if not pending_rows:
+            return plan, None
+        return plan, PendingTokens(self._in_flight.samples.token_ids, pending_rows)
 
-    def _postprocess(self, out: SchedulerOutput, logits: StepLogits) -> list[RequestOutput]:
-        """Sample, append and check stops. What goes wrong for one request (logits that are
-        not finite, its prompt logprobs failing) fails it alone."""
-        self.scheduler.update_after_step(out)
-        failures = dict(logits.failures)
-        now = time.time()
-        for item, token in self._sample(logits, failures):
+    def _pending_row(self, r: Request) -> int:
+        queued = self._in_flight
+        items = queued.logits.sampled_items if queued is not None else []
+        for j, item in enumerate(items):
+            if item.request is r:
+                return j
+        raise RuntimeError(f"request {r.request_id} has a pending token no queued step samples")
+
+    def _queue_sampling(self, queued: QueuedStep) -> None:
+        """Queue the sampling of every row that completes a sequence. Rows already known to
+        fail are sampled too (their tokens are dropped): no host synchronisation."""
+        items = queued.logits.sampled_items
+        if not items:
+            return
+        # Parameters were validated when the request came: what the sampler could still
+        # raise would be a bug of the engine's, not one request's.
+        rows = [SamplingRow(item.request.params, item.request.generator,
+                            item.request.output_token_ids, item.request.prompt_token_ids)
+                for item in items]
+        queued.samples = self.sampler.sample(queued.logits.sample_logits, rows)
+
+    def _finish(self, queued: QueuedStep) -> EngineCoreOutputs:
+        """Append the step's tokens and check stops. What goes wrong for one sequence (logits
+        that are not finite, its prompt logprobs failing) fails it alone. Sequences that
+        ended since the step was queued (their news already sent) get none."""
+        out = queued.scheduled
+        self.scheduler.update_after_step(out)  # blocks the step filled, before any finish
+        failures = dict(queued.logits.failures)
+        news: dict[str, EngineCoreOutput] = {}
+        tokens = queued.samples.resolve() if queued.samples is not None else []
+        for item, token in zip(queued.logits.sampled_items, tokens):
             r = item.request
-            if r.first_token_time is None:
-                r.first_token_time = now
-            r.last_token_time = now
+            if r.is_finished or r in failures:
+                continue  # stopped, aborted or failed since the step was queued
+            if not token.finite:
+                failures[r] = "the model's logits for the next token are not finite (NaN or infinity)"
+                continue
             r.append_token(token.token_id)
             self.generation_tokens_total += 1
-            status = self.outputs.on_token(r, token)
+            o = self._news(r, news)
+            o.new_token_ids.append(token.token_id)
+            o.new_logprobs.append(token.logprob)
+            if r.params.logprobs is not None:
+                o.new_top_logprobs = (o.new_top_logprobs or []) + [token.top_logprobs]
+            status = self._stop_status(r, token.token_id)
             if status is not None:
                 self.scheduler.finish(r, status)
         for r, message in failures.items():
-            self._fail(r, message)
-        touched = {item.request.parent_id for item in out.scheduled}
-        touched.update(r.parent_id for r in out.failed)
-        return self.outputs.make_outputs(touched, self.requests)
+            if not r.is_finished:
+                self._fail(r, message)
+                self._news(r, news)
+        for r in out.failed:
+            if self._is_live(r):
+                self._news(r, news)
+        for item in out.scheduled:
+            r = item.request
+            if r.new_prompt_logprobs and self._is_live(r):
+                self._news(r, news).new_prompt_logprobs = r.new_prompt_logprobs
+                r.new_prompt_logprobs = []
+        for o in news.values():
+            r = self.requests[o.request_id]
+            if r.is_finished:
+                o.finish_reason, o.stop_reason, o.error = r.status.value, r.stop_reason, r.error
+                del self.requests[o.request_id]
+        return EngineCoreOutputs(list(news.values()), self.stats(), time.time(), out.num_tokens)
 
-    def _sample(self, logits: StepLogits,
-                failures: dict[Request, str]) -> list[tuple[ScheduledRequest, SampledToken]]:
-        """A token for each request that completed this step, except failed ones."""
-        items = logits.sampled_items
-        if not items:
-            return []
-        finite = torch.isfinite(logits.sample_logits).all(dim=1).tolist()
-        keep = []
-        for j, item in enumerate(items):
-            if item.request in failures:
-                continue
-            if not finite[j]:
-                failures[item.request] = ("the model's logits for the next token are not "
-                                          "finite (NaN or infinity)")
-                continue
-            keep.append(j)
-        if not keep:
-            return []
-        # Parameters were validated when the request came, and the logits are finite: what
-        # the sampler could still raise would be a bug of the engine's, not one request's.
-        rows = [SamplingRow(items[j].request.params, items[j].request.generator,
-                            items[j].request.output_token_ids, items[j].request.prompt_token_ids)
-                for j in keep]
-        tokens = self.sampler(logits.sample_logits[keep], rows)
-        return [(items[j], token) for j, token in zip(keep, tokens)]
+    def _is_live(self, r: Request) -> bool:
+        """Not yet reported ended nor aborted (its id may already be a new sequence's)."""
+        return self.requests.get(r.request_id) is r
+
+    @staticmethod
+    def _news(r: Request, news: dict[str, EngineCoreOutput]) -> EngineCoreOutput:
+        o = news.get(r.request_id)
+        if o is None:
+            o = news[r.request_id] = EngineCoreOutput(
+                r.request_id, num_cached_tokens=r.num_cached_tokens,
+                first_scheduled_time=r.first_scheduled_time)
+        return o
+
+    def _stop_status(self, r: Request, token_id: int) -> RequestStatus | None:
+        """The stops token ids decide (stop strings are the front end's)."""
+        params = r.params
+        if len(r.output_token_ids) >= params.min_tokens:
+            if not params.ignore_eos and token_id in params._eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                r.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        if (params.max_tokens is not None and len(r.output_token_ids) >= params.max_tokens) \
+                or r.num_tokens >= self.config.model.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
 
     def _fail(self, r: Request, message: str) -> None:
         logger.warning("request %s failed: %s", r.request_id, message)
@@ -269,15 +316,15 @@ class LLMEngine:
         r = item.request
         start = item.start_pos + offset
         targets = r.prompt_token_ids[start + 1:start + 1 + logits.shape[0]]
-        first_missing = len(r.prompt_logprobs) - (start + 1)  # rows already collected
+        first_missing = r.num_prompt_logprobs - (start + 1)  # rows already collected
         if not len(targets) > first_missing >= 0:
             return None
         rows = logits[first_missing:len(targets)]
         if not torch.isfinite(rows).all():
             return "the model's logits for the prompt tokens are not finite (NaN or infinity)"
         new = prompt_logprobs(rows, targets[first_missing:], r.params.prompt_logprobs)
-        self.outputs.decode_logprobs(new)
-        r.prompt_logprobs.extend(new)
+        r.new_prompt_logprobs.extend(new)
+        r.num_prompt_logprobs += len(new)
         return None
 
     # Introspection -------------------------------------------------------------------------
@@ -298,9 +345,3 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
-
-
-def _copy_params(params: SamplingParams, **changes) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, **changes)

@@ -8,6 +8,14 @@ others. When KV blocks run out, the most recently admitted running request is pr
 blocks are freed and its tokens recomputed later. Waiting requests are admitted in order while
 budget and blocks last, after taking any cached prefix.
 
+With async scheduling a step is scheduled while the one before still runs: a request whose
+last token is still being sampled (`Request.num_pending_tokens`) is given that token to
+compute, as if known; the step is fed the sample on the device. Counts move when a step is
+scheduled (`num_computed_tokens`, pending tokens), not when it ends, so the next schedule
+sees them at once. A request whose pending tokens will end it by max_tokens is not given
+more; one that stops on its pending token (eos, a stop string) has computed one step for
+nothing, whose output the engine drops.
+
 A request that cannot get its blocks while it is the only one holding any will never get
 them: it ends with an error at once (`SchedulerOutput.failed`) instead of preempting itself
 for ever. Start-up refuses a `max_model_len` the cache cannot hold, so this is a last guard.
@@ -41,7 +49,8 @@ class ScheduledRequest:
 
     def __post_init__(self) -> None:
         self.start_pos = self.request.num_computed_tokens
-        self.completes = self.start_pos + self.num_new_tokens == self.request.num_tokens
+        self.completes = (self.start_pos + self.num_new_tokens
+                          == self.request.num_tokens_with_pending)
 
 
 @dataclass
@@ -86,7 +95,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(self._capped(request.num_tokens - request.num_computed_tokens), budget)
+            num_new = min(self._capped(request.num_tokens_with_pending
+                                       - request.num_computed_tokens), budget)
+            if num_new <= 0 or request.length_reached_with_pending:
+                i += 1  # nothing to compute until its pending token is known, or ever
+                continue
             new_blocks = self.kv.allocate(request, num_new)
             while new_blocks is None:
                 if len(self.running) == 1:  # alone and still short of blocks: never fits
@@ -106,6 +119,8 @@ class Scheduler:
         while (self.waiting and budget > 0 and not out.num_preempted
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
+            if request.num_pending_tokens:
+                break  # preempted while its last token was sampled: back once it is known
             cached = (self.kv.find_cached_prefix(request)
                       if request.num_computed_tokens == 0 and request.may_read_prefix_cache
                       else [])
@@ -130,6 +145,9 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new, new_blocks, is_new=True))
             budget -= num_new
+        for item in out.scheduled:
+            item.request.num_computed_tokens += item.num_new_tokens
+            item.request.num_pending_tokens += item.completes
         return out
 
     def _fail_for_capacity(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
@@ -153,13 +171,11 @@ class Scheduler:
         self.num_preemptions_total += 1
 
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Count the computed tokens and register newly full blocks for prefix caching.
-
-        Sampled tokens are appended by the engine before `finish` is decided.
-        """
+        """Register the blocks the step filled for prefix caching (requests still running:
+        a preempted one holds no blocks, a finished one is gone)."""
         for item in out.scheduled:
-            item.request.num_computed_tokens += item.num_new_tokens
-            self.kv.cache_full_blocks(item.request)
+            if item.request.status == RequestStatus.RUNNING:
+                self.kv.cache_full_blocks(item.request)
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """End a request (stop, length or abort) and free its KV blocks at once."""

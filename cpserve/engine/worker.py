@@ -6,9 +6,11 @@ this loop, on the engine side, gives them meaning. `start_worker_pool` binds the
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from cpserve.config import LaunchConfig, ParallelConfig
+from cpserve.config import EngineConfig, LaunchConfig, ParallelConfig
 from cpserve.distributed.config_codec import config_from_dict
 from cpserve.distributed.groups import ParallelGroups
 from cpserve.distributed.plan import broadcast_plan
@@ -47,3 +49,18 @@ def run_headless_node(parallel: ParallelConfig, launch: LaunchConfig, device: st
                       timeout_s: float | None = None) -> int:
     """This node's ranks of a multi-node launch, serving the driver's plans; the exit code."""
     return run_node_ranks(parallel, launch, device, serve_plans, timeout_s)
+
+
+def is_torchrun_worker() -> bool:
+    """This process is a rank other than 0 of a torchrun launch."""
+    return "WORLD_SIZE" in os.environ and int(os.environ.get("RANK", "0")) > 0
+
+
+def follow_torchrun_driver(config: EngineConfig) -> int:
+    """A torchrun rank other than 0: serve rank 0's plans until it shuts down; the exit code.
+
+    (Rank 0 is the engine of whichever process drives: `LLM`, or the server's engine
+    process, which inherits torchrun's environment.)
+    """
+    start_worker_pool(config.parallel, config.device)  # joins the group, serves, exits
+    return 0

@@ -1,8 +1,17 @@
-"""The offline API, shaped like vLLM's: `LLM(model=...).generate(prompts, params)`."""
+"""The offline API, shaped like vLLM's: `LLM(model=...).generate(prompts, params)`.
+
+The engine core runs in this process, stepped by `generate` (as vLLM's `LLM` can run it), with
+the same front end as the server's: prompts through an `InputProcessor`, the core's per-step
+news through an `OutputProcessor` that keeps each request's text until it finishes.
+
+    LLM.generate ─ tokenize, fan out ─> LLMEngine.add_requests
+                 <─ RequestOutput (final) ─ OutputProcessor <─ LLMEngine.step()
+"""
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 from dataclasses import fields
 
@@ -10,7 +19,9 @@ from tqdm.auto import tqdm
 
 from cpserve.distributed.worker_pool import WorkerPool
 from cpserve.engine.args import EngineArgs
+from cpserve.engine.input_processor import InputProcessor, load_tokenizer
 from cpserve.engine.llm_engine import LLMEngine
+from cpserve.engine.output_processor import OutputProcessor, RequestOutputKind
 from cpserve.outputs import RequestOutput
 from cpserve.sampling_params import SamplingParams
 
@@ -28,10 +39,13 @@ class LLM:
             raise TypeError(f"unknown LLM argument(s): {', '.join(unknown)}")
         # A worker pool of the same layout can be passed to reuse running ranks.
         self.engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs), worker_pool)
+        self.tokenizer = load_tokenizer(self.engine.config)
+        self._inputs = InputProcessor(self.engine.config, self.tokenizer)
+        self._outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
     def get_tokenizer(self):
-        return self.engine.tokenizer
+        return self.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What `generate` uses without sampling parameters: the model's generation config
@@ -53,28 +67,40 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
 
-        request_ids = []
+        request_ids: list[str] = []
         try:
             for prompt, p in zip(prompts, params):
-                request_id = str(next(self._ids))
-                self.engine.add_request(request_id, prompt, p)
-                request_ids.append(request_id)
+                self._add(prompt, p, request_ids)
         except Exception:
-            self.engine.abort_request(request_ids)  # nothing half-queued stays behind
+            self._abort(request_ids)  # nothing half-queued stays behind
             raise
 
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm) as bar:
             try:
                 while len(finished) < len(request_ids):
-                    for output in self.engine.step():
-                        if output.finished:
-                            finished[output.request_id] = output
-                            bar.update(1)
+                    processed = self._outputs.process(self.engine.step())
+                    self.engine.abort_request(processed.stopped)  # ended by a stop string
+                    for output in processed.outputs:
+                        finished[output.request_id] = output
+                        bar.update(1)
             except BaseException:
-                self.engine.abort_request(request_ids)
+                self._abort(request_ids)
                 raise
         return [finished[i] for i in request_ids]
+
+    def _add(self, prompt: PromptType, params: SamplingParams, request_ids: list[str]) -> None:
+        text, token_ids = self._inputs.tokenize(prompt)
+        request_id = str(next(self._ids))
+        arrival = time.time()
+        sequences = self._inputs.sequences(request_id, token_ids, params, arrival)
+        self._outputs.add(request_id, text, token_ids, params, RequestOutputKind.FINAL, arrival)
+        request_ids.append(request_id)
+        self.engine.add_requests(sequences)
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.engine.abort_request(self._outputs.abort(request_id))
 
     def shutdown(self) -> None:
         self.engine.shutdown()

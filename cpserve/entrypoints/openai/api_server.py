@@ -125,15 +125,15 @@ def build_app(engine: AsyncEngine, *, served_model_names: Sequence[str] = ("tiny
             text = req.prompt
             special = req.add_special_tokens is not False
         param = "prompt" if req.messages is None else "messages"
-        ids = await serving.in_tokenizer_thread(serving.encode_text, text, special, param,
-                                                serving.max_model_len)
+        ids = await serving.encode(text, special, param, serving.max_model_len)
         return {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": list(ids)}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict:
         serving.check_model(req.model)
         serving.check_token_ids(req.tokens, "tokens")
-        text = await serving.in_tokenizer_thread(serving.tokenizer.decode, req.tokens)
+        text = await serving.in_tokenizer_thread(lambda tok: tok.decode(req.tokens),
+                                                 len(req.tokens))
         return {"prompt": text}
 
     # The last added runs first: the key is checked before the body is read.
@@ -170,13 +170,21 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_server(args: argparse.Namespace) -> int:
-    """Serve until interrupted; returns the process exit code (1 if the engine died)."""
+    """Serve until interrupted; returns the process exit code (1 if the engine died).
+
+    This process serves HTTP; the engine runs in a process of its own, started here (rank 0
+    of the layout, which starts the other local ranks). Under torchrun, the ranks other than
+    0 serve no HTTP: they follow rank 0's plans.
+    """
     from cpserve.engine.args import EngineArgs
+    from cpserve.engine.worker import follow_torchrun_driver, is_torchrun_worker
     from cpserve.entrypoints.openai.chat_template import load_chat_template
 
+    engine_args = EngineArgs.from_cli_args(args)
+    if is_torchrun_worker():
+        return follow_torchrun_driver(engine_args.create_engine_config())
     chat_template = load_chat_template(args.chat_template)
-    engine = AsyncEngine.from_engine_args(EngineArgs.from_cli_args(args),
-                                          log_requests=args.enable_log_requests)
+    engine = AsyncEngine.from_engine_args(engine_args, log_requests=args.enable_log_requests)
     names = args.served_model_name or [args.model]
     app = build_app(engine, served_model_names=names, api_key=args.api_key,
                     max_request_body_bytes=args.max_request_body_bytes,

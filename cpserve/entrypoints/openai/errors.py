@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cpserve.engine.async_engine import EngineDeadError, QueueFullError
+from cpserve.engine.errors import EngineDeadError, QueueFullError
 
 logger = logging.getLogger(__name__)
 

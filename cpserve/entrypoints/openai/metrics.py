@@ -48,7 +48,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from cpserve.outputs import RequestOutput
+from cpserve.engine.output_processor import FinishedRequest
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 FINISHED_REASONS = ("stop", "length", "abort")
@@ -183,17 +183,17 @@ class ServerMetrics:
     def on_inter_token(self, itl_s: float) -> None:
         self.itl.observe(itl_s)
 
-    def on_finished(self, output: RequestOutput, e2e_s: float) -> None:
-        reasons = {c.finish_reason or "abort" for c in output.outputs}
+    def on_finished(self, request: FinishedRequest, e2e_s: float) -> None:
+        reasons = {reason or "abort" for reason in request.finish_reasons}
         self._count_finished("abort" if "abort" in reasons else
                              "length" if "length" in reasons else "stop")
         self.e2e.observe(e2e_s)
-        lengths = [len(c.token_ids) for c in output.outputs]
-        self.prompt_tokens.observe(len(output.prompt_token_ids))
+        lengths = request.num_generated_tokens
+        self.prompt_tokens.observe(request.num_prompt_tokens)
         self.generation_tokens.observe(sum(lengths))
         self.max_generation_tokens.observe(max(lengths, default=0))
-        self.params_n.observe(len(output.outputs))
-        m = output.metrics
+        self.params_n.observe(len(lengths))
+        m = request.metrics
         if m is None or m.first_scheduled_time is None:
             return
         first_token = m.first_token_time or m.first_scheduled_time

@@ -1,7 +1,14 @@
 """What the completion and chat handlers share: prompts, sampling parameters, logprobs, SSE.
 
-Tokenization and chat-template rendering run on one worker thread, so a long prompt does not
-stall the event loop and the tokenizer is never used from two threads at once by us.
+Tokenizing and chat-template rendering run off the event loop, in two lanes, each a thread
+with a tokenizer of its own (a tokenizer is never used from two threads at once by us):
+
+    texts up to LONG_TEXT_CHARS ──> the short lane (and /detokenize)
+    longer texts ─────────────────> the long lane: a 10 MB prompt takes seconds to tokenize,
+                                    and no short request waits behind it
+
+The engine hands streamed requests one output per step that gives them news (new text, new
+tokens); a stream sends one event for each. Non-streamed requests get one final output.
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -19,17 +26,20 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from cpserve.engine.async_engine import AsyncEngine, RequestStream
+from cpserve.engine.async_engine import AsyncEngine, RequestOutputKind, RequestStream
+from cpserve.engine.input_processor import load_tokenizer
 from cpserve.entrypoints.openai.errors import APIError, error_body, to_api_error
 from cpserve.entrypoints.openai.protocol import ChatMessage, SamplingFields
 from cpserve.outputs import Logprob, PositionLogprobs, RequestOutput
 from cpserve.sampling_params import SamplingParams
-from cpserve.tokenizer import PromptTooLongError
+from cpserve.tokenizer import PromptTooLongError, Tokenizer
 
 T = TypeVar("T")
 
 # JSON has no -inf; OpenAI-compatible servers send this floor instead.
 _MIN_LOGPROB = -9999.0
+# Texts longer than this are tokenized in the long lane (about 30 ms of tokenizing).
+LONG_TEXT_CHARS = 64 * 1024
 
 
 @dataclass
@@ -40,28 +50,12 @@ class Prompt:
 
 @dataclass
 class ChoiceState:
-    """How much of one choice (one completion of one prompt) the client has been sent."""
+    """What one choice (one completion of one prompt) has been sent so far."""
 
     index: int
-    holdback: int  # characters kept back while a stop string could still cut them
     prefix_sent: bool = False  # echoed prompt (completions) or role (chat)
-    text_sent: int = 0
-    tokens_sent: int = 0
+    num_tokens: int = 0  # generated tokens sent (usage of a stream)
     text_offset: int = 0  # completions logprobs: offset of the next token in the text
-
-    def next_text(self, text: str, finished: bool) -> str:
-        """The part of `text` not sent yet that is safe to send now."""
-        end = len(text)
-        if not finished:
-            end -= self.holdback
-            # A trailing U+FFFD is usually half of a multi-byte character still being decoded.
-            while end > self.text_sent and text[end - 1] == "\ufffd":
-                end -= 1
-        if end <= self.text_sent:
-            return ""
-        delta = text[self.text_sent:end]
-        self.text_sent = end
-        return delta
 
 
 class OpenAIServing:
@@ -79,10 +73,13 @@ class OpenAIServing:
         self.max_model_len = engine.config.model.max_model_len
         self.vocab_size = engine.config.model.vocab_size
         self.max_num_seqs = engine.config.scheduler.max_num_seqs
-        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="cpserve-tokenizer")
+        self._short_lane = ThreadPoolExecutor(1, thread_name_prefix="cpserve-tokenizer")
+        self._long_lane = ThreadPoolExecutor(1, thread_name_prefix="cpserve-tokenizer-long")
+        self._long_tokenizer: Tokenizer | None = None  # made in the long lane when first used
 
     def close(self) -> None:
-        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+        for lane in (self._short_lane, self._long_lane):
+            lane.shutdown(wait=False, cancel_futures=True)
 
     # ---- checks ------------------------------------------------------------------------------
 
@@ -181,40 +178,49 @@ class OpenAIServing:
         value = getattr(req, name)
         return value if value is not None else self.defaults.get(name, builtin)
 
-    def holdback(self, params: SamplingParams) -> int:
-        if params.include_stop_str_in_output or not params.stop:
-            return 0
-        return max(len(s) for s in params.stop) - 1
-
     # ---- tokenizer -----------------------------------------------------------------------------
 
-    async def in_tokenizer_thread(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
+    async def in_tokenizer_thread(self, fn: Callable[[Tokenizer], T], size: int = 0) -> T:
+        """`fn(tokenizer)` in the lane for an input of `size` characters."""
+        loop = asyncio.get_running_loop()
+        if size <= LONG_TEXT_CHARS:
+            return await loop.run_in_executor(self._short_lane, fn, self.tokenizer)
+        return await loop.run_in_executor(self._long_lane,
+                                          lambda: fn(self._tokenizer_for_long_texts()))
 
-    def encode_text(self, text: str, add_special_tokens: bool, param: str,
-                    limit: int | None = None) -> list[int]:
+    def _tokenizer_for_long_texts(self) -> Tokenizer:
+        if self._long_tokenizer is None:  # in the long lane's thread, so loaded only there
+            self._long_tokenizer = load_tokenizer(self.engine.config)
+        return self._long_tokenizer
+
+    def encode_text(self, tokenizer: Tokenizer, text: str, add_special_tokens: bool,
+                    param: str, limit: int | None = None) -> list[int]:
         """Tokens of a prompt, refusing one that cannot fit the context without tokenizing
-        all of a text far too long. In the tokenizer thread."""
+        all of a text far too long. In a tokenizer lane."""
         limit = self.max_model_len - 1 if limit is None else limit  # room for one token
         try:
-            return self.tokenizer.encode_within(text, limit, add_special_tokens)
+            return tokenizer.encode_within(text, limit, add_special_tokens)
         except PromptTooLongError as exc:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} "
                                 f"tokens, but the {param} has {exc.count} tokens (at most "
                                 f"{limit} are allowed)", param) from None
 
-    async def encode_prompts(self, prompts: Sequence[str | list[int]]) -> list[Prompt]:
-        texts = [(i, p) for i, p in enumerate(prompts) if isinstance(p, str)]
+    async def encode(self, text: str, add_special_tokens: bool, param: str,
+                     limit: int | None = None) -> list[int]:
+        return await self.in_tokenizer_thread(
+            lambda tok: self.encode_text(tok, text, add_special_tokens, param, limit), len(text))
 
+    async def encode_prompts(self, prompts: Sequence[str | list[int]]) -> list[Prompt]:
         def param(i: int) -> str:
             return "prompt" if len(prompts) == 1 else f"prompt.{i}"
 
-        encoded = iter(await self.in_tokenizer_thread(
-            lambda: [self.encode_text(t, True, param(i)) for i, t in texts]))
+        texts = [(i, p) for i, p in enumerate(prompts) if isinstance(p, str)]
+        encoded = await asyncio.gather(*(self.encode(t, True, param(i)) for i, t in texts))
+        by_index = dict(zip((i for i, _ in texts), encoded))
         result = []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
-                result.append(Prompt(p, list(next(encoded))))
+                result.append(Prompt(p, list(by_index[i])))
             else:
                 self.check_token_ids(p, param(i))
                 result.append(Prompt(None, list(p)))
@@ -224,14 +230,15 @@ class OpenAIServing:
                           add_generation_prompt: bool) -> str:
         """The conversation as the checkpoint's chat template writes it."""
         plain = [_message_dict(m) for m in messages]
+        size = sum(len(str(m["content"])) for m in plain)
 
-        def render() -> str:
-            return self.tokenizer.apply_chat_template(
+        def render(tokenizer: Tokenizer) -> str:
+            return tokenizer.apply_chat_template(
                 plain, add_generation_prompt=add_generation_prompt,
                 chat_template=self.chat_template)
 
         try:
-            return await self.in_tokenizer_thread(render)
+            return await self.in_tokenizer_thread(render, size)
         except Exception as exc:  # the template refused this conversation (a jinja raise)
             raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from None
 
@@ -239,7 +246,7 @@ class OpenAIServing:
                           add_generation_prompt: bool) -> Prompt:
         text = await self.render_chat(messages, add_generation_prompt)
         # The template already wrote BOS and the other special tokens.
-        ids = await self.in_tokenizer_thread(self.encode_text, text, False, "messages")
+        ids = await self.encode(text, False, "messages")
         return Prompt(text, list(ids))
 
     def token_str(self, token_id: int, logprob: Logprob | None) -> str:
@@ -314,16 +321,13 @@ def new_completion_logprobs() -> dict[str, list]:
     return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
 
-def usage(prompts: Sequence[Prompt], outputs: Sequence[RequestOutput],
-          count_generated: bool = True) -> dict:
+def usage(prompts: Sequence[Prompt], completion_tokens: int, cached_tokens: int) -> dict:
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    completion_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs) \
-        if count_generated else 0
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)},
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -358,14 +362,16 @@ def _message_dict(message: ChatMessage) -> dict:
 # ---- running requests ---------------------------------------------------------------------
 
 
-async def add_to_engine(engine: AsyncEngine, requests: list) -> RequestStream:
-    """Add the requests of one HTTP call; engine refusals become API errors."""
-    stream = RequestStream()
+async def add_to_engine(engine: AsyncEngine, requests: list, stream: bool) -> RequestStream:
+    """Add the requests of one HTTP call; engine refusals become API errors. A stream gets
+    an output per step with news, a plain response its final outputs only."""
+    outputs = RequestStream()
+    kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL
     try:
-        await engine.add_requests(stream, requests)
+        await engine.add_requests(outputs, requests, kind)
     except Exception as exc:
         raise to_api_error(exc) from None
-    return stream
+    return outputs
 
 
 async def collect_final(engine: AsyncEngine, stream: RequestStream,
@@ -375,7 +381,7 @@ async def collect_final(engine: AsyncEngine, stream: RequestStream,
 
     async def consume() -> None:
         while not stream.finished:
-            finals.update(await stream.get())
+            finals.update((output.request_id, output) for output in await stream.get())
 
     try:
         await run_unless_disconnected(consume(), raw_request)

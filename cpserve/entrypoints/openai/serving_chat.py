@@ -57,8 +57,9 @@ class ChatServing:
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             prompt_logprobs=req.prompt_logprobs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await add_to_engine(s.engine, [(request_id, prompt.token_ids, params)])
-        run = _Run(s, req, request_id, prompt, s.holdback(params))
+        stream = await add_to_engine(s.engine, [(request_id, prompt.token_ids, params)],
+                                     req.stream)
+        run = _Run(s, req, request_id, prompt)
         if req.stream:
             return SSEResponse(run.stream(stream))
         finals = await collect_final(s.engine, stream, raw_request)
@@ -66,32 +67,38 @@ class ChatServing:
 
 
 class _Run:
-    """One chat call in flight: turns engine outputs into choices and chunks."""
+    """One chat call in flight: turns engine outputs into choices and chunks.
+
+    A stream's outputs hold what each step added; a plain response's, everything."""
 
     def __init__(self, serving: OpenAIServing, req: ChatCompletionRequest, request_id: str,
-                 prompt: Prompt, holdback: int) -> None:
+                 prompt: Prompt) -> None:
         self.s = serving
         self.req = req
         self.id = request_id
         self.created = int(time.time())
         self.prompt = prompt
-        self.states = [ChoiceState(k, holdback) for k in range(req.n)]
+        self.states = [ChoiceState(k) for k in range(req.n)]
+        self.cached_tokens = 0
 
-    def _logprobs(self, state: ChoiceState, c: CompletionOutput) -> dict | None:
+    def _logprobs(self, c: CompletionOutput) -> dict | None:
         if not self.req.logprobs:
             return None
-        new_ids = c.token_ids[state.tokens_sent:]
-        positions = (c.logprobs or [])[state.tokens_sent:]
-        return {"content": self.s.chat_logprobs(new_ids, positions, self.req.top_logprobs or 0)}
+        return {"content": self.s.chat_logprobs(c.token_ids, c.logprobs or [],
+                                                self.req.top_logprobs or 0)}
+
+    def _usage(self) -> dict:
+        return usage([self.prompt], sum(s.num_tokens for s in self.states), self.cached_tokens)
 
     def response(self, out: RequestOutput) -> dict:
         choices = []
+        self.cached_tokens = out.num_cached_tokens
         for c in out.outputs:
-            state = self.states[c.index]
+            self.states[c.index].num_tokens = len(c.token_ids)
             choices.append({
                 "index": c.index,
                 "message": {"role": "assistant", "content": c.text},
-                "logprobs": self._logprobs(state, c),
+                "logprobs": self._logprobs(c),
                 "finish_reason": c.finish_reason,
                 "stop_reason": c.stop_reason,
             })
@@ -101,7 +108,7 @@ class _Run:
             "created": self.created,
             "model": self.s.model_name,
             "choices": choices,
-            "usage": usage([self.prompt], [out]),
+            "usage": self._usage(),
         }
         if self.req.prompt_logprobs is not None:  # vLLM's extension, never streamed
             response["prompt_logprobs"] = vllm_prompt_logprobs(self.s, out.prompt_logprobs)
@@ -120,11 +127,11 @@ class _Run:
         chunk as the time to first token."""
         state = self.states[c.index]
         if not c.token_ids and not c.finished():
-            return None  # still prefilling
-        logprobs = self._logprobs(state, c)
-        state.tokens_sent = len(c.token_ids)
+            return None
+        logprobs = self._logprobs(c)
+        state.num_tokens += len(c.token_ids)
         finished = c.finished()
-        text = state.next_text(c.text, finished)
+        text = c.text
         delta = {"content": text} if text else {}
         if not state.prefix_sent:
             state.prefix_sent = True
@@ -140,18 +147,17 @@ class _Run:
         }
 
     async def stream(self, stream: RequestStream) -> AsyncIterator[str]:
-        latest: RequestOutput | None = None
         try:
             while not stream.finished:
-                for out in (await stream.get()).values():
+                for out in await stream.get():
                     raise_if_failed(out)
-                    latest = out
+                    self.cached_tokens = out.num_cached_tokens
                     for c in out.outputs:
                         choice = self._delta(c)
                         if choice is not None:
                             yield self._chunk([choice])
-            if self.req.include_usage and latest is not None:
-                yield self._chunk([], usage([self.prompt], [latest]))
+            if self.req.include_usage:
+                yield self._chunk([], self._usage())
         except Exception as exc:
             yield sse_error(exc)
         finally:

@@ -70,9 +70,8 @@ class CompletionServing:
                 req, max_tokens=s.max_tokens_for(len(prompt.token_ids), max_tokens),
                 logprobs=req.logprobs, prompt_logprobs=prompt_logprobs)
             engine_requests.append((f"{request_id}-{i}", prompt.token_ids, params))
-        holdback = s.holdback(engine_requests[0][2])
-        stream = await add_to_engine(s.engine, engine_requests)
-        run = _Run(s, req, request_id, prompts, echo_only, holdback)
+        stream = await add_to_engine(s.engine, engine_requests, req.stream)
+        run = _Run(s, req, request_id, prompts, echo_only)
         if req.stream:
             return SSEResponse(run.stream(stream))
         finals = await collect_final(s.engine, stream, raw_request)
@@ -90,26 +89,30 @@ def _prompt_list(prompt: str | list) -> list[str | list[int]]:
 
 
 class _Run:
-    """One completions call in flight: turns engine outputs into choices and chunks."""
+    """One completions call in flight: turns engine outputs into choices and chunks.
+
+    A stream's outputs hold what each step added; a plain response's, everything."""
 
     def __init__(self, serving: OpenAIServing, req: CompletionRequest, request_id: str,
-                 prompts: list[Prompt], echo_only: bool, holdback: int) -> None:
+                 prompts: list[Prompt], echo_only: bool) -> None:
         self.s = serving
         self.req = req
         self.id = request_id
         self.created = int(time.time())
         self.prompts = prompts
         self.echo_only = echo_only
-        self.states = {(i, k): ChoiceState(i * req.n + k, holdback)
+        self.states = {(i, k): ChoiceState(i * req.n + k)
                        for i in range(len(prompts)) for k in range(req.n)}
+        self.cached_tokens: dict[int, int] = {}  # per prompt
 
     def _prompt_index(self, engine_request_id: str) -> int:
         return int(engine_request_id.rsplit("-", 1)[1])
 
     def _choice(self, i: int, out: RequestOutput, c: CompletionOutput) -> dict | None:
-        """The next piece of choice (i, c.index); the whole choice when first called on a
-        finished output. None when there is nothing new to send."""
+        """The piece of choice (i, c.index) that `c` holds (the whole choice for a plain
+        response). None when there is nothing to send."""
         state = self.states[(i, c.index)]
+        self.cached_tokens[i] = out.num_cached_tokens
         prompt = self.prompts[i]
         logprobs = new_completion_logprobs() if self.req.logprobs is not None else None
         text = ""
@@ -122,12 +125,10 @@ class _Run:
                 self.s.add_completion_logprobs(logprobs, state, prompt.token_ids, positions)
         finished = c.finished()
         if not self.echo_only:
-            new_ids = c.token_ids[state.tokens_sent:]
             if logprobs is not None:
-                positions = (c.logprobs or [])[state.tokens_sent:]
-                self.s.add_completion_logprobs(logprobs, state, new_ids, positions)
-            state.tokens_sent = len(c.token_ids)
-            text += state.next_text(c.text, finished)
+                self.s.add_completion_logprobs(logprobs, state, c.token_ids, c.logprobs or [])
+            state.num_tokens += len(c.token_ids)
+            text += c.text
         finish_reason = ("length" if self.echo_only else c.finish_reason) if finished else None
         if not text and not (logprobs and logprobs["tokens"]) and finish_reason is None:
             return None
@@ -142,8 +143,9 @@ class _Run:
             choice["prompt_logprobs"] = vllm_prompt_logprobs(self.s, out.prompt_logprobs)
         return choice
 
-    def _usage(self, finals: dict[str, RequestOutput]) -> dict:
-        return usage(self.prompts, list(finals.values()), count_generated=not self.echo_only)
+    def _usage(self) -> dict:
+        generated = 0 if self.echo_only else sum(s.num_tokens for s in self.states.values())
+        return usage(self.prompts, generated, sum(self.cached_tokens.values()))
 
     def response(self, finals: dict[str, RequestOutput]) -> dict:
         choices = []
@@ -157,7 +159,7 @@ class _Run:
             "created": self.created,
             "model": self.s.model_name,
             "choices": choices,
-            "usage": self._usage(finals),
+            "usage": self._usage(),
         }
 
     def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
@@ -168,19 +170,17 @@ class _Run:
         return sse(body)
 
     async def stream(self, stream: RequestStream) -> AsyncIterator[str]:
-        latest: dict[str, RequestOutput] = {}
         try:
             while not stream.finished:
-                for rid, out in (await stream.get()).items():
+                for out in await stream.get():
                     raise_if_failed(out)
-                    latest[rid] = out
-                    i = self._prompt_index(rid)
+                    i = self._prompt_index(out.request_id)
                     for c in out.outputs:
                         choice = self._choice(i, out, c)
                         if choice is not None:
                             yield self._chunk([choice])
             if self.req.include_usage:
-                yield self._chunk([], self._usage(latest))
+                yield self._chunk([], self._usage())
         except Exception as exc:
             yield sse_error(exc)
         finally:
