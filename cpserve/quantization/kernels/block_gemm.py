@@ -31,7 +31,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 TUNING = {"max_num_imprecise_acc": None}
 
 
