@@ -8,14 +8,15 @@ Tolerances come from re-rounding: an FP8 quantization turns a tiny difference of
 (another summation order) into a whole e4m3 step (2^-3 relative) now and then, and that
 grows through the layers. Measured on CPU with these models (the reference kernels, once as
 they are and once with every GEMM output perturbed by a relative 2^-22 or 2^-18: what another
-summation order does; /work/notes/fp8fix/amplify.py of 2026-12-01):
+summation order does; benchmarks/fp8_noise.py, --eps-exp -22 / -18):
     bf16 W8A8 (activations quantized at every linear), 2^-22: logprobs max 0.27 / mean 0.024
     (channel), 0.13 / 0.023 (block); weight-only, no activation FP8: 0.035 / 0.006
     fp32 + FP8 KV cache, 2^-18: max 0.013 / mean 0.0005 (an fp32 cache: 6e-5 / 1e-5)
 The H200 run of 2026-12-01 found max 0.22-0.30 (W8A8) and 0.0136 (FP8 KV): the same noise,
 not a defect. So the bounds are on the mean and, loosely, the max: W8A8 mean 0.06 / max 0.6,
 FP8 KV mean 0.003 / max 0.05. A wrong scale layout (fp8_noise.py --defect: block scales
-transposed, channel scales reversed) gives mean 0.30 / max 1.5 (block), 0.72 / 3.4 (channel). Greedy tokens may part at near ties: at least 80-90% must agree.
+transposed, channel scales reversed) gives mean 0.30 / max 1.5 (block), 0.72 / 3.4 (channel).
+Greedy tokens may part at near ties: at least 80-90% must agree.
 """
 
 from __future__ import annotations
