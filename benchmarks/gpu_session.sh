@@ -35,10 +35,10 @@ for phase in "$@"; do
          tests/test_kernels_fp8.py tests/test_gpu_fp8.py 2>&1 | tee "$OUT/fp8-tests.log" | tail -25
          timeout 400 python3 benchmarks/bench_fp8.py --out-dir "$OUT/fp8" 2>&1 \
          | tee "$OUT/fp8/bench_fp8.log" | tail -40 ;;
-    fp8-kernels) timeout 35 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp8.py \
+    fp8-kernels) timeout 30 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp8.py \
          2>&1 | tee "$OUT/fp8-kernel-tests.log" | tail -25 ;;
     profile-fp8) b=${PROFILE_FP8_BUDGET:-60}; mkdir -p "$OUT/profile-fp8"
-         timeout $(( b + 25 )) python3 benchmarks/profile_fp8.py --out-dir "$OUT/profile-fp8" \
+         timeout $(( b + 20 )) python3 benchmarks/profile_fp8.py --out-dir "$OUT/profile-fp8" \
          --budget-s "$b" 2>&1 | tee "$OUT/profile-fp8/profile_fp8.log" | tail -80 ;;
     *) echo "unknown phase $phase" ;;
   esac

@@ -7,9 +7,9 @@ issue 15's speed targets, on an 8-layer Llama-3.1-8B shape (random weights, load
 Parts, in this order, each skipped once the budget (--budget-s) is spent:
 
     weights  decode batch 1 at 32k: bf16 weights against --quantization fp8 (per-channel
-             W8A8), then block FP8 weights. Per engine: TPOT with CUDA graphs, GPU time per
-             step (profiled graph replays, kernel by kernel), and the top kernels of an eager
-             step (one launch per kernel: names and call counts)
+             W8A8). Per engine: TPOT with CUDA graphs, GPU time per step (profiled graph
+             replays, kernel by kernel), and the top kernels of an eager step (one launch
+             per kernel: names and call counts)
     kv       decode batch 4 at 64k, bf16 weights: bf16 KV against --kv-cache-dtype fp8, the
              same measurements
     gemm     the 8B GEMM shapes at M = 1: bf16, torch._scaled_mm (row-wise), the Triton
@@ -19,6 +19,7 @@ Parts, in this order, each skipped once the budget (--budget-s) is spent:
     accum    the block-scaled GEMM's fp32 error against its reference (M = 130) and its time
              (M = 8192), with Triton's default FP8 accumulation and with promotion after every
              k32 instruction (max_num_imprecise_acc = 32)
+    block    block FP8 weights (128 x 128), as in weights
 
 Writes DIR/profile-fp8.json (everything) and DIR/profile-fp8.txt (the tables), after every
 part, so a cut-off run keeps what it measured.
@@ -125,7 +126,11 @@ def engine_part(name: str, s: dict, device: str, context: int, batch: int, repor
 
 def weights_part(s, device, report):
     return {name: engine_part(name, s, device, s["short"], 1, report, **kw) for name, kw in (
-        ("bf16", {}), ("fp8-channel", dict(quantization="fp8")), ("fp8-block", dict(block=True)))}
+        ("bf16", {}), ("fp8-channel", dict(quantization="fp8")))}
+
+
+def block_part(s, device, report):
+    return {"fp8-block": engine_part("fp8-block", s, device, s["short"], 1, report, block=True)}
 
 
 def kv_part(s, device, report):
@@ -257,7 +262,7 @@ def accum_part(s, device, report):
 
 
 PARTS = {"weights": weights_part, "kv": kv_part, "gemm": gemm_part, "paged": paged_part,
-         "accum": accum_part}
+         "accum": accum_part, "block": block_part}
 
 
 def main() -> None:
