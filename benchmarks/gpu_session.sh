@@ -2,7 +2,8 @@
 # One device session, in phases (each bounded by `timeout`), logs and JSON under $OUT.
 #   bash benchmarks/gpu_session.sh PHASE [PHASE ...]
 # Phases: env, kernels, parity, chunk, serving-quick, serving, throughput, host-profile, moe,
-#         fp8, spec, pd, profile
+#         fp8, fp8-kernels, profile-fp8 (PROFILE_FP8_BUDGET seconds, default 60), spec, pd,
+#         profile
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -44,6 +45,11 @@ for phase in "$@"; do
          tests/test_kernels_fp8.py tests/test_gpu_fp8.py 2>&1 | tee "$OUT/fp8-tests.log" | tail -25
          timeout 400 python3 benchmarks/bench_fp8.py --out-dir "$OUT/fp8" 2>&1 \
          | tee "$OUT/fp8/bench_fp8.log" | tail -40 ;;
+    fp8-kernels) timeout 30 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp8.py \
+         2>&1 | tee "$OUT/fp8-kernel-tests.log" | tail -25 ;;
+    profile-fp8) b=${PROFILE_FP8_BUDGET:-60}; mkdir -p "$OUT/profile-fp8"
+         timeout $(( b + 20 )) python3 benchmarks/profile_fp8.py --out-dir "$OUT/profile-fp8" \
+         --budget-s "$b" 2>&1 | tee "$OUT/profile-fp8/profile_fp8.log" | tail -80 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

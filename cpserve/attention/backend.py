@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from cpserve.attention.merge import merge_two
-from cpserve.quantization.fp8 import FP8, to_fp8
+from cpserve.quantization.fp8 import FP8, divide, to_fp8
 
 if TYPE_CHECKING:
     from cpserve.attention.metadata import StepAttentionMetadata
@@ -116,7 +116,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Te
 
 def _stored(x: torch.Tensor, cache: torch.Tensor, scale: float) -> torch.Tensor:
     """What a cache of `cache`'s dtype holds for `x`."""
-    return to_fp8(x.float() / scale) if cache.dtype == FP8 else x.to(cache.dtype)
+    return to_fp8(divide(x, scale)) if cache.dtype == FP8 else x.to(cache.dtype)
 
 
 def _copy_slots(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
