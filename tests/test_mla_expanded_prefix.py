@@ -177,7 +177,7 @@ def test_attention_context_chunk_planned_ahead(monkeypatch):
 
 # end to end ----------------------------------------------------------------------------------
 DOC = 40  # shared by the prompts: cached once, then hit
-NEW_TOKENS = 8
+NEW_TOKENS = 4
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +191,8 @@ def deepseek(tmp_path_factory):
 @pytest.mark.parametrize("expand_prefix", ["1", "0"])
 def test_chunked_prompts_and_prefix_hits_match_transformers(deepseek, expand_prefix,
                                                             monkeypatch):
+    """Chunks of 4 and 16 tokens over cached prefixes and prefix-cache hits (steps of 8 new
+    tokens or more take the expanded form), with the prefix read expanded and absorbed."""
     from cpserve.attention import backend as backend_module
 
     path, prompts, reference = deepseek

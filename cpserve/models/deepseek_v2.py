@@ -6,8 +6,9 @@ MLA caches one vector per token and layer, shared by all heads:
     kr = RoPE(x W_KR)                rope key, qk_rope_head_dim channels     ─┘ [c, kr]
     head h:  k_h = [c W_UK_h, kr]    v_h = c W_UV_h            (W_UK, W_UV: rows of kv_b_proj)
 
-Attention never expands the keys. The key up-projection is absorbed into the query, the value
-up-projection applied after attention, so every score and every value is read from the cache:
+Decodes and short steps never expand the keys. The key up-projection is absorbed into the
+query, the value up-projection applied after attention, so every score and every value is read
+from the cache:
 
     q_h . k_h = (q_nope_h W_UK_h^T) . c + q_rope_h . kr      ->  query [q_nope_h W_UK_h^T, q_rope_h]
     out_h     = (sum_t p_t c_t) W_UV_h^T                      ->  attention over values = c
