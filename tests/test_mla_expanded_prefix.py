@@ -6,8 +6,9 @@
               op, LSE merge; decodes and small groups absorbed in the paged kernel) equals the
               reference: on CPU the Triton kernels run in the interpreter and reference pieces
               stand in for cuDNN (as in test_kernels_prefix.py);
-  end to end  a tiny DeepSeek-V2 with chunked prompts and prefix-cache hits: the tokens and
-              logprobs of transformers, with the prefix read expanded or absorbed.
+  end to end  a tiny DeepSeek-V2 (fp32, the reference backend on CPU) with chunked prompts and
+              prefix-cache hits: the tokens and logprobs of transformers, with the prefix
+              read expanded or absorbed.
 PCP and DCP layouts: tests/test_deepseek_context_parallel.py (its expanded layouts without DCP
 read the prefix expanded, those with DCP absorbed).
 """
@@ -27,7 +28,7 @@ from test_kernels import DEVICE, TOL, assert_attention_close  # noqa: E402
 from test_kernels_backend import reference_piece  # noqa: E402
 
 from cpserve import LLM, SamplingParams  # noqa: E402
-from cpserve.attention import gpu_backend  # noqa: E402
+from cpserve.attention import gpu_backend, latent_prefix  # noqa: E402
 from cpserve.attention.backend import AttentionShape, TorchReferenceBackend  # noqa: E402
 from cpserve.attention.context import AttentionContext  # noqa: E402
 from cpserve.attention.forms import LatentForms  # noqa: E402
@@ -46,7 +47,8 @@ from tests.checkpoints import (  # noqa: E402
 )
 
 REF = TorchReferenceBackend()
-HEADS, NOPE, ROPE, V, LATENT = 4, 16, 8, 16, 32
+# Small on CPU (the interpreter); on a GPU, widths the library ops are known to take.
+HEADS, NOPE, ROPE, V, LATENT = (4, 32, 32, 32, 64) if DEVICE == "cuda" else (4, 16, 8, 16, 32)
 BLOCK, BLOCKS = 4, 32
 
 
@@ -97,7 +99,7 @@ def _shape(dtype, cache_dtype) -> AttentionShape:
 
 
 def _backend(shape, monkeypatch, pieces: list, piece_tokens: int = 8) -> GPUBackend:
-    monkeypatch.setattr(gpu_backend, "MLA_PREFIX_PIECE_TOKENS", piece_tokens)
+    monkeypatch.setattr(latent_prefix, "MLA_PREFIX_PIECE_TOKENS", piece_tokens)
     backend = GPUBackend(DEVICE, shape=shape, max_prefix_tokens=64)
     if DEVICE != "cuda":  # no library ops at start-up: the workspace is made here
         backend.ops = {"cudnn": True, "flash": False}
@@ -143,6 +145,11 @@ def test_workspace_size():
                            expanded_dims=(192, 128))
     # latents, the GEMM's [H * 256], keys and padded values [H * 192] each: 10816 a token.
     assert LatentWorkspace.nbytes(shape, 8192) == 8192 * 10816 * 2
+    assert LatentWorkspace.piece_tokens(shape, 1 << 17) == 8192
+    assert LatentWorkspace.piece_tokens(shape, 5000) == 5000  # one request's prefix at most
+    many_heads = AttentionShape(128, 1, 576, 512, torch.bfloat16, values_in_keys=True,
+                                expanded_dims=(192, 128))  # V3 on one rank: within 256 MiB
+    assert LatentWorkspace.piece_tokens(many_heads, 1 << 17) == (256 << 20) // 164992
 
 
 def test_attention_context_chunk_planned_ahead(monkeypatch):
@@ -203,8 +210,8 @@ def test_chunked_prompts_and_prefix_hits_match_transformers(deepseek, expand_pre
     monkeypatch.setattr(backend_module.TorchReferenceBackend, "latent_prefix_attention",
                         lambda self, *a, **kw: calls.append(1) or expanded(self, *a, **kw))
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
-    with LLM(str(path), block_size=4, max_num_batched_tokens=16, num_kv_blocks=256,
-             enable_prefix_caching=True, seed=0) as llm:
+    with LLM(str(path), device="cpu", block_size=4, max_num_batched_tokens=16,
+             num_kv_blocks=256, enable_prefix_caching=True, seed=0) as llm:
         outputs = [llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0]
                    for p in prompts]  # one at a time: the later ones hit the document
         assert llm.engine.stats().prefix_cache_hits_total >= 2 * DOC // 4 * 4

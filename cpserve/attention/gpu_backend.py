@@ -213,7 +213,7 @@ class GPUBackend:
         self.latent_piece_tokens = MLA_PREFIX_PIECE_TOKENS
         self._latent_workspace: LatentWorkspace | None = None
         if shape is not None and max_prefix_tokens > 0 and self._latent_library(shape):
-            self.latent_piece_tokens = min(MLA_PREFIX_PIECE_TOKENS, max_prefix_tokens)
+            self.latent_piece_tokens = LatentWorkspace.piece_tokens(shape, max_prefix_tokens)
             self._latent_workspace = LatentWorkspace(shape, self.latent_piece_tokens,
                                                      self.device)
 

@@ -17,9 +17,13 @@ Rows outside the groups (decodes beside the chunk, short runs) read the prefix a
 the paged kernel, their output taken to value space by W_UV.
 
 The workspace (latents, the GEMM's output, keys, padded values: about 21 KB a token for 16
-heads, 177 MB at MLA_PREFIX_PIECE_TOKENS = 8192) is reserved when the backend is made, before
-the KV cache is sized, so the start-up profile counts it and a long continuation never finds
-the memory taken; without one (an unplanned backend) each piece allocates its own buffers.
+heads, 177 MB at MLA_PREFIX_PIECE_TOKENS = 8192; at most MLA_PREFIX_WORKSPACE_BYTES) is
+reserved when the backend is made, before the KV cache is sized, so the start-up profile
+counts it and a long continuation never finds the memory taken; without one (an unplanned
+backend) each piece allocates its own buffers. What a piece allocates besides (the library
+op's output and the merged result, [queries, H, K] each) is less than what the profiled step
+of max_num_batched_tokens new tokens allocates for their own expanded K/V, which the
+attention context frees before the prefix part (context.py).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from cpserve.attention.kernels.prefix_plan import LatentPrefixPlan
 # Cached tokens expanded at once: the workspace's rows. 8192 keeps cuDNN's calls large (8k x
 # queries) and the workspace under 200 MB for 16 heads; longer prefixes take more pieces.
 MLA_PREFIX_PIECE_TOKENS = 8192
+# And at most this much workspace (many heads per rank: fewer tokens a piece, at least 1024).
+MLA_PREFIX_WORKSPACE_BYTES = 256 << 20
 
 
 class LatentWorkspace:
@@ -49,6 +55,13 @@ class LatentWorkspace:
                                    device=device)
         self.keys = torch.empty(tokens, heads, key_dim, dtype=shape.dtype, device=device)
         self.values = torch.zeros(tokens, heads, key_dim, dtype=shape.dtype, device=device)
+
+    @staticmethod
+    def piece_tokens(shape: AttentionShape, max_prefix_tokens: int) -> int:
+        """Tokens a piece: MLA_PREFIX_PIECE_TOKENS within MLA_PREFIX_WORKSPACE_BYTES, and no
+        more than one request's prefix."""
+        fit = max(1024, MLA_PREFIX_WORKSPACE_BYTES // LatentWorkspace.nbytes(shape, 1))
+        return max(1, min(MLA_PREFIX_PIECE_TOKENS, fit, max_prefix_tokens))
 
     @staticmethod
     def nbytes(shape: AttentionShape, tokens: int) -> int:
