@@ -87,12 +87,12 @@ def layer_check(device: str, tiny: bool, queries: int, prefix: int) -> dict:
     blocks = -(-prefix // block) + 1
     cache = torch.randn(blocks, block, 1, latent + rope, generator=gen, device=device,
                         dtype=dtype)
-    tables = torch.randperm(blocks, device=device).view(1, blocks).int()
+    tables = torch.randperm(blocks, device=device).view(1, blocks)
     forms = LatentForms(torch.randn(heads * (nope + v), latent, generator=gen, device=device,
                                     dtype=dtype) / latent ** 0.5, heads, nope, v, latent)
     q = torch.randn(queries + 1, heads, nope + rope, generator=gen, device=device, dtype=dtype)
-    seq = torch.zeros(queries + 1, dtype=torch.int32)
-    lens = torch.full((queries + 1,), prefix, dtype=torch.int32)
+    seq = torch.zeros(queries + 1, dtype=torch.long)
+    lens = torch.full((queries + 1,), prefix, dtype=torch.long)
     lens[-1] = prefix // 3  # a decode-like row: absorbed in the expanded call
     plan = (backend._latent_plan(seq, lens, 1) if hasattr(backend, "_latent_plan")
             and backend._latent_library(shape) else None)
