@@ -2,8 +2,8 @@
 # One device session, in phases (each bounded by `timeout`), logs and JSON under $OUT.
 #   bash benchmarks/gpu_session.sh PHASE [PHASE ...]
 # Phases: env, kernels, parity, chunk, serving-quick, serving, throughput, host-profile, moe,
-#         fp8, fp8-kernels, profile-fp8 (PROFILE_FP8_BUDGET seconds, default 60), spec, pd,
-#         profile
+#         mla-prefix, mla-prefix-tests, fp8, fp8-kernels, profile-fp8 (PROFILE_FP8_BUDGET
+#         seconds, default 60), spec, pd, profile
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -41,6 +41,10 @@ for phase in "$@"; do
          2>&1 | tee "$OUT/host-profile.log" | tail -20 ;;
     moe) mkdir -p "$OUT/moe"; timeout 420 python3 benchmarks/bench_moe.py --out "$OUT/moe" \
          --budget-s 380 2>&1 | tee "$OUT/moe/bench_moe.log" | tail -60 ;;
+    mla-prefix) timeout 80 python3 benchmarks/bench_mla_prefix.py --out-dir "$OUT" --budget-s 55 \
+         2>&1 | tee "$OUT/mla-prefix.log" | grep -v "^\[transformers\]" | tail -20 ;;
+    mla-prefix-tests) timeout 150 python3 -m pytest -q -p no:cacheprovider \
+         tests/test_mla_expanded_prefix.py 2>&1 | tee "$OUT/mla-prefix-tests.log" | tail -15 ;;
     fp8) mkdir -p "$OUT/fp8"; timeout 150 python3 -m pytest -q -p no:cacheprovider \
          tests/test_kernels_fp8.py tests/test_gpu_fp8.py 2>&1 | tee "$OUT/fp8-tests.log" | tail -25
          timeout 400 python3 benchmarks/bench_fp8.py --out-dir "$OUT/fp8" 2>&1 \

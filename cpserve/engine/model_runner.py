@@ -159,9 +159,14 @@ class ModelRunner:
         """The attention calls' shape on this rank: DCP gathers its group's query heads."""
         model, par, spec = self.config.model, self.config.parallel, self.kv_spec
         v_dim = spec.v_dim if spec.v_dim is not None else int(model.hf_config["kv_lora_rank"])
+        hf = model.hf_config
+        expanded = None  # MLA without DCP reads prefixes expanded (attention/sharded.py)
+        if spec.v_dim is None and "qk_nope_head_dim" in hf and par.dcp == 1:
+            expanded = (int(hf["qk_nope_head_dim"]) + int(hf["qk_rope_head_dim"]),
+                        int(hf["v_head_dim"]))
         return AttentionShape(model.num_heads // par.tp * par.dcp, spec.num_heads, spec.k_dim,
                               v_dim, model.dtype, values_in_keys=spec.v_dim is None,
-                              kv_dtype=spec.dtype)
+                              kv_dtype=spec.dtype, expanded_dims=expanded)
 
     @property
     def bytes_per_block(self) -> int:
