@@ -5,8 +5,12 @@ token ids.
 
     python benchmarks/bench_disagg.py --out DIR                # one H200, about 5 minutes
     python benchmarks/bench_disagg.py --out DIR --smoke        # tiny model on CPU: the logic
+    python benchmarks/bench_disagg.py --out DIR --budget-s 150 # bounded (gpu_session.sh pd)
 
-Phases (each skipped, and said so, once the time budget is spent):
+Phases, in the order issue 14's targets need them; `--budget-s` (default 420 s on a GPU)
+bounds the whole run, start-up included: a phase that would start with less time left than
+it needs is skipped and recorded in "skipped" with the reason, and the JSON is written
+after every phase:
     transfer-ipc   the KV of a 32k-token prompt (4.3 GB) from the prefill to the decode
                    instance over the device path (CUDA IPC), as the decode instance times it
                    (admission to the last block: cpserve:kv_transfer_load_seconds)
@@ -53,6 +57,9 @@ GPU = dict(long=32768, short=1024, streams=8, stream_tokens=256, max_len=40000,
 SMOKE = dict(long=600, short=64, streams=2, stream_tokens=12, max_len=1024, startup_s=240,
              budget_s=600)
 TARGETS = {"transfer_ipc_s": 0.5, "ttft_ratio": 1.15, "itl_p99_ratio": 1.2}
+# Seconds a phase needs at least to be worth starting, on a GPU (the smoke run: 1 s each).
+NEEDS_S = {"transfer-ipc": 15, "ttft": 20, "itl": 45, "itl-prefill-busy": 15,
+           "transfer-tcp": 90}
 
 
 class Server:
@@ -232,17 +239,20 @@ def decode_load(url: str, shape: dict, vocab: int, seed: int,
             "first_stream_ms": first_stream[:64]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, seconds")
-    args = parser.parse_args()
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds for the whole run (default 420 on a GPU, 600 smoke)")
+    args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     shape = SMOKE if args.smoke else GPU
+    budget_s = args.budget_s if args.budget_s is not None else shape["budget_s"]
     begun = time.monotonic()
 
     def left() -> float:
-        return shape["budget_s"] - (time.monotonic() - begun)
+        return budget_s - (time.monotonic() - begun)
 
     import torch
 
@@ -262,25 +272,47 @@ def main() -> None:
 
     result: dict = {"device": device, "date": datetime.date.today().isoformat(),
                     "torch": torch.__version__, "shape": "tiny" if args.smoke else "llama-3.1-8b",
-                    "prompt_tokens": shape["long"], "targets": TARGETS, "skipped": []}
+                    "prompt_tokens": shape["long"], "targets": TARGETS, "budget_s": budget_s,
+                    "skipped": []}
+    out_file = args.out / f"{result['date']}-{device.replace(' ', '-')}-disagg.json"
+
+    def save() -> None:
+        result["verdict"] = verdict(result)
+        result["wall_s"] = time.monotonic() - begun
+        out_file.write_text(json.dumps(result, indent=2))
+
+    def may_start(phase: str) -> bool:
+        needs = 1 if args.smoke else NEEDS_S[phase]
+        if left() >= needs:
+            return True
+        result["skipped"].append({"phase": phase, "reason": f"{max(left(), 0):.0f} s left of "
+                                  f"--budget-s {budget_s:g}, needs ~{needs} s"})
+        print(f"  {phase}: skipped ({result['skipped'][-1]['reason']})", flush=True)
+        save()
+        return False
+
     servers: list[Server] = []
     try:
         prefill = Server("prefill", common + kv("kv_producer"), args.out)
         decode = Server("decode", common + kv("kv_consumer"), args.out)
         servers += [prefill, decode]
-        deadline = time.monotonic() + shape["startup_s"]
+        deadline = time.monotonic() + min(shape["startup_s"], max(left(), 1))
         prefill.wait(deadline)
         decode.wait(deadline)
         proxy = Server("proxy", ["proxy", "--prefill", f"http://{prefill.url}",
                                  "--decode", f"http://{decode.url}"], args.out)
         servers.append(proxy)
         proxy.wait(time.monotonic() + 60)
-        print(f"started in {time.monotonic() - begun:.0f} s", flush=True)
+        result["startup_s"] = time.monotonic() - begun
+        print(f"started in {result['startup_s']:.0f} s", flush=True)
+        save()
         warm = prompt(shape["long"], vocab, 1)
         _post(prefill.url, {"prompt": warm, "max_tokens": 2})  # kernels, plans, allocator
         _stream(proxy.url, {"prompt": warm[:shape["short"]], "max_tokens": 4, "logprobs": 0})
-        result["transfer_ipc"] = transfer(prefill, decode, shape, vocab, 100, reps=3)
-        if left() > 60:
+        if may_start("transfer-ipc"):
+            result["transfer_ipc"] = transfer(prefill, decode, shape, vocab, 100, reps=3)
+            save()
+        if may_start("ttft"):
             result["ttft"] = {
                 "colocated_s": [ttft(prefill.url, prompt(shape["long"], vocab, 200 + i))
                                 for i in range(2)],
@@ -289,44 +321,40 @@ def main() -> None:
             t = result["ttft"]
             t["ratio"] = min(t["through_proxy_s"]) / min(t["colocated_s"])
             print(f"  ttft: {t}", flush=True)
-        else:
-            result["skipped"].append("ttft")
-        if left() > 90:
+            save()
+        if may_start("itl"):
             itl = {"decode_alone": decode_load(proxy.url, shape, vocab, 400, None),
                    # The 32k prompts through the proxy: the decode instance pulls their KV.
                    "disaggregated": decode_load(proxy.url, shape, vocab, 500,
                                                 (proxy.url, vocab)),
                    "colocated": decode_load(prefill.url, shape, vocab, 600,
                                             (prefill.url, vocab))}
-            if left() > 60:  # the prefill instance busy alone: what sharing the GPU costs
-                itl["prefill_busy_no_transfer"] = decode_load(proxy.url, shape, vocab, 800,
-                                                              (prefill.url, vocab))
             alone = itl["decode_alone"]["itl_p99_s"]
             itl["ratio"] = (itl["disaggregated"]["itl_p99_s"] / alone) if alone else None
             result["itl"] = itl
             print(f"  itl: {json.dumps(itl)}", flush=True)
-        else:
-            result["skipped"].append("itl")
-        if left() > shape["startup_s"] / 2:
+            save()
+            if may_start("itl-prefill-busy"):  # the prefill instance busy alone: GPU sharing
+                itl["prefill_busy_no_transfer"] = decode_load(proxy.url, shape, vocab, 800,
+                                                              (prefill.url, vocab))
+                save()
+        if may_start("transfer-tcp"):
             decode.stop()
             tcp = Server("decode-tcp", common + kv("kv_consumer", "tcp"), args.out)
             servers.append(tcp)
-            tcp.wait(time.monotonic() + min(left(), shape["startup_s"]))
+            tcp.wait(time.monotonic() + min(max(left(), 1), shape["startup_s"]))
             result["transfer_tcp"] = transfer(prefill, tcp, shape, vocab, 700, reps=2)
-        else:
-            result["skipped"].append("transfer-tcp")
+            save()
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
         print(f"error: {result['error']}", flush=True)
     finally:
         for server in reversed(servers):
             server.stop()
-    result["verdict"] = verdict(result)
-    result["wall_s"] = time.monotonic() - begun
-    name = f"{result['date']}-{device.replace(' ', '-')}-disagg.json"
-    (args.out / name).write_text(json.dumps(result, indent=2))
+    save()
     print(json.dumps(result["verdict"], indent=2))
-    print(f"wrote {args.out / name}")
+    print(f"wrote {out_file}")
+    return out_file
 
 
 def verdict(result: dict) -> dict:

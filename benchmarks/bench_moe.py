@@ -16,11 +16,11 @@ Sections, in this order (`--only` picks some); each is bounded by what is left o
           decides MLA_EXPANDED_MIN_TOKENS (deepseek_v2.py); and cuDNN with values narrower
           than keys against values padded (gpu_backend.py pads today).
   engine  per model, through `LLM` (scheduler, CUDA graphs, sampling; random weights made on
-          the GPU): TTFT of a 32k prompt in one step, then the time of a decode step at 32k
+          the GPU): TTFT of a 32k prompt in one step (long_prefill_token_threshold=0), then the time of a decode step at 32k
           context for each batch (16 requests share the 32k prefix through prefix caching,
           so one prefill fills them all); a profile of one prefill and of decode steps. Then,
-          while time is left, DeepSeek's TTFT with default flags (8192 tokens a step, chunks
-          after the first reading their cached prefix absorbed, through the paged kernel).
+          while time is left, DeepSeek's TTFT with default flags (8192 tokens a step, prompts
+          chunked at 4096, chunks after the first reading their cached prefix expanded).
   tests   with the time left (at least 60 s): kernel-versus-reference tests on this GPU (bf16
           included) and the bf16 MoE / MLA parity tests against transformers (pytest).
 
@@ -90,8 +90,10 @@ def parse_args(argv):
 
 # engine -------------------------------------------------------------------------------------
 def chunked_ttft(args, name: str, tmp: Path) -> dict:
-    """TTFT of a `--context` prompt with default flags (8192 tokens a step): chunks after the
-    first attend to their cached prefix through the paged path (MLA: absorbed)."""
+    """TTFT of a `--context` prompt with default flags (8192 tokens a step, prompts chunked
+    at half that: engine/args.py): what a user gets. Chunks after the first attend to their
+    cached prefix (MLA: expanded, cpserve/attention/latent_prefix.py; bench_mla_prefix.py
+    compares it with the absorbed prefix)."""
     from cpserve import LLM, SamplingParams
 
     shape = (TINY_MODELS if args.tiny else MODELS)[name]
@@ -111,11 +113,13 @@ def chunked_ttft(args, name: str, tmp: Path) -> dict:
             sync(args.device)
             runs.append(time.perf_counter() - start)
         budget = llm.engine.config.scheduler.max_num_batched_tokens
+        cap = llm.engine.config.scheduler.long_prefill_token_threshold
     finally:
         llm.shutdown()
-    print(f"[engine] {name} TTFT at {ctx} with {budget} tokens a step: {runs[-1]:.3f} s",
-          flush=True)
-    return dict(ttft_chunked_s=runs[-1], ttft_chunked_runs_s=runs, chunk_tokens=budget)
+    print(f"[engine] {name} TTFT at {ctx} with {budget} tokens a step (chunks of {cap}): "
+          f"{runs[-1]:.3f} s", flush=True)
+    return dict(ttft_chunked_s=runs[-1], ttft_chunked_runs_s=runs, chunk_tokens=budget,
+                long_prefill_token_threshold=cap)
 
 
 def bench_engine(args, name: str, tmp: Path) -> dict:
@@ -131,6 +135,10 @@ def bench_engine(args, name: str, tmp: Path) -> dict:
     llm = LLM(str(write_model_dir(shape, tmp / name)), device=args.device, dtype=(
         "float32" if args.tiny else "bfloat16"), load_format="dummy", block_size=block,
         num_kv_blocks=blocks, max_model_len=ctx + 2 * extra, max_num_batched_tokens=ctx,
+        # One step for the whole prompt: without this the default cap (half the budget,
+        # engine/args.py DEFAULT_LONG_PREFILL_SHARE) splits it in two chunks (device run 6
+        # measured those as "one step").
+        long_prefill_token_threshold=0,
         max_num_seqs=max(batches), enable_prefix_caching=True)
     engine, vocab = llm.engine, int(shape["vocab_size"])
     gen = torch.Generator().manual_seed(0)

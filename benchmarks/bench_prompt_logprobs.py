@@ -69,6 +69,7 @@ def main() -> int:
     engine = LLMEngine.from_engine_args(EngineArgs(
         model=str(path), dtype="bfloat16", device=args.device, load_format="dummy",
         max_model_len=args.tokens + 1024, max_num_batched_tokens=max(8192, args.tokens),
+        long_prefill_token_threshold=0,  # one chunk: the default cap is half the budget
         enable_prefix_caching=False, kv_cache_memory=None if args.device == "cuda" else 0.5))
     vocab = engine.config.model.vocab_size
     gen = torch.Generator().manual_seed(0)

@@ -13,8 +13,8 @@ and a byte-level BPE tokenizer with exactly the model's 128,256 ids (serving_mod
 run is a named spec in RUNS, driven through the `LLM` API: all its prompts are submitted at
 once and timed from each request's own metrics (TTFT = first token - arrival). Runs that
 share engine flags share one engine process (a hang or crash costs that group, not the
-benchmark); before its runs each engine serves a warm-up (kernels compiled, decode graphs of
-batch 1 to 8 captured). Transformers' prefill of the same shape runs in its own process.
+benchmark); before its runs each engine serves a warm-up (kernels compiled, decode batches
+of 1 to 8 run; every decode graph is captured at start-up). Transformers' prefill of the same shape runs in its own process.
 
 Writes <out-dir>/<date>-<device>-serving.json:
     {"device", "date", "torch", "model", "runs": [{"name", "num_prompts", "prompt_tokens",
@@ -260,8 +260,9 @@ DRIVERS: dict[str, Callable] = {"llm": run_llm, "spec": run_spec,
 
 
 def warm_up(llm, budget: int, short_prompt: int) -> None:
-    """Compile the kernels, build the library plans of chunked steps, capture decode graphs
-    of batch 1 to 8: what a server has done long before a user's request."""
+    """Compile the kernels, build the library plans of chunked steps, run decode batches of 1
+    to 8 (their graphs were captured at start-up): what a server has done long before a
+    user's request."""
     from cpserve import SamplingParams
 
     vocab = llm.engine.config.model.vocab_size
@@ -269,7 +270,7 @@ def warm_up(llm, budget: int, short_prompt: int) -> None:
     chunked = prompt_tokens(1, min(2 * budget + 100, longest), vocab)
     llm.generate([{"prompt_token_ids": chunked}],
                  SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-    # Staggered lengths: the decode batch shrinks from 8 to 1, each bucket captured once.
+    # Staggered lengths: the decode batch shrinks from 8 to 1, each bucket replayed.
     llm.generate([{"prompt_token_ids": prompt_tokens(2 + i, short_prompt, vocab)}
                   for i in range(8)],
                  [SamplingParams(temperature=0, max_tokens=4 + 3 * i, ignore_eos=True)

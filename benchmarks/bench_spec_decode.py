@@ -2,6 +2,7 @@
 MTP drafting costs, and what the n-gram proposer costs the host (issue 13's targets).
 
     python benchmarks/bench_spec_decode.py --out-dir DIR           # GPU: about 4 minutes
+    python benchmarks/bench_spec_decode.py --budget-s 120 --out-dir DIR   # GPU, bounded
     python benchmarks/bench_spec_decode.py --ngram-only --out-dir DIR   # host only (any CPU)
     python benchmarks/bench_spec_decode.py --smoke --out-dir DIR   # tiny shapes on CPU, seconds
 
@@ -22,9 +23,14 @@ Phases, each bounded (one engine per model, in its own process, GROUP_TIMEOUT_S)
           Targets: verify / decode <= 1.2 at both batches; at a mean of 3 tokens a step,
           ms per token >= 2.5x fewer than decode (MTP: drafting counted).
 
+`--budget-s`: sections in the order issue 13's targets need them (ngram-8b's verification
+ratio, then MTP's, then the host's n-gram cost); a section that would start with less time
+left than it needs is skipped and recorded in "skipped", and a model's engine process gets
+at most the time left (its rows so far are kept). The JSON is written after every section.
+
 Writes DIR/<date>-<device>-spec-decode.json: {"device", "date", "torch", "ngram": [...],
 "verify": [{"model", "batch", "context", "decode_ms", "verify_ms", "draft_ms", "ratio",
-"speedup_at_3"}], "targets": [...], "errors": [...]}.
+"speedup_at_3"}], "targets": [...], "errors": [...], "skipped": [...]}.
 """
 
 from __future__ import annotations
@@ -171,7 +177,8 @@ def engine_flags(shape: dict, spec: dict, smoke: bool) -> dict:
                 **({"kv_cache_memory": 0.05} if smoke else {}))
 
 
-def verify_worker(job: dict) -> list[dict]:
+def verify_worker(job: dict, out_file: Path | None = None) -> list[dict]:
+    """One engine, every batch of the job; the rows so far go to `out_file` after each."""
     from cpserve import LLM
 
     rows = []
@@ -181,6 +188,8 @@ def verify_worker(job: dict) -> list[dict]:
                                                        job["steps"], job["warmup"]))
             print(json.dumps(row), flush=True)
             rows.append(row)
+            if out_file is not None:
+                out_file.write_text(json.dumps(rows))
     return rows
 
 
@@ -206,14 +215,21 @@ def _in_subprocess(job: dict, timeout: float) -> tuple[list, str | None]:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
     out_file = f.name + ".out"
+    def rows_so_far() -> list:
+        return json.loads(Path(out_file).read_text()) if os.path.exists(out_file) else []
+
     try:
         proc = subprocess.run([sys.executable, __file__, "--verify-worker", f.name, out_file],
                               timeout=timeout)
     except subprocess.TimeoutExpired:
-        return [], f"timed out after {timeout:.0f} s"
-    if proc.returncode != 0 or not os.path.exists(out_file):
-        return [], f"exit status {proc.returncode}"
-    return json.loads(Path(out_file).read_text()), None
+        return rows_so_far(), f"timed out after {timeout:.0f} s"
+    if proc.returncode != 0:
+        return rows_so_far(), f"exit status {proc.returncode}"
+    return rows_so_far(), None
+
+
+# Seconds a section needs at least to be worth starting (engine start-up included).
+SECTION_NEEDS_S = {"ngram-8b": 45, "mtp-v2lite": 45, "ngram": 10}
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -222,21 +238,46 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--ngram-only", action="store_true", help="the host phase alone")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, in process")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds for all sections; a section that would start with less "
+                             "left than it needs is skipped and recorded")
     parser.add_argument("--verify-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.verify_worker:
         job = json.loads(Path(args.verify_worker[0]).read_text())
-        Path(args.verify_worker[1]).write_text(json.dumps(verify_worker(job)))
+        verify_worker(job, Path(args.verify_worker[1]))
         return None
 
-    ngram = bench_ngram((256, 1024) if args.smoke else (8192, 32768, 131072),
-                        reps=20 if args.smoke else 200)
-    for n in ngram:
-        p99 = f" (p99 {n['us_p99']:.1f})" if n["us_p99"] is not None else ""
-        print(f"n-gram {n['case']} at {n['context']}: {n['us_median']:.1f} us{p99}", flush=True)
-    rows, errors = [], []
+    deadline = time.monotonic() + (args.budget_s if args.budget_s is not None else 1e9)
+    device = "cpu" if args.smoke or args.ngram_only or not torch.cuda.is_available() else "cuda"
+    report = dict(device=torch.cuda.get_device_name().replace(" ", "-") if device == "cuda"
+                  else "cpu", date=datetime.date.today().isoformat(), torch=torch.__version__,
+                  k=K, budget_s=args.budget_s, ngram=[], verify=[], targets=[], errors=[],
+                  skipped=[])
+    out = Path(args.out_dir) / f"{report['date']}-{report['device']}-spec-decode.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        report["targets"] = targets(report["verify"], report["ngram"])
+        out.write_text(json.dumps(report, indent=1))
+
+    def left_for(name: str) -> float | None:
+        """Seconds left for the section, or None (recorded as skipped)."""
+        left = deadline - time.monotonic()
+        needs = 1 if args.smoke else SECTION_NEEDS_S.get(name, 45)
+        if left < needs:
+            report["skipped"].append(dict(section=name, reason=f"{left:.0f} s left of "
+                                          f"--budget-s {args.budget_s:g}, needs ~{needs} s"))
+            print(f"{name}: skipped ({report['skipped'][-1]['reason']})", flush=True)
+            save()
+            return None
+        return left
+
     models = SMOKE_MODELS if args.smoke else MODELS
     for name in ([] if args.ngram_only else [m for m in args.models.split(",") if m]):
+        left = left_for(name)
+        if left is None:
+            continue
         shape, spec = models[name]
         flags = engine_flags(shape, spec, args.smoke)
         model_dir = write_model_dir(Path(tempfile.mkdtemp(prefix=f"cpserve-{name}-")), shape,
@@ -245,19 +286,22 @@ def main(argv: list[str] | None = None) -> Path | None:
                    context=64 if args.smoke else CONTEXT, batches=list(BATCHES),
                    steps=3 if args.smoke else STEPS, warmup=1 if args.smoke else WARMUP)
         result, error = ((verify_worker(job), None) if args.smoke
-                         else _in_subprocess(job, GROUP_TIMEOUT_S))
-        rows += result
+                         else _in_subprocess(job, min(GROUP_TIMEOUT_S, left)))
+        report["verify"] += result
         if error:
-            errors.append(dict(model=name, error=error))
+            report["errors"].append(dict(model=name, error=error))
             print(f"{name} failed: {error}", flush=True)
-    device = "cpu" if args.smoke or args.ngram_only or not torch.cuda.is_available() else "cuda"
-    report = dict(device=torch.cuda.get_device_name().replace(" ", "-") if device == "cuda"
-                  else "cpu", date=datetime.date.today().isoformat(), torch=torch.__version__,
-                  k=K, ngram=ngram, verify=rows, targets=targets(rows, ngram), errors=errors)
-    out = Path(args.out_dir) / f"{report['date']}-{report['device']}-spec-decode.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    for r in rows:
+        save()
+    if left_for("ngram") is not None:
+        report["ngram"] = bench_ngram((256, 1024) if args.smoke else (8192, 32768, 131072),
+                                      reps=20 if args.smoke else 200)
+        for n in report["ngram"]:
+            p99 = f" (p99 {n['us_p99']:.1f})" if n["us_p99"] is not None else ""
+            print(f"n-gram {n['case']} at {n['context']}: {n['us_median']:.1f} us{p99}",
+                  flush=True)
+        save()
+    save()
+    for r in report["verify"]:
         draft = f", draft {r['draft_ms']:.2f} ms" if "draft_ms" in r else ""
         print(f"{r['model']} batch {r['batch']} at {r['context']}: decode {r['decode_ms']:.2f} "
               f"ms, verify {r['verify_ms']:.2f} ms{draft}: ratio {r['ratio']:.2f}, speedup "

@@ -2,7 +2,10 @@
 # One device session, in phases (each bounded by `timeout`), logs and JSON under $OUT.
 #   bash benchmarks/gpu_session.sh PHASE [PHASE ...]
 # Phases: env, kernels, parity, chunk, serving-quick, serving, throughput, host-profile, moe,
-#         fp8, spec, spec-serving, pd, profile
+#         mla-prefix, mla-prefix-tests, fp8, fp8-kernels, profile-fp8 (PROFILE_FP8_BUDGET
+#         seconds, default 60), spec, spec-serving, pd, profile
+# `env spec pd` (issues 13 and 14) fits in 420 s: spec = GPU tests (60 s) + bench_spec_decode
+# --budget-s 120 (130 s), pd = GPU tests (60 s) + bench_disagg --budget-s 150 (160 s).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -29,6 +32,8 @@ for phase in "$@"; do
          --out-dir "$OUT" 2>&1 | tee "$OUT/serving-quick.log" | tail -30 ;;
     serving) timeout 560 python3 benchmarks/bench_serving.py --out-dir "$OUT" 2>&1 \
          | tee "$OUT/serving.log" | tail -40 ;;
+    profile) mkdir -p "$OUT/profile"; timeout 290 python3 benchmarks/profile_steps.py \
+         --out-dir "$OUT/profile" 2>&1 | tee "$OUT/profile/profile-steps.log" | tail -30 ;;
     throughput) timeout 590 python3 benchmarks/bench_serving.py --runs throughput --out-dir "$OUT" \
          2>&1 | tee "$OUT/throughput.log" | tail -30 ;;
     host-profile) timeout 300 python3 benchmarks/profile_host.py --no-py-spy --out "$OUT/host" \
@@ -38,20 +43,29 @@ for phase in "$@"; do
          2>&1 | tee "$OUT/host-profile.log" | tail -20 ;;
     moe) mkdir -p "$OUT/moe"; timeout 420 python3 benchmarks/bench_moe.py --out "$OUT/moe" \
          --budget-s 380 2>&1 | tee "$OUT/moe/bench_moe.log" | tail -60 ;;
+    mla-prefix) timeout 80 python3 benchmarks/bench_mla_prefix.py --out-dir "$OUT" --budget-s 55 \
+         2>&1 | tee "$OUT/mla-prefix.log" | grep -v "^\[transformers\]" | tail -20 ;;
+    mla-prefix-tests) timeout 150 python3 -m pytest -q -p no:cacheprovider \
+         tests/test_mla_expanded_prefix.py 2>&1 | tee "$OUT/mla-prefix-tests.log" | tail -15 ;;
     fp8) mkdir -p "$OUT/fp8"; timeout 150 python3 -m pytest -q -p no:cacheprovider \
          tests/test_kernels_fp8.py tests/test_gpu_fp8.py 2>&1 | tee "$OUT/fp8-tests.log" | tail -25
          timeout 400 python3 benchmarks/bench_fp8.py --out-dir "$OUT/fp8" 2>&1 \
          | tee "$OUT/fp8/bench_fp8.log" | tail -40 ;;
-    spec) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_spec_kernels.py \
-         tests/test_gpu_spec_decode.py 2>&1 | tee "$OUT/spec-tests.log" | tail -25
-         timeout 420 python3 benchmarks/bench_spec_decode.py --out-dir "$OUT" 2>&1 \
-         | tee "$OUT/spec-decode.log" | tail -30 ;;
+    spec) timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_spec_decode.py \
+         tests/test_spec_kernels.py 2>&1 | tee "$OUT/spec-tests.log" | tail -25
+         timeout 130 python3 benchmarks/bench_spec_decode.py --budget-s 120 --out-dir "$OUT" 2>&1 \
+         | tee "$OUT/spec-decode.log" | grep -v "^\[transformers\]" | tail -30 ;;
     spec-serving) timeout 400 python3 benchmarks/bench_serving.py --runs spec-ngram-32k,spec-mtp-32k \
          --no-hf --out-dir "$OUT" 2>&1 | tee "$OUT/spec-serving.log" | tail -20 ;;
-    pd) mkdir -p "$OUT/pd"; timeout 150 python3 -m pytest -q -p no:cacheprovider \
+    pd) mkdir -p "$OUT/pd"; timeout 60 python3 -m pytest -q -p no:cacheprovider \
          tests/test_gpu_kv_transfer.py 2>&1 | tee "$OUT/pd/gpu-tests.log" | tail -15
-         timeout 480 python3 benchmarks/bench_disagg.py --out "$OUT/pd" 2>&1 \
+         timeout 160 python3 benchmarks/bench_disagg.py --budget-s 150 --out "$OUT/pd" 2>&1 \
          | tee "$OUT/pd/bench_disagg.log" | tail -45 ;;
+    fp8-kernels) timeout 30 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_fp8.py \
+         2>&1 | tee "$OUT/fp8-kernel-tests.log" | tail -25 ;;
+    profile-fp8) b=${PROFILE_FP8_BUDGET:-60}; mkdir -p "$OUT/profile-fp8"
+         timeout $(( b + 20 )) python3 benchmarks/profile_fp8.py --out-dir "$OUT/profile-fp8" \
+         --budget-s "$b" 2>&1 | tee "$OUT/profile-fp8/profile_fp8.log" | tail -80 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

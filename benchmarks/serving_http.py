@@ -152,7 +152,7 @@ def server_worker(job: dict, spec_type) -> list[dict]:
     try:
         for spec in specs:
             # Warm-up of the run's shape (kernels compiled, the batch's decode graph
-            # captured), as a server long up has done.
+            # replayed), as a server long up has done.
             _client_run(server.url, workload(spec, job["model"], warm_up=True))
             got = _client_run(server.url, workload(spec, job["model"]))
             done = [i for i, e in enumerate(got["errors"]) if not e]

@@ -281,6 +281,9 @@ class SchedulerConfig:
     # A request computes at most this many tokens in one step (0: no cap beyond the step
     # budget), so a long prefill leaves room for decodes and new requests in every step.
     long_prefill_token_threshold: int = 0
+    # vLLM's async scheduling: step n+1 is scheduled and queued while step n runs, its
+    # decodes fed by step n's samples on the device (engine/llm_engine.py).
+    async_scheduling: bool = False
 
 
 @dataclass(frozen=True)

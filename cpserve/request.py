@@ -52,6 +52,9 @@ class Request:
         self.arrival_time = arrival_time if arrival_time is not None else time.time()
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        # Tokens being sampled by steps already queued (async scheduling: at most one), not
+        # yet in `all_token_ids`: a step may compute them before the host knows them.
+        self.num_pending_tokens = 0
         self.num_cached_tokens = 0  # prefix-cache hit at first admission
         self.num_preemptions = 0
         self.stop_reason: int | None = None  # the stop token id that ended it
@@ -77,6 +80,17 @@ class Request:
         return len(self.all_token_ids)
 
     @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self.all_token_ids) + self.num_pending_tokens
+
+    @property
+    def length_reached_with_pending(self) -> bool:
+        """The pending tokens will end it by max_tokens: no step should compute past them."""
+        max_tokens = self.params.max_tokens
+        return (self.num_pending_tokens > 0 and max_tokens is not None
+                and len(self.output_token_ids) + self.num_pending_tokens >= max_tokens)
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
@@ -97,8 +111,10 @@ class Request:
                 and self.num_prompt_logprobs < self.num_prompt_tokens)
 
     def append_token(self, token_id: int) -> None:
+        """A sampled token; it was pending since the step that computes it was scheduled."""
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+        self.num_pending_tokens = max(0, self.num_pending_tokens - 1)
 
     def preempt(self) -> None:
         """Drop all KV; the tokens so far (prompt and output) are recomputed on resume."""

@@ -65,5 +65,8 @@ def test_smoke_throughput_runs_through_the_server_and_the_offline_api(tmp_path):
         assert run["total_output_tokens"] == spec.num_prompts * spec.output_tokens
         assert run["total_prompt_tokens"] == spec.num_prompts * spec.prompt_tokens
         assert 0 < run["ttft_s_median"] <= run["ttft_s_max"] <= run["wall_s"]
-        assert run["output_tok_per_s"] > 0 and run["tpot_ms_median"] > 0
+        assert run["output_tok_per_s"] > 0
+        # A stream whose tokens all came in its first chunk (a loaded 2-core machine lets the
+        # front end coalesce deltas) has no inter-token gaps: its TPOT is 0, not missing.
+        assert run["tpot_ms_median"] is not None and run["tpot_ms_median"] >= 0
     assert (tmp_path / "server-64x1k.log").exists()  # the server's log, kept

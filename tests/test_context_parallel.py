@@ -54,7 +54,8 @@ def pool(request):
 
 def _cases(pool: WorkerPool):
     """(interleave, exchange, max_num_batched_tokens): every value of each setting, and every
-    pair of values of any two settings (a pairwise design: 4 runs instead of 8)."""
+    pair of values of any two settings (a pairwise design: 4 runs instead of 8). Chunked
+    runs schedule asynchronously (`test_same_tokens_as_one_process`)."""
     chunked, whole = 16, 8192
     if pool.parallel.pcp == 1:  # no PCP exchange happens
         return [(1, "allgather", whole), (1, "allgather", chunked),
@@ -73,8 +74,12 @@ def _llm(pool: WorkerPool, **overrides) -> LLM:
 def test_same_tokens_as_one_process(pool, reference):
     for interleave, exchange, max_batched in _cases(pool):
         case = f"interleave={interleave} exchange={exchange} max_num_batched_tokens={max_batched}"
+        # Async scheduling where prompts are chunked: pending decode tokens broadcast to every
+        # rank while chunks and PCP splits run beside them.
+        overlap = max_batched < 8192
+        case += f" async_scheduling={overlap}"
         with _llm(pool, cp_kv_cache_interleave_size=interleave, pcp_kv_exchange=exchange,
-                  max_num_batched_tokens=max_batched) as llm:
+                  max_num_batched_tokens=max_batched, async_scheduling=overlap) as llm:
             results = _generate(llm)
         for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results, reference):
             assert tokens == ref_tokens, case

@@ -4,8 +4,8 @@ and each rank holding exactly its shard of the latent cache.
 MLA layouts: `dcp` divides `tp` (the latent is replicated over TP ranks, DCP shards it). The
 tiny model has 4 heads, so tp is 1, 2 or 4. The ranks of a layout start once (a module-scoped
 worker pool) and each case loads its engine into them. Every other layout runs steps of 16
-new tokens or more in MLA's expanded form (only latents exchanged and cached, the prefix read
-absorbed), the others absorbed throughout.
+new tokens or more in MLA's expanded form (only latents exchanged and cached; the prefix read
+expanded without DCP, absorbed with it: attention/sharded.py), the others absorbed throughout.
 """
 
 from __future__ import annotations

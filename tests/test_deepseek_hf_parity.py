@@ -6,8 +6,8 @@ projections apart); V2 with q_lora, greedy routing and YaRN (mscale differing
 from mscale_all_dim, so both the rope factor and the softmax scale matter); V3 with q_lora,
 noaux_tc routing with random correction biases, norm_topk_prob and YaRN; V3 rotating halves
 (`rope_interleave=false`) with attention biases (q_a_proj, kv_a_proj_with_mqa, o_proj).
-MLA runs absorbed, and (`-expanded`) with every prefill step's own tokens in the expanded form
-(the cached prefix of a chunk still absorbed).
+MLA runs absorbed, and (`-expanded`) with every prefill step in the expanded form (its own
+tokens, and the cached prefix of a chunk: tests/test_mla_expanded_prefix.py).
 """
 
 from __future__ import annotations

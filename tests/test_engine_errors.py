@@ -129,12 +129,15 @@ def test_a_kv_budget_smaller_than_one_block_is_refused_not_rounded_up():
 POISON = 1000  # token id whose embedding row is infinite in the poisoned checkpoint
 
 
-@pytest.fixture(scope="module")
-def poisoned(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def poisoned(tmp_path_factory, request):
+    """Synchronous steps, and async scheduling (the failure is found while the request's
+    next step is already queued)."""
     from tests.checkpoints import make_poisoned_checkpoint
 
     path = make_poisoned_checkpoint(tmp_path_factory.mktemp("poisoned"), POISON)
-    with LLM(str(path), num_kv_blocks=64, max_model_len=256) as llm:
+    with LLM(str(path), num_kv_blocks=64, max_model_len=256,
+             async_scheduling=request.param) as llm:
         yield llm
 
 
@@ -231,7 +234,7 @@ def test_kv_cache_memory_help_states_the_default_the_code_uses():
     import argparse
 
     from cpserve.engine.args import EngineArgs
-    from cpserve.engine.model_runner import CPU_DEFAULT_KV_GIB
+    from cpserve.engine.kv_sizing import CPU_DEFAULT_KV_GIB
 
     parser = argparse.ArgumentParser()
     EngineArgs.add_cli_args(parser)

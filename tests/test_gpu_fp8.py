@@ -4,10 +4,18 @@ same engine with the PyTorch references, and the FP8 KV cache's Triton path agai
 Skipped without CUDA; run on the lent GPUs with `python -m pytest tests/test_gpu_fp8.py`
 (the kernel tests in tests/test_kernels_fp8.py also run there, compiled).
 
-Tolerances: bf16, where kernels and references differ in summation order and so, now and
-then, in the rounding of an activation to e4m3: logprobs (about -7 here) within 0.1, as in
-tests/test_gpu.py. fp32 with an FP8 cache, GPU against CPU: the order of sums differs, and so,
-rarely, the e4m3 rounding of a K/V element: 1e-2 (a misapplied scale is off by far more).
+Tolerances come from re-rounding: an FP8 quantization turns a tiny difference of its input
+(another summation order) into a whole e4m3 step (2^-3 relative) now and then, and that
+grows through the layers. Measured on CPU with these models (the reference kernels, once as
+they are and once with every GEMM output perturbed by a relative 2^-22 or 2^-18: what another
+summation order does; benchmarks/fp8_noise.py, --eps-exp -22 / -18):
+    bf16 W8A8 (activations quantized at every linear), 2^-22: logprobs max 0.27 / mean 0.024
+    (channel), 0.13 / 0.023 (block); weight-only, no activation FP8: 0.035 / 0.006
+    fp32 + FP8 KV cache, 2^-18: max 0.013 / mean 0.0005 (an fp32 cache: 6e-5 / 1e-5)
+The H200 run of 2026-12-01 found max 0.22-0.30 (W8A8) and 0.0136 (FP8 KV): the same noise,
+not a defect. So the bounds are on the mean and, loosely, the max: W8A8 mean 0.06 / max 0.6,
+FP8 KV mean 0.003 / max 0.05. A wrong scale layout (fp8_noise.py --defect: block scales
+transposed, channel scales reversed) gives mean 0.30 / max 1.5 (block), 0.72 / 3.4 (channel).
 Greedy tokens may part at near ties: at least 80-90% must agree.
 """
 
@@ -24,8 +32,8 @@ from tests.fp8_checkpoints import make_fp8_pair
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 SEQUENCES = random_prompts([40, 300, 700], seed=11)
-BF16_TOL = 0.1
-FP32_TOL = 1e-2
+W8A8_TOL = (0.06, 0.6)  # (mean, max) |logprob difference|: see the module docstring
+FP8_KV_TOL = (0.003, 0.05)
 COMMON = dict(num_kv_blocks=512, max_num_batched_tokens=256, enable_prefix_caching=False)
 
 
@@ -45,9 +53,11 @@ def greedy(llm: LLM) -> list[list[int]]:
 
 
 def assert_close(got, want, tol, what) -> None:
-    for a, b in zip(got, want):
-        diff = (a - b).abs().max().item()
-        assert diff < tol, f"{what}: logprobs differ by {diff:.4f}"
+    diff = (torch.cat(got) - torch.cat(want)).abs()
+    mean, worst = diff.mean().item(), diff.max().item()
+    assert mean < tol[0] and worst < tol[1], (
+        f"{what}: logprobs differ by {mean:.4f} on average, {worst:.4f} at most (bounds "
+        f"{tol[0]}, {tol[1]})")
 
 
 @pytest.fixture(scope="module", params=["block", "channel", "online"])
@@ -70,7 +80,7 @@ def test_w8a8_kernels_match_the_references_in_the_engine(fp8_checkpoint, monkeyp
             assert quantized and all(m.method.name == "fp8" for m in quantized)
             assert runner.graphs is not None  # decode runs in CUDA graphs
             runs[kernels] = teacher_forced(llm), greedy(llm)
-    assert_close(runs["auto"][0], runs["reference"][0], BF16_TOL, f"{fmt} W8A8")
+    assert_close(runs["auto"][0], runs["reference"][0], W8A8_TOL, f"{fmt} W8A8")
     agree = sum(a == b for x, y in zip(runs["auto"][1], runs["reference"][1])
                 for a, b in zip(x, y))
     assert agree >= 0.8 * sum(len(x) for x in runs["reference"][1])
@@ -93,7 +103,7 @@ def test_fp8_kv_cache_on_gpu_matches_cpu(fp32_checkpoint):
             results[device] = (teacher_forced(llm), greedy(llm),
                                llm.engine.executor.runner.kv_scales)
     assert results["cuda"][2] == results["cpu"][2]
-    assert_close(results["cuda"][0], results["cpu"][0], FP32_TOL, "fp8 KV")
+    assert_close(results["cuda"][0], results["cpu"][0], FP8_KV_TOL, "fp8 KV")
     agree = sum(a == b for x, y in zip(results["cuda"][1], results["cpu"][1])
                 for a, b in zip(x, y))
     assert agree >= 0.9 * sum(len(x) for x in results["cpu"][1])

@@ -39,8 +39,10 @@ def greedy(llm: LLM, prompts) -> list[list[int]]:
 
 
 def verification_graphs(llm: LLM) -> list:
+    """Graphs of verification steps (q > 1 rows a request) that steps replayed (all of them
+    are captured at start-up)."""
     graphs = llm.engine.executor.runner.graphs
-    return [key for key in graphs.graphs if key[1] > 1]
+    return [key for key, n in graphs.replays.items() if key[1] > 1 and n]
 
 
 def test_ngram_with_verification_graphs_gives_the_tokens_of_speculation_off(tmp_path):

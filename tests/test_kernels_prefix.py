@@ -340,14 +340,12 @@ def test_chunked_step_has_no_host_synchronisation(tmp_path):
     plans = _chunked_plans(3072, 1024)
     for plan in plans:  # warm up: kernels compiled, library plans built, allocator pools
         runner.execute(plan)
-    runner.block_tables.clear()
+    runner.rows.clear()
     for plan in plans:
-        runner._apply_table_diffs(plan)
-        step = runner.prepare(plan)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
-        try:
-            runner.forward(step)
+        try:  # the host's preparation too: table diffs, inputs, plans
+            runner.forward(runner.prepare(plan))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert runner.backend.host_plans == 0

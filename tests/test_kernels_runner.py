@@ -33,16 +33,11 @@ class ReplayByRerun:
         self.out.copy_(self.forward())
 
 
-def fake_capture(self, bucket, rows_per_seq=1, variant=0):
-    ctx = cuda_graphs.AttentionContext(self._metadata(bucket, rows_per_seq),
-                                       self.runner.kv_caches, self.runner.groups,
-                                       self.runner.backend)
-    rows = bucket * rows_per_seq
-
+def fake_capture(self, bucket, q=1, variant=0):
     def forward():
-        return self._forward(rows, ctx, variant)
+        return self.forward(bucket, q, variant)
 
-    key = (bucket, rows_per_seq, variant)
+    key = (bucket, q, variant)
     self.outputs[key] = forward()
     self.graphs[key] = ReplayByRerun(forward, self.outputs[key])
 
@@ -87,7 +82,8 @@ def test_decode_graph_buffers_match_eager_steps(tmp_path, monkeypatch):
         torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-5)
         for r in batch:
             lengths[r] += 1
-    assert sorted(graphed.graphs.graphs) == [(1, 1, 0), (2, 1, 0), (4, 1, 0)]
+    assert {key for key, n in graphed.graphs.replays.items() if n} == {(1, 1, 0), (2, 1, 0),
+                                                                       (4, 1, 0)}
     for (k_g, v_g), (k_e, v_e) in zip(graphed.kv_caches, eager.kv_caches):
         # Same slots written; values may differ in the last bit (matmuls of padded batches).
         torch.testing.assert_close(k_g, k_e, rtol=1e-5, atol=1e-6)
@@ -135,7 +131,47 @@ def test_rotary_tables_are_computed_once_per_forward_pass(tmp_path, monkeypatch)
                         lambda self, *a: calls.append(1) or original(self, *a))
     runner = make_runner(tmp_path, False)
     assert len(runner.model.model.layers) == 2
+    calls.clear()  # on CUDA, start-up captured every decode graph bucket (forward passes)
     runner.execute(StepPlan([PlannedRequest("a", list(range(3, 12)), 0, [0, 1, 2], True, 1)]))
     assert len(calls) == 1
     runner.execute(StepPlan([PlannedRequest("a", [5], 9, [], False, 1)]))
     assert len(calls) == 2
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host synchronisation is a CUDA matter")
+def test_steps_and_sampling_are_queued_without_host_synchronisation(tmp_path):
+    """What async scheduling relies on: planning, preparing and running a decode step (its
+    tokens pending on the device), a mixed step, and sampling with every kind of row, all
+    under sync debug mode "error" (any host synchronisation raises)."""
+    from cpserve.engine.sampler import Sampler, SamplingRow
+    from cpserve.engine.step_inputs import PendingTokens
+    from cpserve.sampling_params import SamplingParams
+
+    runner = make_runner(tmp_path, True)
+    prompts = {"a": list(range(3, 12)), "b": list(range(40, 45)), "c": list(range(7, 26))}
+    plan = StepPlan([PlannedRequest(r, p, 0, [i * 8 + j for j in range(8)], True, 1)
+                     for i, (r, p) in enumerate(prompts.items())])
+    sampler = Sampler(seed=0)
+    params = [SamplingParams(temperature=0), SamplingParams(top_k=5, top_p=0.9, seed=3),
+              SamplingParams(top_p=0.8, repetition_penalty=1.2, logit_bias={7: 3.0},
+                             min_tokens=2, logprobs=2)]
+    rows = [SamplingRow(p, None, [], prompts[r]) for p, r in zip(params, prompts)]
+    samples = sampler.sample(runner.execute(plan), rows)
+    lengths = {r: len(p) for r, p in prompts.items()}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            decode = StepPlan([PlannedRequest(r, [-1], lengths[r], [], False, 1)
+                               for r in prompts])
+            logits = runner.execute(decode, pending_tokens=PendingTokens(samples.token_ids,
+                                                                         [0, 1, 2]))
+            samples = sampler.sample(logits, rows)
+            lengths = {r: n + 1 for r, n in lengths.items()}
+        mixed = StepPlan([PlannedRequest("a", [5], lengths["a"], [], False, 1),
+                          PlannedRequest("d", list(range(60, 67)), 0, [30, 31], True, 1)])
+        sampler.sample(runner.execute(mixed), rows[:2])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert {key[0] for key, n in runner.graphs.replays.items() if n} == {4}
+    assert all(t.finite for t in samples.resolve())

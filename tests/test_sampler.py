@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
+from cpserve.engine.logprobs import top_ids as _top_ids
 from cpserve.engine.sampler import (
     Sampler,
     SamplingRow,
-    _top_ids,
     make_generator,
     prompt_logprobs,
     support_mask,
@@ -280,7 +280,8 @@ def test_min_tokens_blocks_eos_and_stop_ids(device):
     assert greedy_pick(0, ignore_eos=True) == eos  # eos is no stop token then, as in vLLM
 
     # Sampling rows too: the blocked ids are never drawn, and logprobs stay raw.
-    params = [SamplingParams(seed=s, min_tokens=1, stop_token_ids=[stop]) for s in range(200)]
+    params = [SamplingParams(seed=s, min_tokens=1, stop_token_ids=[stop], logprobs=0)
+              for s in range(200)]
     for p in params:
         p._eos_token_ids = (eos,)
     batch = logits.repeat(200, 1)
@@ -370,13 +371,13 @@ def test_prompt_logprobs_ranks_and_values():
 
 
 def test_prompt_logprobs_chunks_agree(monkeypatch):
-    import cpserve.engine.sampler as sampler_module
+    import cpserve.engine.logprobs as logprobs_module
 
     gen = torch.Generator().manual_seed(2)
     logits = torch.randn(10, 8, generator=gen)
     next_ids = list(range(8)) + [0, 1]
     whole = prompt_logprobs(logits, next_ids, 3)
-    monkeypatch.setattr(sampler_module, "_PROMPT_LOGPROBS_CHUNK_ELEMENTS", 24)  # 3 rows a chunk
+    monkeypatch.setattr(logprobs_module, "PROMPT_LOGPROBS_CHUNK_ELEMENTS", 24)  # 3 rows a chunk
     assert prompt_logprobs(logits, next_ids, 3) == whole
 
 
@@ -443,3 +444,63 @@ def test_child_seeds_stay_in_torch_range():
     assert seeds[0] == 2**64 - 1 and len(set(seeds)) == 3
     for seed in seeds:
         make_generator(seed, "cpu")  # torch raises for a seed out of its range
+
+
+# ------------------------------------------------------------------------------- fast paths
+
+
+def test_top_k_threshold_by_selection_equals_the_sort():
+    """The partial-selection path gives the sort's threshold, ties and top-p included."""
+    from cpserve.engine.sampler import (
+        _top_k_top_p_threshold,
+        _top_k_top_p_threshold_by_selection,
+    )
+
+    gen = torch.Generator().manual_seed(8)
+    rows, vocab = 512, 40
+    scaled = torch.randint(-6, 7, (rows, vocab), generator=gen).float() / 3  # many ties
+    scaled[::7, ::5] = float("-inf")  # tokens blocked by min_tokens or min-p
+    top_k = torch.randint(1, vocab, (rows,), generator=gen).tolist()
+    top_p = torch.tensor([1.0, 0.2, 0.5, 0.8, 0.9, 0.99, 0.999, 0.65] * (rows // 8))
+    by_sort = _top_k_top_p_threshold(scaled, top_k, top_p)
+    by_selection = _top_k_top_p_threshold_by_selection(scaled, top_k, top_p)
+    assert torch.equal(by_selection, by_sort)
+
+
+def test_greedy_rows_take_the_argmax_alone(monkeypatch):
+    """Greedy rows without logprobs: no filter, no softmax, no log-softmax; sampled and
+    logprob rows pay for those passes alone."""
+    import cpserve.engine.sampler as sampler_module
+
+    calls = {"filter": [], "logprobs": []}
+    original_filter, original_logprobs = sampler_module._filter, sampler_module.logprob_tensors
+    monkeypatch.setattr(sampler_module, "_filter", lambda scaled, *a: calls["filter"].append(
+        scaled.shape[0]) or original_filter(scaled, *a))
+    monkeypatch.setattr(sampler_module, "logprob_tensors", lambda raw, *a: calls[
+        "logprobs"].append(raw.shape[0]) or original_logprobs(raw, *a))
+    logits = torch.randn(6, 30, generator=torch.Generator().manual_seed(1))
+    greedy = [row(SamplingParams(temperature=0.0)) for _ in range(6)]
+    tokens = Sampler(seed=0)(logits, greedy)
+    assert [t.token_id for t in tokens] == logits.argmax(dim=-1).tolist()
+    assert all(t.logprob is None and t.top_logprobs is None for t in tokens)
+    assert calls == {"filter": [], "logprobs": []}
+    mixed = greedy[:4] + [row(SamplingParams(temperature=0.7, top_k=5)),
+                          row(SamplingParams(temperature=0.0, logprobs=2))]
+    tokens = Sampler(seed=0)(logits, mixed)
+    assert calls == {"filter": [1], "logprobs": [1]}
+    assert tokens[5].logprob == pytest.approx(logits[5].log_softmax(-1).max().item(), abs=1e-6)
+    assert [t.token_id for t in tokens[:4]] == logits[:4].argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_with_non_finite_logits_are_flagged_with_a_valid_token(device):
+    logits = torch.randn(4, 16, generator=torch.Generator().manual_seed(2)).to(device)
+    logits[1, 3] = float("nan")
+    logits[2, 0] = float("inf")
+    rows = [row(SamplingParams(temperature=t), device) for t in (0.0, 0.0, 1.0, 1.0)]
+    batch = Sampler(seed=0).sample(logits, rows)
+    assert batch.token_ids.device.type == torch.device(device).type  # stays on the device
+    tokens = batch.resolve()
+    assert [t.finite for t in tokens] == [True, False, False, True]
+    assert tokens[1].token_id == tokens[2].token_id == 0
+    assert tokens[0].token_id == logits[0].argmax().item()

@@ -5,6 +5,7 @@ on the real engine with the demo model."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import threading
@@ -75,6 +76,46 @@ def test_outputs_are_deltas_that_add_up_to_the_offline_answer(engine):
         assert finals[0].outputs[k].token_ids == expected.token_ids
         assert mine[-1].cumulative_logprob == pytest.approx(expected.cumulative_logprob,
                                                             abs=1e-4)
+
+
+def test_the_engine_process_runs_async_scheduling():
+    """With async scheduling (the default on CUDA) the engine process still sends one delta a
+    step, and they add up to the synchronous offline answer: n completions with logprobs, and
+    a stop string the front end finds while the sequence's next step is already queued (its
+    abort frees everything)."""
+    args = dataclasses.replace(ARGS, async_scheduling=True)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2, logprobs=1)
+    with LLM(**vars(ARGS)) as llm:
+        offline = llm.generate("The morning train", greedy, use_tqdm=False)[0]
+        text = offline.outputs[0].text
+        stop = text[len(text) // 2:len(text) // 2 + 3]
+        stopped = llm.generate("The morning train", dataclasses.replace(greedy, n=1, stop=[stop]),
+                               use_tqdm=False)[0].outputs[0]
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) < 12
+    e = AsyncEngine.from_engine_args(args)
+    assert e.config.scheduler.async_scheduling  # what the engine process is started with
+    e.start()
+    try:
+        async def run():
+            deltas = [o async for o in e.generate("a", "The morning train", greedy)]
+            stops = [o async for o in e.generate(
+                "b", "The morning train", dataclasses.replace(greedy, n=1, stop=[stop]))]
+            await wait_idle(e)
+            return deltas, stops
+
+        deltas, stops = asyncio.run(run())
+    finally:
+        e.shutdown()
+    for k in range(2):
+        mine = [c for o in deltas for c in o.outputs if c.index == k]
+        assert [len(c.token_ids) for c in mine] == [1] * 12
+        assert sum((c.token_ids for c in mine), []) == offline.outputs[k].token_ids
+        assert [p for c in mine for p in c.logprobs] == offline.outputs[k].logprobs
+        assert mine[-1].cumulative_logprob == pytest.approx(
+            offline.outputs[k].cumulative_logprob, abs=1e-4)
+    assert sum((c.token_ids for o in stops for c in o.outputs), []) == stopped.token_ids
+    assert "".join(c.text for o in stops for c in o.outputs) == stopped.text
+    assert stops[-1].outputs[0].finish_reason == "stop"
 
 
 def test_a_slow_consumer_sees_every_step(engine):

@@ -103,6 +103,41 @@ def test_the_flag_reaches_the_engine_config(monkeypatch, capsys):
     assert result.config.speculative == SpeculativeConfig("ngram", 3, 4, 2)
 
 
+NGRAM_FLAG = '{"method": "ngram", "num_speculative_tokens": 2}'
+KV_BOTH_FLAG = '{"kv_connector": "CpserveConnector", "kv_role": "kv_both"}'
+
+
+@pytest.mark.parametrize("flags", [["--speculative-config", NGRAM_FLAG],
+                                   ["--kv-transfer-config", KV_BOTH_FLAG],
+                                   ["--speculative-config", NGRAM_FLAG,
+                                    "--kv-transfer-config", KV_BOTH_FLAG]])
+def test_speculation_and_kv_transfer_run_with_synchronous_steps(monkeypatch, capsys, caplog,
+                                                                flags):
+    """Either feature: async scheduling is off unless asked for; asked for explicitly, the
+    start-up refuses naming both flags; on CUDA (where it is on by default) it is turned off
+    and logged."""
+    import logging
+
+    from cpserve.engine.args import EngineArgs
+
+    result = startup(["tiny", *flags], monkeypatch, capsys)
+    assert result.role == "server", result.stderr
+    assert not result.config.scheduler.async_scheduling
+    result = startup(["tiny", *flags, "--no-async-scheduling"], monkeypatch, capsys)
+    assert result.role == "server" and not result.config.scheduler.async_scheduling
+    result = startup(["tiny", *flags, "--async-scheduling"], monkeypatch, capsys)
+    assert result.code == 2 and "Traceback" not in result.stderr
+    named = [f for f in flags if f.startswith("--")]
+    assert all(flag in result.stderr for flag in ["--async-scheduling", *named]), result.stderr
+    args = EngineArgs("tiny", speculative_config={"method": "ngram"} if
+                      "--speculative-config" in flags else None,
+                      kv_transfer_config={} if "--kv-transfer-config" in flags else None)
+    with caplog.at_level(logging.INFO, logger="cpserve.engine.args"):
+        assert args._async_scheduling("cuda") is False
+    assert "async scheduling is off" in caplog.text and named[0] in caplog.text
+    assert EngineArgs("tiny")._async_scheduling("cuda") is True  # without either: on
+
+
 # N-gram lookup ----------------------------------------------------------------------------
 def brute_force_drafts(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
     """The rule, one comparison at a time: longest suffix first, latest earlier occurrence."""

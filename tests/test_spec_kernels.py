@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 from cpserve.attention.kernels import paged as paged_module  # noqa: E402
 from cpserve.attention.kernels import paged_attention_triton  # noqa: E402
 from cpserve.attention.kernels.paged import uniform_tiles  # noqa: E402
-from cpserve.attention.metadata import PlannedSeq, build_step_tokens  # noqa: E402
+from cpserve.attention.metadata import PlannedSeq  # noqa: E402
 from cpserve.distributed.groups import ParallelGroups  # noqa: E402
 from cpserve.kv.layout import KVLayout  # noqa: E402
 from tests.test_kernels import REF, assert_attention_close, rand  # noqa: E402
@@ -62,23 +62,38 @@ def test_verification_mode_matches_reference(group, latent, splits, dtype, monke
 
 
 def test_verification_step_is_padded_to_q_rows_per_request():
-    """Requests of 1 and 3 new tokens with q = 3 (1 + K, K = 2): 3 rows each; padding rows
-    write no KV and see nothing; a split-free step of one token each stays unpadded."""
+    """Requests of 1 and 3 new tokens with q = 3 (1 + K, K = 2): 3 rows each, over the
+    persistent tables; padding rows (position -1) repeat the last token, write no KV and see
+    nothing; a step of one token each stays unpadded; a longer chunk takes the dense path."""
+    from cpserve.distributed.plan import PlannedRequest, StepPlan
+    from cpserve.engine.step_inputs import RequestRows, prepare_inputs
+
     layout, groups = KVLayout(4, 2, 1), ParallelGroups(rank=0, tp=1, pcp=1, dcp=1)
-    tables = torch.tensor([[0, 1, 2], [3, 4, 5]])
-    seqs = [PlannedSeq(9, 1, False), PlannedSeq(20, 3, False)]
-    step = build_step_tokens(seqs, tables, layout, groups, max_paged_queries=3)
+    cpu = torch.device("cpu")
+
+    def inputs(requests, max_q=3):
+        rows = RequestRows(4, 8, cpu)
+        plan = StepPlan([PlannedRequest(rid, ids, start, blocks, True, len(ids))
+                         for rid, ids, start, blocks in requests])
+        seqs = [PlannedSeq(r.start, len(r.token_ids), False) for r in plan.requests]
+        return rows, prepare_inputs(plan, seqs, rows, rows.apply(plan), layout, groups, cpu,
+                                    max_paged_queries=max_q)
+
+    rows, step = inputs([("a", [7], 9, [0, 1, 2]), ("b", [5, 6, 8], 20, [3, 4, 5])])
     meta = step.metadata
     assert meta.rep_decode_only and meta.rep_queries_per_seq == 3
-    assert step.seq.tolist() == [0, 0, 0, 1, 1, 1] and step.offset.tolist() == [0, 1, 2] * 2
-    assert step.positions.tolist() == [9, 9, 9, 20, 21, 22]
+    assert step.local_seq.tolist() == [0, 0, 0, 1, 1, 1]
+    assert step.local_offset.tolist() == [0, 1, 2] * 2
+    assert step.token_ids.tolist() == [7, 7, 7, 5, 6, 8]
+    assert step.decode_vectors[1].tolist() == [9, -1, -1, 20, 21, 22]
+    assert meta.rep_seq.tolist() == [rows.row("a")] * 3 + [rows.row("b")] * 3
     assert (meta.rep_slots[1:3] == -1).all() and (meta.rep_kv_len[1:3] == 0).all()
     # On shard 0 of 2 (interleave 1), query at position p sees local_count(p + 1) tokens.
     assert meta.rep_kv_len[[0, 3, 4, 5]].tolist() == [5, 11, 11, 12]
-    decode = build_step_tokens([PlannedSeq(9, 1, False)] * 2, tables, layout, groups, 3)
-    assert decode.metadata.rep_queries_per_seq == 1 and len(decode.seq) == 2
-    longer = build_step_tokens([PlannedSeq(9, 4, False)], tables, layout, groups, 3)
-    assert not longer.metadata.rep_decode_only  # a chunk: the dense path
+    _, decode = inputs([("a", [7], 9, [0, 1, 2]), ("b", [5], 9, [3, 4, 5])])
+    assert decode.metadata.rep_queries_per_seq == 1 and len(decode.local_seq) == 2
+    _, longer = inputs([("a", [1, 2, 3, 4], 9, [0, 1, 2])])
+    assert not longer.metadata.rep_decode_only and longer.decode_vectors is None
 
 
 def test_verification_graphs_match_eager_steps(tmp_path, monkeypatch):

@@ -38,7 +38,8 @@ def test_capture_sizes_are_the_decode_graph_buckets_and_none_means_eager():
         assert graphs is not None and graphs.buckets == [1, 2]
         assert _tokens(llm, prompts[:1]) == one_ref  # decodes of one request: bucket 1
         assert _tokens(llm, prompts) == three_ref  # three at once: above the last bucket
-        assert {bucket for bucket, _, _ in graphs.graphs} == {1}
+        assert set(graphs.graphs) == {(1, 1, 0), (2, 1, 0)}  # every bucket at start-up
+        assert {key[0] for key, n in graphs.replays.items() if n} == {1}
     for flags in ({"compilation_config": {"cudagraph_mode": "NONE"}}, {"optimization_level": 0}):
         with LLM("tiny", **flags, **common) as llm:
             assert llm.engine.executor.runner.graphs is None

@@ -13,6 +13,8 @@ lse [N, H] in fp32, with lse = -inf (and out = 0) for a query that sees no key.
 
 Latent attention (MLA) stores one cache per layer whose first `v_dim` channels are also the
 values: its caller passes `v = None` / `v_cache = None` and `v_dim`, and nothing is stored twice.
+`latent_prefix_attention` reads such a cache in MLA's expanded form (forms.py): the prefix's
+latents are up-projected into per-head keys and values, as the step's new tokens are.
 
 An FP8 (e4m3) cache holds k / k_scale and v / v_scale: `write_kv` quantizes on write,
 `paged_attention` dequantizes on load (cpserve/quantization/kv_cache.py); the scales are 1.0
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from cpserve.attention.merge import merge_two
-from cpserve.quantization.fp8 import FP8, to_fp8
+from cpserve.quantization.fp8 import FP8, divide, to_fp8
 
 if TYPE_CHECKING:
     from cpserve.attention.metadata import StepAttentionMetadata
@@ -44,6 +46,9 @@ class AttentionShape:
     dtype: torch.dtype  # of queries and new keys and values (the model's)
     values_in_keys: bool = False  # latent attention: one cache, no v_cache
     kv_dtype: torch.dtype | None = None  # of the cache, when it differs (a quantized cache)
+    # MLA read expanded (forms.py): per-head (key dim, value dim) of the expanded form, e.g.
+    # (192, 128); None when the prefix is never read expanded (other models, DCP).
+    expanded_dims: tuple[int, int] | None = None
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -59,6 +64,8 @@ class StepPlans:
     rep_prefix: Any = None  # replicated tokens over the cached prefix
     split_dense: tuple = ()  # split tokens over the exchanged ones: one, or one per ring source
     split_prefix: Any = None  # all split tokens of the PCP group over the cached prefix
+    rep_latent_prefix: Any = None  # the same two calls, MLA's prefix read expanded
+    split_latent_prefix: Any = None
 
     def split_dense_for(self, source: int) -> Any:
         return self.split_dense[source] if source < len(self.split_dense) else None
@@ -97,6 +104,16 @@ class AttentionBackend(Protocol):
                         plan: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Query i attends to key j iff q_seq[i] == k_seq[j] and k_pos[j] <= q_pos[i]."""
 
+    def latent_prefix_attention(self, q: torch.Tensor, k_cache: torch.Tensor,
+                                block_tables: torch.Tensor, query_seq: torch.Tensor,
+                                query_kv_len: torch.Tensor, scale: float, forms: Any,
+                                k_scale: float = 1.0,
+                                plan: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`paged_attention` over a latent cache [num_blocks, B, 1, L + R] in MLA's expanded
+        form: q [N, H, nope + R] expanded; the visible tokens' latents (dequantized into q's
+        dtype for an FP8 cache) are expanded by `forms.new_kv` into keys [m, H, nope + R] and
+        values [m, H, v]. Returns out [N, H, v], lse [N, H]."""
+
     def merge_two(self, out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
                   lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """LSE merge of two partial results of the same queries (attention/merge.py)."""
@@ -119,7 +136,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Te
 
 def _stored(x: torch.Tensor, cache: torch.Tensor, scale: float) -> torch.Tensor:
     """What a cache of `cache`'s dtype holds for `x`."""
-    return to_fp8(x.float() / scale) if cache.dtype == FP8 else x.to(cache.dtype)
+    return to_fp8(divide(x, scale)) if cache.dtype == FP8 else x.to(cache.dtype)
 
 
 def _copy_slots(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
@@ -170,6 +187,24 @@ class TorchReferenceBackend:
             v = _loaded(v_cache[blocks].flatten(0, 1)[:max_len], v_scale)
             visible = torch.arange(max_len, device=q.device).unsqueeze(0) < lengths.unsqueeze(1)
             out[rows], lse[rows] = _attend(q[rows], k, v, visible, scale)
+        return out, lse
+
+    def latent_prefix_attention(self, q, k_cache, block_tables, query_seq, query_kv_len, scale,
+                                forms, k_scale=1.0, plan=None):
+        out = q.new_zeros(*q.shape[:2], forms.output_dim(0))
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        block_size = k_cache.shape[1]
+        for seq in torch.unique(query_seq).tolist():
+            rows = torch.nonzero(query_seq == seq).squeeze(1)
+            lengths = query_kv_len[rows]
+            max_len = int(lengths.max())
+            if max_len == 0:
+                continue
+            blocks = block_tables[seq, : -(-max_len // block_size)]
+            latent = _loaded(k_cache[blocks].flatten(0, 1)[:max_len], k_scale).to(q.dtype)
+            keys, values = forms.new_kv(latent, None, None)
+            visible = torch.arange(max_len, device=q.device).unsqueeze(0) < lengths.unsqueeze(1)
+            out[rows], lse[rows] = _attend(q[rows], keys, values, visible, scale)
         return out, lse
 
     def dense_attention(self, q, k, v, q_pos, k_pos, q_seq, k_seq, scale, plan=None):

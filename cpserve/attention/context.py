@@ -16,6 +16,7 @@ reads the cache gets the layer's scales.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -73,22 +74,29 @@ class AttentionContext:
         meta, backend, plans = self.metadata, self.backend, self.plans
         backend.write_kv(k, v, k_cache, v_cache, meta.rep_slots, *kv_scale)
         if meta.rep_decode_only:
-            out, _ = sharded_kv_attention(forms.cached_query(q), k_cache, v_cache,
-                                          meta.block_tables, meta.rep_seq, meta.rep_kv_len,
-                                          scale, self.groups, backend, v_dim, kv_scale,
+            out, _ = sharded_kv_attention(q, k_cache, v_cache, meta.block_tables, meta.rep_seq,
+                                          meta.rep_kv_len, scale, self.groups, backend, v_dim,
+                                          kv_scale, forms=_absorbed(forms),
                                           queries_per_seq=meta.rep_queries_per_seq)
-            return forms.cached_output(out)
-        keys, values = forms.new_kv(k, v, v_dim)
-        out, lse = backend.dense_attention(q, keys, values, meta.rep_pos, meta.rep_pos,
-                                           meta.rep_seq, meta.rep_seq, scale,
+            return out
+        # The new tokens' expanded K/V are freed before the prefix part, whose own expanded
+        # pieces then fit where these were (the start-up profile measures a step of new
+        # tokens: model_runner.py).
+        out, lse = backend.dense_attention(q, *forms.new_kv(k, v, v_dim), meta.rep_pos,
+                                           meta.rep_pos, meta.rep_seq, meta.rep_seq, scale,
                                            plan=plans.rep_dense)
         if meta.has_rep_prefix:
             prefix_out, prefix_lse = sharded_kv_attention(
-                forms.cached_query(q), k_cache, v_cache, meta.block_tables, meta.rep_seq,
-                meta.rep_prefix_len, scale, self.groups, backend, v_dim, kv_scale,
-                plan=plans.rep_prefix)
-            out, _ = backend.merge_two(out, lse, forms.cached_output(prefix_out), prefix_lse)
+                q, k_cache, v_cache, meta.block_tables, meta.rep_seq, meta.rep_prefix_len,
+                scale, self.groups, backend, v_dim, kv_scale, plan=plans.rep_prefix,
+                forms=forms, latent_plan=plans.rep_latent_prefix)
+            out, _ = backend.merge_two(out, lse, prefix_out, prefix_lse)
         return out
+
+
+def _absorbed(forms: SameForms) -> SameForms:
+    """Decode rows read the cache absorbed: one query per sequence, nothing to expand for."""
+    return dataclasses.replace(forms, expand_prefix=False) if forms.expand_prefix else forms
 
 
 def _rows(x: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:

@@ -15,13 +15,23 @@ MLA caches one latent per token and can attend to it in two forms, equal in exac
 
 `LatentForms` mixes them: the context gets the expanded query and the latent keys; the dense
 part over new tokens is expanded (`new_kv` up-projects the latents after the PCP exchange, so
-only the latent travels and is cached); every paged call gets `cached_query(q)` (absorbed)
-and its output goes through `cached_output` to value space before the LSE merge (the merge
-is linear in the outputs, so merging after the projection is exact).
+only the latent travels and is cached). The cached prefix is read in one of two ways:
 
-    forms            dense over new tokens          paged over the cache
+  expanded prefix  (`expand_prefix`, without DCP: sharded.py) the backend gathers the prefix's
+                   latents and expands them like new tokens (`new_kv`, or `expand_into` a
+                   workspace), then attends non-causally with the library ops: a chunk of
+                   thousands of queries over thousands of cached tokens is a large GEMM-shaped
+                   attention at head dim 192, which the absorbed form (576 against one latent
+                   head) turns into 3.4x the FLOPs in the slower paged kernel;
+  absorbed prefix  the paged call gets `cached_query(q)` and its output goes through
+                   `cached_output` to value space before the LSE merge (the merge is linear
+                   in the outputs, so merging after the projection is exact). Decodes, DCP
+                   and rows of small groups (the backend's choice) read the prefix this way.
+
+    forms            dense over new tokens          over the cache
     SAME_FORMS       q . k,  values v               q . k_cache, values v_cache
     LatentForms      q . expand_k(c), expand_v(c)   absorb(q) . [c, kr], then * W_UV
+                                                    or q . expand_k(c), expand_v(c) (prefix)
 """
 
 from __future__ import annotations
@@ -47,6 +57,8 @@ class SameForms:
 
     def output_dim(self, v_dim: int) -> int:
         return v_dim
+
+    expand_prefix = False  # the prefix is read in the cache's form
 
 
 SAME_FORMS = SameForms()
@@ -74,6 +86,7 @@ class LatentForms:
     nope: int
     v_head_dim: int
     latent_dim: int
+    expand_prefix: bool = True  # read the cached prefix expanded too (see above)
 
     def _up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.kv_b.view(self.num_heads, self.nope + self.v_head_dim, self.latent_dim)
@@ -98,3 +111,16 @@ class LatentForms:
 
     def output_dim(self, v_dim: int) -> int:
         return self.v_head_dim
+
+    def expand_into(self, latent: torch.Tensor, scratch: torch.Tensor, keys: torch.Tensor,
+                    values: torch.Tensor) -> None:
+        """`new_kv` into preallocated buffers (the GPU backend's prefix workspace): latent
+        [m, 1, L + R] -> keys [m, H, nope + R]; values [m, H, >= v], whose channels past v
+        are left as they are (the backend keeps them 0: the library ops' padding). `scratch`
+        [m, H * (nope + v)] takes the up-projection GEMM."""
+        m, heads, latent_dim = latent.shape[0], self.num_heads, self.latent_dim
+        torch.matmul(latent[:, 0, :latent_dim], self.kv_b.t(), out=scratch)
+        kv = scratch.view(m, heads, self.nope + self.v_head_dim)
+        keys[..., : self.nope].copy_(kv[..., : self.nope])
+        keys[..., self.nope:].copy_(latent[:, :, latent_dim:].expand(m, heads, -1))
+        values[..., : self.v_head_dim].copy_(kv[..., self.nope:])

@@ -31,7 +31,9 @@ channels) runs in the Triton kernels, which read keys over 256 channels in 64-wi
 (kernels/scores.py). Its dense steps take the masked kernel at every size: the library ops
 take head dims up to LIBRARY_MAX_HEAD_DIM. MLA's expanded form (keys 192, values 128) does go
 to the library ops, its values zero-padded to the key width (the ops take one head dim for
-q, k and v; the padding's output channels are 0 and dropped). Shapes the kernels do not
+q, k and v; the padding's output channels are 0 and dropped), and so does its cached prefix
+(`latent_prefix_attention`, latent_prefix.py: gathered latents expanded in pieces into a
+workspace, then the library op, rows of small groups absorbed in the Triton kernel). Shapes the kernels do not
 cover go to the reference, and say so in `fallbacks`: key dims over MAX_KERNEL_KEY_DIM or value dims over MAX_KERNEL_VALUE_DIM.
 """
 
@@ -60,7 +62,17 @@ from cpserve.attention.kernels.library_ops import (
 )
 from cpserve.attention.kernels.merge import merge_two_triton
 from cpserve.attention.kernels.paged import tile_queries, wants_tiles
-from cpserve.attention.kernels.prefix_plan import LibraryPart, PrefixPlan, build_prefix_plan
+from cpserve.attention.kernels.prefix_plan import (
+    LibraryPart,
+    PrefixPlan,
+    build_latent_prefix_plan,
+    build_prefix_plan,
+)
+from cpserve.attention.latent_prefix import (
+    MLA_PREFIX_PIECE_TOKENS,
+    LatentWorkspace,
+    run_latent_prefix,
+)
 from cpserve.quantization.fp8 import FP8
 
 # Steps with at most this many (query, key) pairs take the masked kernel: decode batches
@@ -197,6 +209,13 @@ class GPUBackend:
             self._workspace = tuple(torch.empty(max_prefix_tokens, shape.num_kv_heads, dim,
                                                 dtype=shape.dtype, device=self.device)
                                     for dim in (shape.k_dim, shape.v_dim))
+        # MLA's prefix read expanded, in pieces of this many tokens (latent_prefix.py).
+        self.latent_piece_tokens = MLA_PREFIX_PIECE_TOKENS
+        self._latent_workspace: LatentWorkspace | None = None
+        if shape is not None and max_prefix_tokens > 0 and self._latent_library(shape):
+            self.latent_piece_tokens = LatentWorkspace.piece_tokens(shape, max_prefix_tokens)
+            self._latent_workspace = LatentWorkspace(shape, self.latent_piece_tokens,
+                                                     self.device)
 
     def _library(self) -> bool:
         return self.ops["cudnn"] or self.ops["flash"]
@@ -218,14 +237,27 @@ class GPUBackend:
                 and _library_dtype(shape.dtype) and shape.cache_dtype in (shape.dtype, FP8)
                 and _kernel_dims(shape.k_dim, shape.v_dim))
 
+    def _latent_library(self, shape: AttentionShape) -> bool:
+        """Whether MLA's prefix is read expanded by the library ops (latent_prefix.py): a
+        latent cache with expanded dims, half precision, the ops taking the expanded key
+        width, and the tuning choice."""
+        if (not shape.values_in_keys or shape.expanded_dims is None
+                or self.prefix_attention == "triton" or not _library_dtype(shape.dtype)
+                or shape.cache_dtype not in (shape.dtype, FP8)
+                or shape.expanded_dims[0] > LIBRARY_MAX_HEAD_DIM):
+            return False
+        ops = self.ops_for(shape.expanded_dims[0])
+        return ops["cudnn"] or ops["flash"]
+
     # planning -------------------------------------------------------------------------------
     def plan_step(self, meta, kv_exchange: str) -> StepPlans:
         """Every plan of the step, from the metadata's host tensors (before they move)."""
         if self.shape is None or (meta.rep_decode_only and not meta.has_split):
             return StepPlans()  # decode: the kernels need nothing but shapes
-        num_seqs = meta.block_tables.shape[0]
+        num_seqs = meta.num_seqs
         dense = self._library() and _library_dtype(self.shape.dtype)  # else the masked kernel
-        rep_dense = rep_prefix = split_prefix = None
+        rep_dense = rep_prefix = split_prefix = rep_latent = split_latent = None
+        latent = self._latent_library(self.shape)
         split_dense: tuple = ()
         if meta.has_replicated and not meta.rep_decode_only:
             if dense and _plans_dense(meta.rep_pos.numel(), meta.rep_pos.numel()):
@@ -234,6 +266,8 @@ class GPUBackend:
             if meta.has_rep_prefix:
                 rep_prefix = self._prefix_plan(meta.rep_seq, meta.rep_prefix_len, num_seqs,
                                                self.shape)
+                if latent:
+                    rep_latent = self._latent_plan(meta.rep_seq, meta.rep_prefix_len, num_seqs)
         if meta.has_split:
             pad, keys = meta.pad, meta.gathered_pos.numel()
             sources = ([slice(0, keys)] if kv_exchange != "ring" or keys == pad
@@ -247,7 +281,18 @@ class GPUBackend:
             if meta.has_prefix:
                 split_prefix = self._prefix_plan(meta.gathered_seq.clamp(min=0),
                                                  meta.gathered_prefix_len, num_seqs, self.shape)
-        return StepPlans(rep_dense, rep_prefix, split_dense, split_prefix)
+                if latent:
+                    split_latent = self._latent_plan(meta.gathered_seq.clamp(min=0),
+                                                     meta.gathered_prefix_len, num_seqs)
+        return StepPlans(rep_dense, rep_prefix, split_dense, split_prefix, rep_latent,
+                         split_latent)
+
+    def _latent_plan(self, query_seq, query_kv_len, num_seqs: int):
+        shape = self.shape
+        return build_latent_prefix_plan(
+            query_seq, query_kv_len, num_seqs, self.device,
+            piece_tokens=self.latent_piece_tokens,
+            tile_queries=tile_queries(shape.num_heads // shape.num_kv_heads, shape.v_dim))
 
     def _prefix_plan(self, query_seq, query_kv_len, num_seqs: int,
                      shape: AttentionShape) -> PrefixPlan:
@@ -289,6 +334,26 @@ class GPUBackend:
         _check_plan("prefix", (plan.num_queries,), (q.shape[0],))
         return self._run_prefix_plan(plan, q, k_cache, v_cache, block_tables, scale, v_dim, dv,
                                      k_scale, v_scale)
+
+    def latent_prefix_attention(self, q, k_cache, block_tables, query_seq, query_kv_len, scale,
+                                forms, k_scale=1.0, plan=None):
+        if plan is None:
+            shape = AttentionShape(q.shape[1], 1, k_cache.shape[-1], forms.latent_dim, q.dtype,
+                                   values_in_keys=True, kv_dtype=k_cache.dtype,
+                                   expanded_dims=(q.shape[-1], forms.v_head_dim))
+            if not self._latent_library(shape):  # the absorbed paged path, in value space
+                out, lse = self.paged_attention(forms.cached_query(q), k_cache, None,
+                                                block_tables, query_seq, query_kv_len, scale,
+                                                forms.latent_dim, k_scale, k_scale)
+                return forms.cached_output(out), lse
+            self.host_plans += 1
+            plan = build_latent_prefix_plan(
+                query_seq, query_kv_len, block_tables.shape[0], self.device,
+                piece_tokens=self.latent_piece_tokens,
+                tile_queries=tile_queries(q.shape[1], forms.latent_dim))
+        _check_plan("latent prefix", (plan.num_queries,), (q.shape[0],))
+        return run_latent_prefix(self, plan, q, k_cache, block_tables, scale, forms, k_scale,
+                                 self._latent_workspace)
 
     def _host_plan(self, query_seq, query_kv_len, num_seqs: int, shape: AttentionShape):
         self.host_plans += 1

@@ -109,11 +109,12 @@ def pcp_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
 
     if meta.has_prefix:
         # The cached prefix: every PCP rank must ask the same queries, so gather them.
-        all_q = forms.cached_query(all_gather(_pad_rows(q, pad), groups.pcp_group, dim=0))
+        all_q = all_gather(_pad_rows(q, pad), groups.pcp_group, dim=0)
         seq = meta.gathered_seq.clamp(min=0)
         o_all, l_all = sharded_kv_attention(all_q, k_cache, v_cache, meta.block_tables, seq,
                                             meta.gathered_prefix_len, scale, groups, backend,
-                                            v_dim, kv_scale, plan=plans.split_prefix)
+                                            v_dim, kv_scale, plan=plans.split_prefix,
+                                            forms=forms, latent_plan=plans.split_latent_prefix)
         mine = slice(me * pad, me * pad + q.shape[0])
-        out, lse = fold_into((out.float(), lse), forms.cached_output(o_all[mine]), l_all[mine])
+        out, lse = fold_into((out.float(), lse), o_all[mine], l_all[mine])
     return out.to(q.dtype)

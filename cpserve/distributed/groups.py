@@ -41,6 +41,7 @@ class ParallelGroups:
     dcp_group: Group = None
     cp_group: Group = None
     ep_group: Group = None  # all ranks, on the device's backend (expert parallelism)
+    world_group: Group = None  # all ranks, on the device's backend (the same group as ep)
     cpu_group: Group = None  # gloo group of all ranks, for step plans
     # Whole experts per rank (rank r: the r-th share), not TP slices of all. A setting of the
     # engine, not of the pool: the model runner sets it on the groups it gives the model.
@@ -124,13 +125,21 @@ def build_groups(parallel: ParallelConfig, rank: int, cpu_group: Group) -> Paral
                 mine[kind] = group
     return ParallelGroups(rank=rank, tp=parallel.tp, pcp=parallel.pcp, dcp=parallel.dcp,
                           tp_group=mine["tp"], pcp_group=mine["pcp"], dcp_group=mine["dcp"],
-                          cp_group=mine["cp"], ep_group=mine["ep"], cpu_group=cpu_group)
+                          cp_group=mine["cp"], ep_group=mine["ep"], world_group=mine["ep"],
+                          cpu_group=cpu_group)
 
 
 # Collectives that are no-ops on a group of one ------------------------------------------------
 def all_reduce(tensor: torch.Tensor, group: Group) -> torch.Tensor:
     if group is not None:
         dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def broadcast(tensor: torch.Tensor, group: Group, src: int = 0) -> torch.Tensor:
+    """`tensor` of global rank `src` on every rank of `group` (in place)."""
+    if group is not None:
+        dist.broadcast(tensor, src=src, group=group)
     return tensor
 
 

@@ -15,11 +15,15 @@ import torch.distributed as dist
 
 from cpserve.distributed.groups import Group
 
+# A token the driver did not know when it planned the step (async scheduling: the last step's
+# sample, still on the device). The driver hands its value to the step on the device.
+PENDING_TOKEN = -1
+
 
 @dataclass
 class PlannedRequest:
     request_id: str
-    token_ids: list[int]  # the new tokens this step computes
+    token_ids: list[int]  # the new tokens this step computes (PENDING_TOKEN: see above)
     start: int  # position of token_ids[0]
     block_ids: list[int]  # the whole table if is_new, else the blocks appended this step
     is_new: bool

@@ -56,6 +56,7 @@ class EngineArgs:
     max_waiting_requests: int = 4096
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int | None = None  # None: a share of the step budget
+    async_scheduling: bool | None = None  # None: on CUDA, off on CPU (as vLLM)
     tensor_parallel_size: int = 1
     prefill_context_parallel_size: int = 1
     decode_context_parallel_size: int = 1
@@ -135,6 +136,7 @@ class EngineArgs:
                 max_waiting_requests=self.max_waiting_requests,
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 long_prefill_token_threshold=threshold,
+                async_scheduling=self._async_scheduling(device),
             ),
             device=device,
             seed=self.seed,
@@ -153,6 +155,28 @@ class EngineArgs:
             kv_transfer=(None if self.kv_transfer_config is None
                          else KVTransferConfig.from_json(self.kv_transfer_config)),
         )
+
+    def _async_scheduling(self, device: str) -> bool:
+        """As in vLLM: on by default, but not on the CPU, where nothing would overlap.
+
+        Speculative decoding and KV transfer run with synchronous steps: the next step's
+        drafts and its accepted tokens are known only once a step is finished, and the KV
+        connector admits loaded requests and leases finished ones on finished steps. Left
+        to its default, async scheduling is then off (logged once); asked for explicitly
+        with either, it is refused."""
+        features = [flag for flag, value in (("--speculative-config", self.speculative_config),
+                                             ("--kv-transfer-config", self.kv_transfer_config))
+                    if value is not None]
+        if features and self.async_scheduling:
+            raise ConfigError(f"--async-scheduling cannot be combined with {' and '.join(features)}: "
+                              "cpserve runs these with synchronous steps; drop "
+                              "--async-scheduling (or pass --no-async-scheduling)")
+        if features:
+            if self.async_scheduling is None and device == "cuda":
+                logger.info("async scheduling is off: %s runs with synchronous steps",
+                            " and ".join(features))
+            return False
+        return device == "cuda" if self.async_scheduling is None else self.async_scheduling
 
     def _tokenizer_path(self) -> str | None:
         from pathlib import Path
@@ -205,7 +229,7 @@ class EngineArgs:
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
         """Engine flags with vLLM's names."""
-        from cpserve.engine.model_runner import CPU_DEFAULT_KV_GIB
+        from cpserve.engine.kv_sizing import CPU_DEFAULT_KV_GIB
         if with_model:
             parser.add_argument("model", nargs="?", default="tiny",
                                 help="checkpoint directory, or 'tiny' for the built-in demo model")
@@ -235,6 +259,10 @@ class EngineArgs:
                        help="most tokens one request computes in a step; 0: no cap (default: "
                             f"{DEFAULT_LONG_PREFILL_SHARE:g} of --max-num-batched-tokens with "
                             "chunked prefill, so a long prompt never takes a whole step)")
+        g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="schedule and queue each step while the one before runs (default: "
+                            "on with CUDA, off on CPU)")
         g.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
         g.add_argument("-pcp", "--prefill-context-parallel-size", type=int, default=1)
         g.add_argument("-dcp", "--decode-context-parallel-size", type=int, default=1)

@@ -4,24 +4,27 @@ rows per request), replayed every step.
 A graph replays the kernels of one forward pass on static buffers, so a decode step costs the
 GPU's time and not the host's launch overhead (about 10x fewer host microseconds per layer).
 With speculative decoding a verification step (each request's last token and up to K drafts,
-laid out as 1 + K rows per request, metadata.py) has graphs of its own, by the same buckets.
+laid out as q = 1 + K rows per request, attention/metadata.py) has graphs of its own, by the
+same buckets.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import TYPE_CHECKING
 
 import torch
 
 from cpserve.attention.context import AttentionContext
-from cpserve.attention.metadata import PlannedSeq, StepAttentionMetadata
+from cpserve.attention.metadata import decode_metadata
 from cpserve.config import EngineConfig
 from cpserve.distributed.groups import ParallelGroups
 from cpserve.engine.compilation import decode_graph_buckets
 
 if TYPE_CHECKING:
     from cpserve.engine.model_runner import ModelRunner
+    from cpserve.engine.step_inputs import StepInputs
 
 
 def graphs_enabled(config: EngineConfig, groups: ParallelGroups, device: torch.device) -> bool:
@@ -34,20 +37,29 @@ def graphs_enabled(config: EngineConfig, groups: ParallelGroups, device: torch.d
 
 
 class DecodeGraphs:
-    """CUDA graphs of paged-only steps, one per (batch-size bucket, rows per request),
-    captured at first use.
+    """CUDA graphs of paged-only steps, one per (batch-size bucket, rows per request q,
+    variant).
 
     A decode step: every request computes one new token after cached ones, replicated on
-    every PCP rank; a verification step: q = 1 + K rows per request (its tokens, then
-    padding). The graph runs the model on static buffers, refilled before each replay:
+    every PCP rank (q = 1); a verification step: q = 1 + K rows per request, its tokens then
+    padding. A graph runs on one static buffer, refilled before each replay:
 
-        token_ids, positions, slots, kv_len         [bucket * q]
-        block_tables                                [bucket, blocks of a max_model_len request]
+        vectors [3, largest bucket * q]:  token ids | positions | rows of the persistent tables
 
-    Rows past the batch are padding: their own sequence, slot -1 (no KV written), no cached
-    tokens visible; their outputs are dropped. The kernels take every size they need from
-    shapes (the split-K factor from the table width; a verification step's tiles from q), so
-    one capture serves all contexts.
+    and derives everything else inside the graph (`decode_metadata`): block tables are the
+    runner's persistent ones (`RequestRows.table`, updated in place by each plan's diffs, so
+    the graph always sees the current tables), slots and visible lengths come from the
+    positions. Rows past the batch are padding: position -1 (no KV written, nothing visible),
+    their outputs dropped. The kernels take every size they need from shapes (the split-K
+    factor from the table width), so one capture serves all contexts.
+
+    Every decode bucket is captured at start-up (`capture_all`, as vLLM does), over padding
+    rows only: a bucket first met under load would otherwise cost its capture in a user's
+    step; with speculative decoding the verification buckets too.
+
+    `hidden_size`: a forward pass that also reads a hidden state per row (an MTP module,
+    spec_decode/mtp_proposer.py) gets a static buffer of it, `run(hidden=...)`; its variants
+    are the modules. The model's own steps have one variant, 0.
     """
 
     @classmethod
@@ -57,95 +69,92 @@ class DecodeGraphs:
 
     def __init__(self, runner: ModelRunner, hidden_size: int = 0,
                  dtype: torch.dtype | None = None) -> None:
-        """`hidden_size`: a forward pass that also reads a hidden state per row (an MTP
-        module, spec_decode/mtp_proposer.py) gets a static buffer of it, `run(hidden=...)`."""
         self.runner = runner
         config = runner.config
         # --compilation-config cudagraph_capture_sizes, else a default list to max_num_seqs.
         self.buckets = decode_graph_buckets(config.cudagraph_capture_sizes,
                                             config.scheduler.max_num_seqs)
         self.max_rows_per_seq = runner.max_paged_queries  # 1 + K with speculation, else 1
-        largest = self.buckets[-1]
-        self.width = runner.layout.num_blocks_for(runner.config.model.max_model_len)
-        n, dev = largest * self.max_rows_per_seq, runner.device
-
-        def zeros(*shape):
-            return torch.zeros(*shape, dtype=torch.long, device=dev)
-
-        self.token_ids, self.positions, self.kv_len = zeros(n), zeros(n), zeros(n)
-        self.slots = torch.full((n,), -1, dtype=torch.long, device=dev)
-        self.block_tables = zeros(largest, self.width)
-        self.hidden = (torch.zeros(n, hidden_size, dtype=dtype, device=dev) if hidden_size
-                       else None)
-        self.rows = torch.arange(n, device=dev)
-        # (bucket, rows per request, variant): variant picks among forward passes (MTP
-        # modules); the model's own steps have one.
+        n = self.buckets[-1] * self.max_rows_per_seq
+        self.vectors = torch.zeros(3, n, dtype=torch.long, device=runner.device)
+        # Padding columns: token 0, position -1, row 0.
+        self.padding = torch.zeros(3, n, dtype=torch.long, device=runner.device)
+        self.padding[1] = -1
+        self.hidden = (torch.zeros(n, hidden_size, dtype=dtype, device=runner.device)
+                       if hidden_size else None)
+        # Keys (bucket, rows per request, variant).
         self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.replays: dict[tuple[int, int, int], int] = {}  # steps per key
         self.pool = None
 
-    def can_run(self, seqs: list[PlannedSeq], table_width: int) -> bool:
-        return (len(seqs) <= self.buckets[-1] and table_width <= self.width
-                and all(1 <= s.num_new <= self.max_rows_per_seq and s.start > 0
-                        and not s.split for s in seqs))
+    @torch.inference_mode()
+    def capture_all(self) -> float:
+        """Capture every bucket of decode steps, and of verification steps with speculative
+        decoding, largest first (the pool then holds the largest activations once); returns
+        the seconds it took."""
+        start = time.perf_counter()
+        rows_per_seq = sorted({1, self.max_rows_per_seq}, reverse=True)
+        for q in rows_per_seq:
+            for bucket in reversed(self.buckets):
+                self.vectors[:, :bucket * q].copy_(self.padding[:, :bucket * q])
+                self._capture(bucket, q)
+        torch.cuda.synchronize(self.runner.device)
+        return time.perf_counter() - start
 
-    def run(self, token_ids: torch.Tensor, positions: torch.Tensor,
-            meta: StepAttentionMetadata, hidden: torch.Tensor | None = None,
-            variant: int = 0) -> torch.Tensor:
-        q = meta.rep_queries_per_seq
-        rows = token_ids.numel()
-        n = rows // q
-        bucket = next(b for b in self.buckets if b >= n)
-        for buffer, values, pad in ((self.token_ids, token_ids, 0),
-                                    (self.positions, positions, 0),
-                                    (self.slots, meta.rep_slots, -1),
-                                    (self.kv_len, meta.rep_kv_len, 0)):
-            buffer[:rows].copy_(values, non_blocking=True)
-            buffer[rows:bucket * q].fill_(pad)
+    def can_run(self, inputs: StepInputs) -> bool:
+        return (inputs.decode_vectors is not None and len(inputs.seqs) <= self.buckets[-1]
+                and all(s.start > 0 for s in inputs.seqs))
+
+    def run(self, vectors: torch.Tensor, queries_per_seq: int = 1,
+            hidden: torch.Tensor | None = None, variant: int = 0) -> torch.Tensor:
+        """Hidden states of a paged-only step given as [3, n * q] vectors (see the class)."""
+        q = queries_per_seq
+        rows = vectors.shape[1]
+        bucket = next(b for b in self.buckets if b >= rows // q)
+        self.vectors[:, :rows].copy_(vectors)
+        self.vectors[:, rows:bucket * q].copy_(self.padding[:, :bucket * q - rows])
         if hidden is not None:
             self.hidden[:rows].copy_(hidden)
-        self.block_tables[:n, :meta.block_tables.shape[1]].copy_(meta.block_tables,
-                                                                  non_blocking=True)
         key = (bucket, q, variant)
         if key not in self.graphs:
             self._capture(bucket, q, variant)
         self.graphs[key].replay()
+        self.replays[key] = self.replays.get(key, 0) + 1
         return self.outputs[key][:rows]
 
-    def _forward(self, rows: int, ctx: AttentionContext, variant: int) -> torch.Tensor:
-        """The captured forward pass over the first `rows` rows of the static buffers."""
-        return self.runner.model(self.token_ids[:rows], self.positions[:rows], ctx)
-
-    def _metadata(self, bucket: int, q: int) -> StepAttentionMetadata:
-        rows, none = self.rows[:bucket * q], self.rows[:0]
-        return StepAttentionMetadata(
-            block_tables=self.block_tables[:bucket], rep_index=rows,
-            rep_slots=self.slots[:bucket * q], rep_seq=rows // q,
-            rep_pos=self.positions[:bucket * q], rep_prefix_len=self.kv_len[:bucket * q],
-            has_rep_prefix=True, rep_kv_len=self.kv_len[:bucket * q], rep_decode_only=True,
-            split_index=none, split_pos=none, split_seq=none, pad=0, gathered_pos=none,
-            gathered_seq=none, gathered_slots=none, gathered_prefix_len=none, has_prefix=False,
-            rep_queries_per_seq=q)
-
-    def _capture(self, bucket: int, q: int, variant: int = 0) -> None:
+    def metadata(self, bucket: int, q: int = 1):
+        """The captured step's metadata, over the static vectors."""
         runner = self.runner
-        ctx = AttentionContext(self._metadata(bucket, q), runner.kv_caches, runner.groups,
-                               runner.backend, runner.config.parallel.kv_exchange,
-                               kv_scales=runner.kv_scales)
-        rows = bucket * q
+        _, positions, rows = self.vectors[:, :bucket * q]
+        return decode_metadata(runner.rows.table, positions, runner.layout,
+                               runner.groups.cp_rank, seq=rows, queries_per_seq=q)
 
-        def forward() -> torch.Tensor:
-            return self._forward(rows, ctx, variant)
+    def forward(self, bucket: int, q: int = 1, variant: int = 0) -> torch.Tensor:
+        """The forward pass a graph of `bucket` requests of `q` rows captures, over the static
+        vectors."""
+        runner = self.runner
+        meta = self.metadata(bucket, q)
+        ctx = AttentionContext(meta, runner.kv_caches, runner.groups, runner.backend,
+                               runner.config.parallel.kv_exchange, kv_scales=runner.kv_scales)
+        return self._model(self.vectors[0, :bucket * q], meta, ctx, variant)
 
+    def _model(self, token_ids: torch.Tensor, meta, ctx: AttentionContext,
+               variant: int) -> torch.Tensor:
+        return self.runner.model(token_ids, meta.rep_pos, ctx)
+
+    def _capture(self, bucket: int, q: int = 1, variant: int = 0) -> None:
+        runner = self.runner
         # Run once outside the capture: Triton compiles, cuDNN and NCCL set up. It writes the
         # same KV the replay will write, so it changes nothing.
         side = torch.cuda.Stream(runner.device)
         side.wait_stream(torch.cuda.current_stream(runner.device))
         with torch.cuda.stream(side):
-            forward()
+            self.forward(bucket, q, variant)
         torch.cuda.current_stream(runner.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        key = (bucket, q, variant)
         with torch.cuda.graph(graph, pool=self.pool):
-            self.outputs[(bucket, q, variant)] = forward()
+            self.outputs[key] = self.forward(bucket, q, variant)
         self.pool = graph.pool()
-        self.graphs[(bucket, q, variant)] = graph
+        self.graphs[key] = graph

@@ -9,6 +9,7 @@ from cpserve.distributed.config_codec import config_to_dict
 from cpserve.distributed.plan import StepPlan
 from cpserve.distributed.worker_pool import WorkerPool, gather_to_driver
 from cpserve.engine.model_runner import LogitsConsumer, ModelRunner
+from cpserve.engine.step_inputs import PendingTokens
 from cpserve.engine.worker import start_worker_pool
 
 
@@ -30,12 +31,13 @@ class Executor:
         self.runner = self.pool.run(StepPlan(load=config_to_dict(config)), build)
         self.num_blocks = self.runner.num_blocks
 
-    def execute(self, plan: StepPlan,
-                consume_logits: LogitsConsumer | None = None) -> torch.Tensor | None:
-        """Run a step on every rank; the driver's logits are returned, or handed to
-        `consume_logits` slice by slice (see `ModelRunner.execute`)."""
-        return self.pool.run(plan, lambda: self.runner.execute(plan,
-                                                               consume_logits=consume_logits))
+    def execute(self, plan: StepPlan, consume_logits: LogitsConsumer | None = None,
+                pending_tokens: PendingTokens | None = None) -> torch.Tensor | None:
+        """Queue a step on every rank; the driver's logits are returned, or handed to
+        `consume_logits` slice by slice (see `ModelRunner.execute`). `pending_tokens`: where
+        the values of the plan's pending tokens are, on the driver's device."""
+        return self.pool.run(plan, lambda: self.runner.execute(
+            plan, consume_logits=consume_logits, pending_tokens=pending_tokens))
 
     def draft(self, plan: StepPlan) -> list[list[int]]:
         """Run the MTP drafter on every rank after a step (`plan.draft`); the driver's

@@ -8,10 +8,24 @@ decide (eos, stop token ids, max_tokens, the context). Each step returns the new
 sequence that progressed (`EngineCoreOutputs`).
 
 Two features take part in the loop: speculative decoding (cpserve.spec_decode: the drafter
-proposes after each step, the next step verifies, `_sample` accepts) and KV transfer between
+proposes after each step, the next step verifies, `_finish` accepts) and KV transfer between
 instances (cpserve.kv_transfer: the scheduler's connector admits sequences whose prompt KV
-comes from elsewhere and leases the KV of those another instance will decode). Text, stop strings, logprob decoding and the
-`n` completions of a request are a front end's (`input_processor.py`, `output_processor.py`).
+comes from elsewhere and leases the KV of those another instance will decode); both run
+with synchronous steps (config.py). Text, stop strings, logprob decoding and the `n`
+completions of a request are a front end's (`input_processor.py`, `output_processor.py`).
+
+With async scheduling (vLLM's; on by default on CUDA) the host works on step n+1 while the
+GPU runs step n, so the GPU does not wait for the host between steps:
+
+    step() call:     schedule n+1 ─ queue n+1 ─ finish n ─ queue sampling n+1 ─ return n's news
+    GPU:             ...[ forward n ][ sample n ][ forward n+1 ........ ][ sample n+1 ]...
+                                                  ^ its decodes read n's samples on the device
+
+Finishing step n waits only for its own samples (an event after them), never for n+1.
+Sampling of n+1 is queued after n is finished, so it sees every token before its own
+(repetition penalty, min_tokens). What n+1 computed for a sequence that n's token stopped
+(or that was aborted or failed meanwhile) is dropped; its KV blocks are freed at once all
+the same. Without async scheduling each call schedules, runs and finishes one step.
 """
 
 from __future__ import annotations
@@ -20,12 +34,13 @@ import logging
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
 from cpserve.config import ConfigError, EngineConfig, check_kv_capacity
 from cpserve.distributed.groups import layout_report
-from cpserve.distributed.plan import PlannedRequest, StepPlan
+from cpserve.distributed.plan import PENDING_TOKEN, PlannedRequest, StepPlan
 from cpserve.distributed.worker_pool import WorkerPool
 from cpserve.engine.args import EngineArgs
 from cpserve.engine.errors import QueueFullError
@@ -38,12 +53,13 @@ from cpserve.engine.messages import (
     EngineStats,
 )
 from cpserve.engine.sampler import (
-    SampledToken,
+    SampledBatch,
     Sampler,
     make_generator,
     prompt_logprobs,
 )
 from cpserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from cpserve.engine.step_inputs import PendingTokens
 from cpserve.engine.step_logits import StepLogits, num_logit_rows, num_sample_rows
 from cpserve.kv.layout import KVLayout
 from cpserve.kv.manager import KVCacheManager
@@ -55,6 +71,15 @@ from cpserve.spec_decode.metrics import SpecDecodeStats
 from cpserve.spec_decode.rejection import accept, verification_rows
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QueuedStep:
+    """A step on its way through the device: its outputs are not processed yet."""
+
+    scheduled: SchedulerOutput
+    logits: StepLogits
+    samples: SampledBatch | None = None  # of logits.sampled_items, in that order
 
 
 class LLMEngine:
@@ -88,6 +113,8 @@ class LLMEngine:
             print(self.executor.runner.kv_report, file=sys.stderr, flush=True)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}
+        self.async_scheduling = config.scheduler.async_scheduling
+        self._in_flight: QueuedStep | None = None  # async scheduling: the step n above
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
@@ -153,38 +180,105 @@ class LLMEngine:
                 self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Sequences to run, or a queued step whose news is still to come."""
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # One step ------------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
-        scheduled = self.scheduler.schedule()
-        if scheduled.is_empty:
-            return EngineCoreOutputs([], self.stats(), time.time())
-        logits = StepLogits(scheduled.scheduled, self.config.model.vocab_size,
-                            self._collect_prompt_logprobs)
-        self.executor.execute(self._plan(scheduled), logits)
-        return self._postprocess(scheduled, logits)
+        """The news of the step this call runs, or with async scheduling of the one queued by
+        the call before. A call that finds nothing queued queues a step first, so it too
+        returns what a step did (no outputs and no tokens still mean nothing could run)."""
+        if self.async_scheduling and self._in_flight is None:
+            self._in_flight = self._schedule_and_run()
+            if self._in_flight is not None:
+                self._queue_sampling(self._in_flight)
+        queued = self._schedule_and_run()
+        finished, self._in_flight = self._in_flight, None
+        news = self._finish(finished) if finished is not None else None
+        if queued is not None:
+            self._queue_sampling(queued)
+            if self.async_scheduling:
+                self._in_flight = queued
+            else:
+                news = self._finish(queued)
+        return news or EngineCoreOutputs([], self.stats(), time.time())
 
-    def _plan(self, out: SchedulerOutput) -> StepPlan:
-        requests = []
+    def _schedule_and_run(self) -> QueuedStep | None:
+        scheduled = self.scheduler.schedule()
+        return None if scheduled.is_empty else self._run(scheduled)
+
+    def _run(self, out: SchedulerOutput) -> QueuedStep:
+        """Plan the step and queue it on every rank (prompt logprobs are consumed as their
+        logits come)."""
+        logits = StepLogits(out.scheduled, self.config.model.vocab_size,
+                            self._collect_prompt_logprobs)
+        plan, pending = self._plan(out)
+        self.executor.execute(plan, logits, pending)
+        return QueuedStep(out, logits)
+
+    def _plan(self, out: SchedulerOutput) -> tuple[StepPlan, PendingTokens | None]:
+        """The plan, and where the values of its pending tokens are: a sequence's last token
+        when the queued step is still sampling it."""
+        requests, pending_rows = [], []
         for item in out.scheduled:
             r = item.request
             block_ids = self.kv.block_table(r.request_id) if item.is_new else item.new_block_ids
+            known = item.num_known_tokens
+            token_ids = r.all_token_ids[item.start_pos:item.start_pos + known]
+            if len(token_ids) < known:  # only ever its one pending token
+                pending_rows.append(self._pending_row(r))
+                token_ids = token_ids + [PENDING_TOKEN]
             requests.append(PlannedRequest(
-                r.request_id, item.token_ids, item.start_pos, list(block_ids), item.is_new,
-                num_logit_rows(item), len(item.draft_token_ids)))
-        return StepPlan(requests, list(out.freed_request_ids), kv=out.kv_ops)
+                r.request_id, token_ids + item.draft_token_ids, item.start_pos,
+                list(block_ids), item.is_new, num_logit_rows(item), len(item.draft_token_ids)))
+        plan = StepPlan(requests, list(out.freed_request_ids), kv=out.kv_ops)
+        if not pending_rows:
+            return plan, None
+        return plan, PendingTokens(self._in_flight.samples.token_ids, pending_rows)
 
-    def _postprocess(self, out: SchedulerOutput, logits: StepLogits) -> EngineCoreOutputs:
-        """Sample, append and check stops. What goes wrong for one request (logits that are
-        not finite, its prompt logprobs failing) fails it alone."""
-        self.scheduler.update_after_step(out)
-        failures = dict(logits.failures)
+    def _pending_row(self, r: Request) -> int:
+        queued = self._in_flight
+        items = queued.logits.sampled_items if queued is not None else []
+        for j, item in enumerate(items):
+            if item.request is r:
+                return j
+        raise RuntimeError(f"request {r.request_id} has a pending token no queued step samples")
+
+    def _queue_sampling(self, queued: QueuedStep) -> None:
+        """Queue the sampling of every row that completes a sequence. Rows already known to
+        fail are sampled too (their tokens are dropped): no host synchronisation."""
+        items = queued.logits.sampled_items
+        if not items:
+            return
+        # Parameters were validated when the request came: what the sampler could still
+        # raise would be a bug of the engine's, not one request's.
+        rows = [row for item in items
+                for row in verification_rows(item.request, item.draft_token_ids)]
+        queued.samples = self.sampler.sample(queued.logits.sample_logits, rows)
+
+    def _finish(self, queued: QueuedStep) -> EngineCoreOutputs:
+        """Append the step's tokens and check stops. What goes wrong for one sequence (logits
+        that are not finite, its prompt logprobs failing) fails it alone. Sequences that
+        ended since the step was queued (their news already sent) get none."""
+        out = queued.scheduled
+        self.scheduler.update_after_step(out)  # blocks the step filled, before any finish
+        failures = dict(queued.logits.failures)
         news: dict[str, EngineCoreOutput] = {}
-        for item, tokens in self._sample(logits, failures):
+        tokens = queued.samples.resolve() if queued.samples is not None else []
+        first = 0
+        for item in queued.logits.sampled_items:
             r = item.request
+            mine = tokens[first:first + num_sample_rows(item)]
+            first += len(mine)
+            if r.is_finished or r in failures:
+                continue  # stopped, aborted or failed since the step was queued
+            if not all(token.finite for token in mine):
+                failures[r] = "the model's logits for the next token are not finite (NaN or infinity)"
+                continue
+            # One token, or for a request verifying drafts the accepted ones and the next.
+            accepted = accept(item.draft_token_ids, mine)
             o = self._news(r, news)
-            for token in tokens:  # one, or the accepted drafts and the token after them
+            for token in accepted:
                 r.append_token(token.token_id)
                 self.generation_tokens_total += 1
                 o.new_token_ids.append(token.token_id)
@@ -197,17 +291,20 @@ class LLMEngine:
                     break
             if item.draft_token_ids:
                 o.new_draft_tokens = len(item.draft_token_ids)
-                o.new_accepted_tokens = len(tokens) - 1
-                self._record_verification(item, num_accepted=len(tokens) - 1)
+                o.new_accepted_tokens = len(accepted) - 1
+                self._record_verification(item, num_accepted=len(accepted) - 1)
         for r, message in failures.items():
-            self._fail(r, message)
+            if not r.is_finished:
+                self._fail(r, message)
+                self._news(r, news)
         if self.drafter is not None:
             self.drafter.propose(out)
-        for r in (*failures, *out.failed):
-            self._news(r, news)
+        for r in out.failed:
+            if self._is_live(r):
+                self._news(r, news)
         for item in out.scheduled:
             r = item.request
-            if r.new_prompt_logprobs:
+            if r.new_prompt_logprobs and self._is_live(r):
                 self._news(r, news).new_prompt_logprobs = r.new_prompt_logprobs
                 r.new_prompt_logprobs = []
         for o in news.values():
@@ -217,6 +314,10 @@ class LLMEngine:
                 o.kv_transfer_params = r.kv_transfer_output
                 del self.requests[o.request_id]
         return EngineCoreOutputs(list(news.values()), self.stats(), time.time(), out.num_tokens)
+
+    def _is_live(self, r: Request) -> bool:
+        """Not yet reported ended nor aborted (its id may already be a new sequence's)."""
+        return self.requests.get(r.request_id) is r
 
     @staticmethod
     def _news(r: Request, news: dict[str, EngineCoreOutput]) -> EngineCoreOutput:
@@ -240,40 +341,6 @@ class LLMEngine:
                 or r.num_tokens >= self.config.model.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
-
-    def _sample(self, logits: StepLogits, failures: dict[Request, str]
-                ) -> list[tuple[ScheduledRequest, list[SampledToken]]]:
-        """The new tokens of each request that completed this step, except failed ones: one,
-        or for a request verifying drafts the accepted ones and the token after them."""
-        items = logits.sampled_items
-        if not items:
-            return []
-        finite = torch.isfinite(logits.sample_logits).all(dim=1).tolist()
-        kept, kept_rows, rows = [], [], []
-        first = 0
-        for item in items:
-            span = range(first, first + num_sample_rows(item))
-            first = span.stop
-            if item.request in failures:
-                continue
-            if not all(finite[j] for j in span):
-                failures[item.request] = ("the model's logits for the next token are not "
-                                          "finite (NaN or infinity)")
-                continue
-            kept.append(item)
-            kept_rows.extend(span)
-            rows.extend(verification_rows(item.request, item.draft_token_ids))
-        if not kept:
-            return []
-        # Parameters were validated when the request came, and the logits are finite: what
-        # the sampler could still raise would be a bug of the engine's, not one request's.
-        tokens = self.sampler(logits.sample_logits[kept_rows], rows)
-        result, first = [], 0
-        for item in kept:
-            mine = tokens[first:first + num_sample_rows(item)]
-            first += len(mine)
-            result.append((item, accept(item.draft_token_ids, mine)))
-        return result
 
     def _record_verification(self, item: ScheduledRequest, num_accepted: int) -> None:
         r, num_drafts = item.request, len(item.draft_token_ids)

@@ -47,7 +47,9 @@ class EngineCoreOutput:
 
     request_id: str
     new_token_ids: list[int] = field(default_factory=list)
-    new_logprobs: list[float] = field(default_factory=list)  # raw logprob of each new token
+    # Raw logprob of each new token; None unless `params.logprobs` is set (the sampler's
+    # fast paths compute none).
+    new_logprobs: list[float | None] = field(default_factory=list)
     # Per new token the top alternatives and the token itself, when `params.logprobs` is set.
     new_top_logprobs: list[PositionLogprobs] | None = None
     # Prompt positions scored this step (the first prompt token's None comes first).

@@ -3,11 +3,16 @@
 Every rank runs this same code on the same plan; what differs is only the rank's groups
 (which heads, which tokens, which KV shard it holds).
 
-On CUDA the KV cache gets what `gpu_memory_utilization` leaves after a profiling forward pass
-of the largest step, and decode steps replay CUDA graphs (see `DecodeGraphs`).
+    execute(plan)
+      prepare   rows.apply (the plan's diffs) -> step inputs on the device (step_inputs.py)
+                -> the backend's plans of every attention call (non-decode steps)
+      forward   a decode graph replay (cuda_graphs.py) or the eager model
+      logits    the rows the plan asks for, in slices (prompt logprobs can ask for many)
 
-A step is prepared on the host (metadata, the backend's plans, inputs moved to the device
-once) and then run: the forward pass of an eager step never waits for the host.
+Nothing here waits for the device: a step is queued and `execute` returns, so the driver can
+schedule the next one while this one runs (async scheduling, `engine/llm_engine.py`).
+On CUDA the KV cache gets what `gpu_memory_utilization` leaves after a profiling step
+(`kv_sizing.py`).
 """
 
 from __future__ import annotations
@@ -20,26 +25,28 @@ from pathlib import Path
 
 import torch
 
-from cpserve.attention.backend import AttentionShape, get_backend
+from cpserve.attention.backend import AttentionShape, StepPlans, get_backend
 from cpserve.attention.context import AttentionContext
-from cpserve.attention.metadata import (
-    PlannedSeq,
-    StepAttentionMetadata,
-    StepTokens,
-    build_step_tokens,
-)
+from cpserve.attention.metadata import PlannedSeq
 from cpserve.config import EngineConfig
 from cpserve.distributed.groups import ParallelGroups, all_reduce
 from cpserve.distributed.plan import PlannedRequest, StepPlan
 from cpserve.engine.cuda_graphs import DecodeGraphs
+from cpserve.engine.kv_sizing import decide_num_blocks, gpu_used
+from cpserve.engine.step_inputs import (
+    PendingTokens,
+    RequestRows,
+    StepInputs,
+    prepare_inputs,
+    wanted_rows,
+)
+from cpserve.engine.transfer import to_device
 from cpserve.kv.layout import KVLayout
 from cpserve.models.checkpoint import checkpoint_files
 from cpserve.models.loader import build_model
 from cpserve.quantization import kv_cache as fp8_kv
 from cpserve.spec_decode.mtp_proposer import MTPProposer
 
-CPU_DEFAULT_KV_GIB = 0.25
-PROFILE_REQUEST_ID = "__cpserve_profile__"
 WARMUP_REQUEST_ID = "__cpserve_kv_warmup__"
 # fp32 logits computed at once, whatever the number of rows a step asks for.
 LOGITS_SLICE_BYTES = 256 * 2**20
@@ -50,16 +57,12 @@ LogitsConsumer = Callable[[int, torch.Tensor], None]
 
 @dataclass
 class PreparedStep:
-    """One step's inputs: host tensors, and for an eager step the device inputs and the
-    attention context with the backend's plans (None: the step replays a decode graph)."""
+    """One step's inputs, and for an eager step the attention context with the backend's
+    plans (None: the step replays a decode graph)."""
 
     plan: StepPlan
-    seqs: list[PlannedSeq]
-    tokens: StepTokens
-    token_ids: torch.Tensor
+    inputs: StepInputs
     ctx: AttentionContext | None = None
-    device_token_ids: torch.Tensor | None = None
-    device_positions: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -70,7 +73,7 @@ class ModelRunner:
         par, cache, model_cfg = config.parallel, config.cache, config.model
         # GPU memory in use before this process loads anything (another instance sharing the
         # GPU): gpu_memory_utilization is this instance's share, as in vLLM.
-        self._gpu_used_at_start = _gpu_used(device)
+        self.gpu_used_at_start = gpu_used(device)
         self.layout = KVLayout(cache.block_size, par.num_kv_shards, par.interleave)
         self.model_groups = dataclasses.replace(groups,
                                                 expert_parallel=par.enable_expert_parallel)
@@ -85,10 +88,12 @@ class ModelRunner:
         # The cache's layout in its own dtype (FP8 with --kv-cache-dtype fp8), known before
         # the backend: its plans and gather workspace depend on it.
         self.kv_spec = fp8_kv.with_cache_dtype(self.model.kv_cache_spec(), cache)
-        # Before the KV cache is sized: the backend reserves its gather workspace here.
+        # Before the KV cache is sized: the backend reserves its gather workspace here, the
+        # rows their tables.
         self.backend = get_backend("auto", device, self.attention_shape(),
                                    self.layout.local_count(model_cfg.max_model_len, 0))
-        self.block_tables: dict[str, list[int]] = {}
+        self.rows = RequestRows(config.scheduler.max_num_seqs,
+                                self.layout.num_blocks_for(model_cfg.max_model_len), device)
         self.kv_caches: list = []
         self.kv_scales: list[tuple[float, float]] | None = None  # per layer, FP8 caches only
         self.kv_report = None
@@ -96,7 +101,7 @@ class ModelRunner:
             self.kv_scales = self._fp8_kv_scales()
             self.kv_report = fp8_kv.cache_report(self.kv_spec, model_cfg.dtype,
                                                  self.kv_scales_source)
-        self.num_blocks = self._decide_num_blocks()
+        self.num_blocks = decide_num_blocks(self)
         self.kv_caches = [self.kv_spec.allocate(self.num_blocks, cache.block_size, device)
                           for _ in range(self.num_cache_layers)]
         if config.load_format == "dummy":
@@ -107,6 +112,10 @@ class ModelRunner:
             from cpserve.kv_transfer.worker import KVTransferWorker
 
             self.kv_transfer = KVTransferWorker(self)
+        if self.graphs is not None:
+            seconds = self.graphs.capture_all()
+            print(f"cpserve rank {groups.rank}: captured decode graphs of batch "
+                  f"{self.graphs.buckets} in {seconds:.1f} s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Release the decode graphs before the process groups go: graphs that captured NCCL
@@ -145,7 +154,7 @@ class ModelRunner:
                 return scales
         tokens = min(fp8_kv.WARMUP_TOKENS, cfg.model.max_model_len - 1,
                      cfg.scheduler.max_num_batched_tokens)
-        blocks = self.layout.num_blocks_for(tokens) + 1
+        blocks = self.layout.num_blocks_for(tokens)  # within a max_model_len request's row
         spec = self.model.kv_cache_spec()
         self.kv_caches = [spec.allocate(blocks, cfg.cache.block_size, self.device)
                           for _ in range(cfg.model.num_layers)]
@@ -153,7 +162,7 @@ class ModelRunner:
         self.execute(StepPlan([PlannedRequest(WARMUP_REQUEST_ID, prompt, 0,
                                               list(range(blocks)), True, 1)]),
                      use_graphs=False)
-        self.block_tables.pop(WARMUP_REQUEST_ID, None)
+        self.rows.remove(WARMUP_REQUEST_ID)
         amax = fp8_kv.kv_amax(self.kv_caches)
         self.kv_caches = []
         if self.groups.cpu_group is not None:
@@ -167,87 +176,19 @@ class ModelRunner:
         """The attention calls' shape on this rank: DCP gathers its group's query heads."""
         model, par, spec = self.config.model, self.config.parallel, self.kv_spec
         v_dim = spec.v_dim if spec.v_dim is not None else int(model.hf_config["kv_lora_rank"])
+        hf = model.hf_config
+        expanded = None  # MLA without DCP reads prefixes expanded (attention/sharded.py)
+        if spec.v_dim is None and "qk_nope_head_dim" in hf and par.dcp == 1:
+            expanded = (int(hf["qk_nope_head_dim"]) + int(hf["qk_rope_head_dim"]),
+                        int(hf["v_head_dim"]))
         return AttentionShape(model.num_heads // par.tp * par.dcp, spec.num_heads, spec.k_dim,
                               v_dim, model.dtype, values_in_keys=spec.v_dim is None,
-                              kv_dtype=spec.dtype)
+                              kv_dtype=spec.dtype, expanded_dims=expanded)
 
     @property
     def bytes_per_block(self) -> int:
         """One block of every layer on this rank."""
         return self.num_cache_layers * self.config.cache.block_size * self.kv_spec.bytes_per_token
-
-    def _decide_num_blocks(self) -> int:
-        """Blocks per rank: explicit, from a memory size, or what GPU memory allows after a
-        profiling pass; every rank takes the minimum so that block ids mean the same
-        everywhere."""
-        cache = self.config.cache
-        if cache.num_blocks is not None:
-            return cache.num_blocks
-        if cache.kv_cache_memory_gib is not None:
-            budget = cache.kv_cache_memory_gib * 2**30
-        elif self.device.type == "cuda":
-            budget = self._profile_kv_budget()
-        else:
-            budget = CPU_DEFAULT_KV_GIB * 2**30
-        # Too small a budget gives 0 blocks, which the engine refuses naming the flags.
-        blocks = torch.tensor([int(budget // self.bytes_per_block)])
-        if self.groups.cpu_group is not None:
-            torch.distributed.all_reduce(blocks, torch.distributed.ReduceOp.MIN,
-                                         group=self.groups.cpu_group)
-        return int(blocks.item())
-
-    def _profile_kv_budget(self) -> float:
-        """Bytes left for the KV cache: run the largest step the scheduler can plan (one
-        prompt of max_num_batched_tokens) with a cache just big enough for it, and take the
-        peak memory it needed.
-
-            total * gpu_memory_utilization
-              - what this process holds outside torch's allocator (NCCL buffers, ...)
-              - peak of this process's tensors during the step (weights + activations)
-
-        Memory other processes held when this one started is not this instance's to
-        count (two instances of 0.4 share a GPU, as with vLLM), but the cache must fit in
-        what is free: if it does not, it gets what is free.
-        """
-        tokens = min(self.config.scheduler.max_num_batched_tokens,
-                     self.config.model.max_model_len - 1)
-        blocks = self.layout.num_blocks_for(tokens) + 1
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.kv_caches = [self.kv_spec.allocate(blocks, self.config.cache.block_size,
-                                                self.device)
-                          for _ in range(self.num_cache_layers)]
-        cache_bytes = blocks * self.bytes_per_block
-        plan = StepPlan([PlannedRequest(PROFILE_REQUEST_ID, [0] * tokens, 0,
-                                        list(range(blocks)), True, 1)])
-        self.execute(plan, use_graphs=False)
-        torch.cuda.synchronize(self.device)
-        self.block_tables.pop(PROFILE_REQUEST_ID, None)
-        if self.drafter is not None:
-            self.drafter.forget()
-        peak = torch.cuda.max_memory_allocated(self.device) - cache_bytes
-        self.kv_caches = []
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        held_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        outside_torch = max(0, held_by_others - self._gpu_used_at_start)
-        budget = total * self.config.cache.gpu_memory_utilization - outside_torch - peak
-        activations = peak - torch.cuda.memory_allocated(self.device)
-        budget = min(budget, free - activations)
-        if budget <= 0:
-            raise RuntimeError(
-                f"no GPU memory left for the KV cache: a step of {tokens} tokens peaks at "
-                f"{peak / 2**30:.1f} GiB, others hold {held_by_others / 2**30:.1f} GiB of "
-                f"{total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free); raise "
-                f"--gpu-memory-utilization ({self.config.cache.gpu_memory_utilization}) or "
-                "lower --max-num-batched-tokens")
-        self.profiled_kv_budget = budget
-        self.profile_report = (f"profiled a {tokens}-token step: peak {peak / 2**30:.2f} GiB, "
-                               f"others {held_by_others / 2**30:.2f} GiB, KV budget "
-                               f"{budget / 2**30:.2f} GiB")
-        print(f"cpserve rank {self.groups.rank}: {self.profile_report}", file=sys.stderr,
-              flush=True)
-        return budget
 
     def written_slots(self) -> torch.Tensor:
         """Flat slots of layer 0 whose K is not all zero (the cache starts zeroed)."""
@@ -257,15 +198,6 @@ class ModelRunner:
         return torch.nonzero(k_cache.flatten(0, 1).flatten(1).ne(0).any(dim=1)).squeeze(1).cpu()
 
     # One step ------------------------------------------------------------------------------
-    def _apply_table_diffs(self, plan: StepPlan) -> None:
-        for request_id in plan.freed_request_ids:
-            self.block_tables.pop(request_id, None)
-        for r in plan.requests:
-            if r.is_new:
-                self.block_tables[r.request_id] = list(r.block_ids)
-            else:
-                self.block_tables[r.request_id].extend(r.block_ids)
-
     def _is_split(self, r: PlannedRequest) -> bool:
         """Long prompt chunks are split over the PCP ranks; drafts never are (a verification
         step's queries are replicated tokens, DESIGN.md)."""
@@ -280,22 +212,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, use_graphs: bool = True,
-                consume_logits: LogitsConsumer | None = None) -> torch.Tensor | None:
+                consume_logits: LogitsConsumer | None = None,
+                pending_tokens: PendingTokens | None = None) -> torch.Tensor | None:
         """Run the plan. Returns fp32 logits [rows, vocab] on the driver, None elsewhere; with
         `consume_logits`, the driver gets them slice by slice instead and None is returned.
+        `pending_tokens`: see `prepare_inputs`.
 
         Rows: request by request in plan order, the last `num_logits` new tokens of each.
         """
         if plan.kv is not None:
             self.kv_transfer.apply(plan.kv)
-        self._apply_table_diffs(plan)
-        if not plan.requests:
+        step = self.prepare(plan, use_graphs, pending_tokens)
+        if step is None:
             return None
-        step = self.prepare(plan, use_graphs)
         hidden = self.forward(step)
         if self.drafter is not None:
             self.drafter.remember(step, hidden)
-        rows = self._logit_rows(plan, step.seqs, step.tokens.seq, step.tokens.offset, hidden)
+        rows = self._logit_rows(step, hidden)
         if rows is None or self.groups.pcp_rank != 0:
             return None
         return self._logits_in_slices(rows, consume_logits)
@@ -323,87 +256,75 @@ class ModelRunner:
                 consume(first, logits)
             else:
                 kept.append(logits)
-        return torch.cat(kept) if kept else None
+        return torch.cat(kept) if len(kept) > 1 else (kept[0] if kept else None)
 
-    def prepare(self, plan: StepPlan, use_graphs: bool = True) -> PreparedStep:
-        """Host work of a step (block tables already applied): metadata, the backend's
-        plans, and the inputs on the device, each index tensor copied once."""
+    def prepare(self, plan: StepPlan, use_graphs: bool = True,
+                pending_tokens: PendingTokens | None = None) -> PreparedStep | None:
+        """Host work of a step: the plan's table diffs, the inputs on the device, and for an
+        eager step the backend's plans. None when the plan runs no request."""
+        diff = self.rows.apply(plan)
+        if not plan.requests:  # freed requests only: no table changes
+            return None
         seqs = [PlannedSeq(r.start, len(r.token_ids), self._is_split(r)) for r in plan.requests]
-        tables = [self.block_tables[r.request_id] for r in plan.requests]
-        width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        tokens = build_step_tokens(seqs, block_tables, self.layout, self.groups,
-                                   self.max_paged_queries)
-        flat_ids = torch.tensor([t for r in plan.requests for t in r.token_ids], dtype=torch.long)
-        lengths = torch.tensor([len(r.token_ids) for r in plan.requests])
-        first = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        # Padding rows (offset past the request's tokens) repeat its last token.
-        rows = first[tokens.seq] + torch.minimum(tokens.offset, lengths[tokens.seq] - 1)
-        step = PreparedStep(plan, seqs, tokens, flat_ids[rows])
-        if (use_graphs and self.graphs is not None
-                and self.graphs.can_run(seqs, block_tables.shape[1])):
+        inputs = prepare_inputs(plan, seqs, self.rows, diff, self.layout, self.groups,
+                                self.device, pending_tokens, self.max_paged_queries)
+        step = PreparedStep(plan, inputs)
+        if use_graphs and self.graphs is not None and self.graphs.can_run(inputs):
             return step
         exchange = self.config.parallel.kv_exchange
-        plans = self.backend.plan_step(tokens.metadata, exchange)
-        step.ctx = AttentionContext(_to_device(tokens.metadata, self.device), self.kv_caches,
-                                    self.groups, self.backend, exchange,
-                                    kv_scales=self.kv_scales, plans=plans)
-        step.device_token_ids = step.token_ids.to(self.device, non_blocking=True)
-        step.device_positions = tokens.positions.to(self.device, non_blocking=True)
+        # Decode steps need no plans: their kernels take everything from shapes.
+        plans = (StepPlans() if inputs.host_metadata is None
+                 else self.backend.plan_step(inputs.host_metadata, exchange))
+        step.ctx = AttentionContext(inputs.metadata, self.kv_caches, self.groups, self.backend,
+                                    exchange, kv_scales=self.kv_scales, plans=plans)
         return step
 
     def forward(self, step: PreparedStep) -> torch.Tensor:
         """Final hidden states of the step's local tokens (no host synchronisation)."""
         if step.ctx is None:
-            return self.graphs.run(step.token_ids, step.tokens.positions, step.tokens.metadata)
-        return self.model(step.device_token_ids, step.device_positions, step.ctx)
+            return self.graphs.run(step.inputs.decode_vectors,
+                                   step.inputs.metadata.rep_queries_per_seq)
+        return self.model(step.inputs.token_ids, step.inputs.positions, step.ctx)
 
-    def _logit_rows(self, plan, seqs, local_seq, local_offset, hidden) -> torch.Tensor | None:
+    def _logit_rows(self, step: PreparedStep, hidden: torch.Tensor) -> torch.Tensor | None:
         """Hidden states of the tokens whose logits are needed, on PCP rank 0.
 
         Split tokens live on different PCP ranks, so each rank fills the rows it owns
         (replicated ones: PCP rank 0 alone) and a sum over the PCP group assembles them.
         Only these rows travel, never the whole prompt's hidden states.
         """
-        wanted_seq, wanted_offset = [], []
-        for i, r in enumerate(plan.requests):
-            n = len(r.token_ids)
-            wanted_seq += [i] * r.num_logits
-            wanted_offset += range(n - r.num_logits, n)
-        if not wanted_seq:
+        plan, seqs = step.plan, step.inputs.seqs
+        wanted_seq, wanted_offset = wanted_rows(plan)
+        if not len(wanted_seq):
             return None
-        key = local_seq * (1 << 32) + local_offset
-        wanted_key = torch.tensor(wanted_seq) * (1 << 32) + torch.tensor(wanted_offset)
-        needs_gather = any(seqs[i].split for i in set(wanted_seq))
+        needs_gather = any(seqs[i].split for i in set(wanted_seq.tolist()))
         if not needs_gather:
             if self.groups.pcp_rank != 0:
                 return None
-            order = torch.argsort(key)
-            index = order[torch.searchsorted(key[order], wanted_key)]
-            return hidden[index.to(hidden.device)]
+            # Unsplit: local tokens are the plan's, request after request (q rows each in a
+            # padded verification step).
+            q = step.inputs.metadata.rep_queries_per_seq
+            if q > 1:
+                index = wanted_seq * q + wanted_offset
+            else:
+                first = torch.tensor([0] + [s.num_new for s in seqs]).cumsum(0)
+                index = first[wanted_seq] + wanted_offset
+            if len(index) == hidden.shape[0] and bool((index == torch.arange(len(index))).all()):
+                return hidden  # every token's logits, in order (decodes)
+            return hidden.index_select(0, to_device(index, hidden.device))
+        local_seq, local_offset = step.inputs.local_seq, step.inputs.local_offset
+        key = local_seq * (1 << 32) + local_offset
+        wanted_key = wanted_seq * (1 << 32) + wanted_offset
         owned = torch.isin(wanted_key, key)
         if self.groups.pcp_rank != 0:
-            owned &= torch.tensor([seqs[i].split for i in wanted_seq])
+            owned &= torch.tensor([seqs[i].split for i in wanted_seq.tolist()])
         order = torch.argsort(key)
         pos = torch.searchsorted(key[order], wanted_key).clamp(max=max(len(key) - 1, 0))
         index = order[pos] if len(key) else pos
         rows = torch.zeros(len(wanted_seq), hidden.shape[-1], dtype=hidden.dtype,
                            device=hidden.device)
-        owned_dev = owned.to(hidden.device)
-        rows[owned_dev] = hidden[index[owned].to(hidden.device)]
+        rows.index_copy_(0, to_device(torch.nonzero(owned).squeeze(1), hidden.device),
+                         hidden.index_select(0, to_device(index[owned], hidden.device)))
         return all_reduce(rows, self.groups.pcp_group)
 
 
-def _gpu_used(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 0
-    free, total = torch.cuda.mem_get_info(device)
-    return total - free
-
-
-def _to_device(meta: StepAttentionMetadata, device: torch.device) -> StepAttentionMetadata:
-    if device.type == "cpu":
-        return meta
-    moved = {name: (value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value)
-             for name, value in vars(meta).items()}
-    return StepAttentionMetadata(**moved)

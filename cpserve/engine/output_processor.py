@@ -113,7 +113,8 @@ class _Sequence:
     detokenizer: IncrementalDetokenizer
     stops: StopStrings | None
     num_tokens: int = 0
-    cumulative_logprob: float = 0.0
+    # As in vLLM: None without logprobs asked for (the sampler computes them only then).
+    cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None
@@ -190,6 +191,7 @@ class OutputProcessor:
                             if stops else None)
             if params.logprobs is not None:
                 seq.logprobs = []
+                seq.cumulative_logprob = 0.0
             request.sequences.append(seq)
             self._sequences[seq.request_id] = seq
         self._requests[request_id] = request
@@ -263,7 +265,8 @@ class OutputProcessor:
         for j, token_id in enumerate(out.new_token_ids):
             seq.num_tokens += 1
             seq.has_news = True
-            seq.cumulative_logprob += out.new_logprobs[j]
+            if seq.cumulative_logprob is not None:
+                seq.cumulative_logprob += out.new_logprobs[j]
             seq.token_ids.append(token_id)
             if seq.logprobs is not None and out.new_top_logprobs is not None:
                 position = out.new_top_logprobs[j]

@@ -2,16 +2,21 @@
 
 Pipeline for one batch of fp32 logits ``[num_rows, vocab]`` (CPU or CUDA)::
 
-    raw logits ──────────────────────────────────────────► raw logprobs (log-softmax, vLLM's
-        │                                                   default "raw_logprobs")
+    raw logits ───────────────────────────────────────► raw logprobs (log-softmax, vLLM's
+        │                                                default "raw_logprobs"), only of
+        │                                                rows asking for logprobs
         ├─ repetition_penalty on tokens of the prompt and the output so far
         ├─ + logit_bias
         ├─ min_tokens: eos / stop ids -> -inf  (rows still below min_tokens)
         │
-        ├─ greedy rows (temperature < 1e-5): argmax, ties -> lowest id
+        ├─ greedy rows (temperature < 1e-5): argmax, ties -> lowest id; nothing else
         │
         └─ sampled rows: / temperature -> min-p -> top-k -> top-p -> exponential race
                                           └──── support_mask() ────┘
+
+`Sampler.sample` only queues work: its `SampledBatch` holds the tokens on the device (the
+next step's inputs can be read from there) and copies them back to the host as it goes;
+`resolve()` waits for those copies alone, never for work queued after them.
 
 The order of the filters is vLLM's: min-p first (its threshold is relative to the top
 token, so it does not depend on what the others keep), then top-k, then top-p over what is
@@ -42,12 +47,13 @@ from dataclasses import dataclass
 
 import torch
 
+from cpserve.engine.logprobs import LogprobTensors, logprob_tensors, prompt_logprobs, top_ids
+from cpserve.engine.transfer import take_rows, to_device
 from cpserve.outputs import Logprob
 from cpserve.sampling_params import SamplingParams
 
-# Rows of logits handled at once by prompt_logprobs: bounds the scratch memory (log-softmax,
-# int64 sort keys) to a few hundred MB whatever the prompt length.
-_PROMPT_LOGPROBS_CHUNK_ELEMENTS = 1 << 24
+__all__ = ["SampledBatch", "SampledToken", "Sampler", "SamplingRow", "make_generator",
+           "prompt_logprobs", "support_mask", "top_ids"]
 
 
 @dataclass
@@ -72,14 +78,54 @@ class SampledToken:
     """The token picked for one row.
 
     ``logprob`` is the raw log-softmax of the model's logits (before min_tokens, temperature
-    and the filters). ``top_logprobs`` is None unless ``params.logprobs = k`` is set; then it
-    holds the chosen token plus the k most likely tokens by raw logprob (k = 0: the chosen
-    token alone), ranked as ``_logprob_dicts`` says.
+    and the filters), and ``top_logprobs`` the chosen token plus the k most likely tokens by
+    raw logprob (k = 0: the chosen token alone), ranked as `engine/logprobs.py` says: both
+    only for a row with ``params.logprobs = k`` set, else None (nothing is computed for it).
+    ``finite`` is False when the row's logits were not all finite: its token is meaningless
+    (0) and the engine fails the request.
     """
 
     token_id: int
-    logprob: float
+    logprob: float | None
     top_logprobs: dict[int, Logprob] | None
+    finite: bool = True
+
+
+class SampledBatch:
+    """One call's tokens. `token_ids` stays on the device, so a next step can read its inputs
+    from it before the host knows them; `resolve()` gives the host view, waiting for the
+    copies back (queued at once, pinned and asynchronous on CUDA) and nothing later queued.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, finite: torch.Tensor,
+                 logprobs: LogprobTensors | None, logprob_rows: list[int]) -> None:
+        self.token_ids = token_ids
+        self._logprob_rows = logprob_rows
+        self._host_ids = torch.stack([token_ids, finite.long()]).to("cpu", non_blocking=True)
+        self._host_logprobs = logprobs.to_host() if logprobs is not None else None
+        self._ready = None
+        if token_ids.device.type == "cuda":
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(token_ids.device))
+        self._resolved: list[SampledToken] | None = None
+
+    def __len__(self) -> int:
+        return self.token_ids.shape[0]
+
+    def resolve(self) -> list[SampledToken]:
+        if self._resolved is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            ids, finite = self._host_ids.tolist()
+            tokens = [SampledToken(t, None, None, bool(f)) for t, f in zip(ids, finite)]
+            if self._host_logprobs is not None:
+                dicts = self._host_logprobs.dicts()
+                for i, logprob, entries in zip(self._logprob_rows,
+                                               self._host_logprobs.token_logprobs.tolist(),
+                                               dicts):
+                    tokens[i].logprob, tokens[i].top_logprobs = logprob, entries
+            self._resolved = tokens
+        return self._resolved
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -93,7 +139,14 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 
 
 class Sampler:
-    """Picks one token per row; unseeded rows share one generator seeded at start-up."""
+    """Picks one token per row; unseeded rows share one generator seeded at start-up.
+
+    Work is done only where a row asks for it: greedy rows take an argmax of their (biased,
+    penalised) logits and nothing else; temperature, filters and the draw run on the sampled
+    rows only; the full-vocabulary log-softmax only for rows that want logprobs. Top-k finds
+    its threshold with a partial selection (`topk`), not a sort of the vocabulary; top-p
+    without top-k still sorts its rows.
+    """
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
@@ -102,10 +155,13 @@ class Sampler:
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
+        """Sample and wait for the answer on the host."""
+        return self.sample(logits, rows).resolve()
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledBatch:
+        """Queue the sampling of one token per row; nothing waits for the device."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
-        if not rows:
-            return []
         logits = logits.float()
         device = logits.device
         for row in rows:
@@ -113,47 +169,46 @@ class Sampler:
                 raise ValueError(
                     f"generator on {row.generator.device} cannot sample logits on {device}"
                 )
+        # Any NaN or infinity makes the row's sum non-finite: one reduction, no mask tensor.
+        # (Finite logits cannot sum past fp32's range: that would take ~1e33 per entry.)
+        finite = logits.sum(dim=1).isfinite()
+        if not rows:
+            return SampledBatch(logits.new_zeros(0, dtype=torch.long), finite, None, [])
 
         params = [row.params for row in rows]
-        # Greedy rows divide by 1 (exact), so one tensor serves both kinds of row.
-        temperature = [1.0 if p.greedy else p.temperature for p in params]
-        scaled = _with_logit_bias(_penalize_repetitions(logits, rows), params)
-        scaled = scaled / torch.tensor(temperature, device=device).unsqueeze(1)
-        _block_stop_tokens_below_min_tokens(scaled, rows)
+        # Each of these copies the logits only when some row needs it: raw logits stay raw.
+        scaled = _block_stop_tokens_below_min_tokens(
+            _with_logit_bias(_penalize_repetitions(logits, rows), params), rows)
 
-        token_ids = scaled.argmax(dim=-1)  # first maximum: ties go to the lowest id
+        greedy = [i for i, p in enumerate(params) if p.greedy]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
-        if sampled:
+        if not sampled:
+            token_ids = scaled.argmax(dim=-1)  # first maximum: ties go to the lowest id
+        else:
+            token_ids = torch.empty(len(rows), dtype=torch.long, device=device)
+            if greedy:
+                token_ids.index_copy_(0, to_device(greedy, device),
+                                      take_rows(scaled, greedy).argmax(dim=-1))
             sub = [params[i] for i in sampled]
-            _, probs = _filter(
-                _take_rows(scaled, sampled),
-                [p.top_k for p in sub],
-                [p.top_p for p in sub],
-                [p.min_p for p in sub],
-            )
+            temperature = to_device([p.temperature for p in sub], device, torch.float32)
+            _, probs = _filter(take_rows(scaled, sampled) / temperature.unsqueeze(1),
+                               [p.top_k for p in sub], [p.top_p for p in sub],
+                               [p.min_p for p in sub])
             drawn = self._draw(probs, [rows[i].generator for i in sampled])
             if len(sampled) == len(rows):
                 token_ids = drawn
             else:
-                token_ids[sampled] = drawn
+                token_ids.index_copy_(0, to_device(sampled, device), drawn)
+        # A row with non-finite logits gets a valid id, so a step fed with it still runs.
+        token_ids = torch.where(finite, token_ids, torch.zeros_like(token_ids))
 
-        raw_logprobs = logits.log_softmax(dim=-1)
-        token_logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-
-        wants_top = [i for i, p in enumerate(params) if p.logprobs is not None]
-        top: dict[int, dict[int, Logprob]] = {}
-        if wants_top:
-            dicts = _logprob_dicts(
-                _take_rows(raw_logprobs, wants_top),
-                _take_rows(token_ids, wants_top),
-                [params[i].logprobs for i in wants_top],
-            )
-            top = dict(zip(wants_top, dicts))
-
-        return [
-            SampledToken(token_id=t, logprob=lp, top_logprobs=top.get(i))
-            for i, (t, lp) in enumerate(zip(token_ids.tolist(), token_logprobs.tolist()))
-        ]
+        wants = [i for i, p in enumerate(params) if p.logprobs is not None]
+        logprobs = None
+        if wants:
+            raw = take_rows(logits, wants).log_softmax(dim=-1)
+            logprobs = logprob_tensors(raw, take_rows(token_ids, wants),
+                                       [params[i].logprobs for i in wants])
+        return SampledBatch(token_ids, finite, logprobs, wants)
 
     def _draw(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
         """Exponential race per row; seeded rows draw from their own generator only."""
@@ -167,7 +222,7 @@ class Sampler:
             if len(unseeded) == len(generators):
                 noise = shared
             else:
-                noise[unseeded] = shared
+                noise.index_copy_(0, to_device(unseeded, device), shared)
         for i, generator in enumerate(generators):
             if generator is not None:
                 noise[i].exponential_(generator=generator)
@@ -192,8 +247,8 @@ def _penalize_repetitions(logits: torch.Tensor, rows: list[SamplingRow]) -> torc
     out = logits.clone()
     for i in penalized:
         row = rows[i]
-        seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)),
-                            dtype=torch.long, device=logits.device)
+        seen = to_device(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)),
+                         logits.device)
         values = out[i, seen]
         penalty = row.params.repetition_penalty
         out[i, seen] = torch.where(values > 0, values / penalty, values * penalty)
@@ -211,7 +266,7 @@ def support_mask(
 
     One value per row in each parameter; ``temperature`` must be > 0.
     """
-    temperature_t = torch.tensor(temperature, dtype=torch.float32, device=logits.device)
+    temperature_t = to_device(list(temperature), logits.device, torch.float32)
     keep, _ = _filter(logits.float() / temperature_t.unsqueeze(1), top_k, top_p, min_p)
     return keep
 
@@ -228,29 +283,32 @@ def _filter(
     keep = scaled > float("-inf")  # tokens blocked by min_tokens are never support
     if any(m > 0 for m in min_p):
         probs = scaled.softmax(dim=-1)
-        min_p_t = torch.tensor(min_p, dtype=torch.float32, device=scaled.device).unsqueeze(1)
+        min_p_t = to_device(list(min_p), scaled.device, torch.float32).unsqueeze(1)
         keep &= probs >= min_p_t * probs.max(dim=-1, keepdim=True).values
         scaled = scaled.masked_fill(~keep, float("-inf"))
-    needs_sort = [i for i, (k, p) in enumerate(zip(top_k, top_p)) if 0 < k < vocab or p < 1.0]
-    if needs_sort:
-        device = scaled.device
-        sub = _take_rows(scaled, needs_sort)
-        threshold = _top_k_top_p_threshold(
-            sub,
-            torch.tensor([top_k[i] for i in needs_sort], device=device),
-            torch.tensor([top_p[i] for i in needs_sort], dtype=torch.float32, device=device),
-        )
-        if len(needs_sort) == len(keep):
+    device = scaled.device
+    # Rows with a top-k find their threshold by partial selection; top-p alone needs a sort.
+    by_selection = [i for i, k in enumerate(top_k) if 0 < k < vocab]
+    by_sort = [i for i, (k, p) in enumerate(zip(top_k, top_p)) if not 0 < k < vocab and p < 1.0]
+    for index, threshold_of in ((by_selection, _top_k_top_p_threshold_by_selection),
+                                (by_sort, _top_k_top_p_threshold)):
+        if not index:
+            continue
+        sub = take_rows(scaled, index)
+        threshold = threshold_of(sub, [top_k[i] for i in index],
+                                 to_device([top_p[i] for i in index], device, torch.float32))
+        if len(index) == len(keep):
             keep &= sub >= threshold
         else:
-            keep[needs_sort] &= sub >= threshold
+            rows = to_device(index, device)
+            keep.index_copy_(0, rows, keep.index_select(0, rows) & (sub >= threshold))
 
     probs = scaled.masked_fill(~keep, float("-inf")).softmax(dim=-1)
     return keep, probs
 
 
 def _top_k_top_p_threshold(
-    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+    scaled: torch.Tensor, top_k: list[int], top_p: torch.Tensor
 ) -> torch.Tensor:
     """Per row, the smallest scaled logit that survives top-k then top-p: shape [rows, 1].
 
@@ -258,6 +316,7 @@ def _top_k_top_p_threshold(
     are kept whole. A disabled filter (k outside (0, vocab), p == 1) gives -inf.
     """
     vocab = scaled.shape[1]
+    top_k = to_device(top_k, scaled.device)
     neg_inf = torch.full((scaled.shape[0], 1), float("-inf"), device=scaled.device)
     sorted_logits = scaled.sort(dim=-1, descending=True).values
 
@@ -278,6 +337,30 @@ def _top_k_top_p_threshold(
     return torch.maximum(k_threshold, p_threshold)
 
 
+def _top_k_top_p_threshold_by_selection(
+    scaled: torch.Tensor, top_k: list[int], top_p: torch.Tensor
+) -> torch.Tensor:
+    """`_top_k_top_p_threshold` for rows that all have a top-k in (0, vocab), without sorting
+    the vocabulary: the largest K = max(top_k) logits are selected (sorted), and top-p walks
+    them, normalised by the mass of every survivor of top-k.
+
+    Survivors beyond the first k can only be ties with the k-th logit, so when the walk
+    through the first k does not reach p the cut is one of those ties, whose logit is the
+    k-th: the threshold is the same as the sort's.
+    """
+    largest = scaled.topk(max(top_k), dim=-1).values  # [rows, K], descending
+    kth = largest.gather(1, to_device([k - 1 for k in top_k], scaled.device).unsqueeze(1))
+    top = largest[:, :1]
+    inside = largest >= kth
+    mass = torch.exp(scaled - top).masked_fill(scaled < kth, 0.0).sum(dim=-1, keepdim=True)
+    cumulative = (torch.exp(largest - top).masked_fill(~inside, 0.0) / mass).cumsum(dim=-1)
+    cut = (cumulative < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True)
+    cut = torch.minimum(cut, inside.sum(dim=-1, keepdim=True) - 1)  # see the sort's version
+    neg_inf = torch.full_like(kth, float("-inf"))
+    p_threshold = torch.where((top_p < 1.0).unsqueeze(1), largest.gather(1, cut), neg_inf)
+    return torch.maximum(kth, p_threshold)
+
+
 def _with_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """The logits plus each row's `logit_bias` (a new tensor only when some row has one)."""
     rows, ids, biases = [], [], []
@@ -289,16 +372,17 @@ def _with_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torc
     if not rows:
         return logits
     biased = logits.clone()
-    biased[rows, ids] += torch.tensor(biases, dtype=biased.dtype, device=biased.device)
+    device = biased.device
+    biased.index_put_((to_device(rows, device), to_device(ids, device)),
+                      to_device(biases, device, biased.dtype), accumulate=True)
     return biased
 
 
-def _block_stop_tokens_below_min_tokens(scaled: torch.Tensor, rows: list[SamplingRow]) -> None:
-    """Set the logits of stop tokens to -inf, in place, for rows short of min_tokens.
-
-    As in vLLM, eos counts as a stop token unless ``ignore_eos`` is set.
-    """
-    vocab = scaled.shape[1]
+def _block_stop_tokens_below_min_tokens(logits: torch.Tensor,
+                                        rows: list[SamplingRow]) -> torch.Tensor:
+    """The logits with the stop tokens of rows short of min_tokens at -inf (a new tensor only
+    when some row is short). As in vLLM, eos counts as a stop token unless ``ignore_eos``."""
+    vocab = logits.shape[1]
     row_index: list[int] = []
     token_index: list[int] = []
     for i, row in enumerate(rows):
@@ -311,97 +395,13 @@ def _block_stop_tokens_below_min_tokens(scaled: torch.Tensor, rows: list[Samplin
         blocked = sorted(t for t in stop_ids if 0 <= t < vocab)
         row_index += [i] * len(blocked)
         token_index += blocked
-    if row_index:
-        scaled[row_index, token_index] = float("-inf")
-
-
-def _top_ids(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Ids of the k largest fp32 values per row, largest first, equal values lowest id first.
-
-    ``torch.topk`` leaves the order of equal values open, and a full stable sort costs too
-    much for long prompts, so the tie rule goes into the key that topk ranks::
-
-        key (int64) = [ order-preserving int32 of the value | vocab - 1 - id ]
-                        high 32 bits                          low 32 bits
-
-    Keys are unique, so the answer is exact and the same on every device.
-    """
-    vocab = values.shape[1]
-    bits = (values.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
-    # Negative floats order backwards as signed ints; flipping their 31 low bits fixes that.
-    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long()
-    reversed_ids = vocab - 1 - torch.arange(vocab, device=values.device)
-    keys = (ordered << 32) | reversed_ids
-    return vocab - 1 - (keys.topk(k, dim=-1).values & 0xFFFFFFFF)
-
-
-def _logprob_dicts(
-    logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: list[int]
-) -> list[dict[int, Logprob]]:
-    """Per row of raw logprobs: the given token plus the ``num_top[i]`` most likely tokens.
-
-    Ranks are competition ranks: 1 + the number of tokens with a strictly larger logprob, so
-    equal logprobs share a rank and the given token's rank agrees with its rank in the top
-    list. Among equal logprobs at the top-k boundary the lower ids are listed. The given
-    token comes first in each dict, as in vLLM.
-    """
-    vocab = logprobs.shape[1]
-    token_logprobs = logprobs.gather(1, token_ids.unsqueeze(1))
-    token_ranks = (logprobs > token_logprobs).sum(dim=-1) + 1
-    width = min(max(num_top), vocab)
-    top_ids = torch.empty((logprobs.shape[0], 0), dtype=torch.long)
-    top_values = torch.empty((logprobs.shape[0], 0))
-    if width > 0:
-        top_ids = _top_ids(logprobs, width)
-        top_values = logprobs.gather(1, top_ids)
-
-    dicts = []
-    for token_id, token_logprob, token_rank, ids, values, k in zip(
-        token_ids.tolist(),
-        token_logprobs.squeeze(1).tolist(),
-        token_ranks.tolist(),
-        top_ids.tolist(),
-        top_values.tolist(),
-        num_top,
-    ):
-        entries = {token_id: Logprob(logprob=token_logprob, rank=token_rank)}
-        rank = 0
-        for position in range(min(k, vocab)):
-            # Sorted descending: a value's rank is the 1-based position of its first copy.
-            if position == 0 or values[position] != values[position - 1]:
-                rank = position + 1
-            entries[ids[position]] = Logprob(logprob=values[position], rank=rank)
-        dicts.append(entries)
-    return dicts
-
-
-def prompt_logprobs(
-    logits: torch.Tensor, next_token_ids: list[int], k: int
-) -> list[dict[int, Logprob]]:
-    """Logprobs for prompt positions: ``logits[i]`` predicts ``next_token_ids[i]``.
-
-    Returns per position the actual next token plus the top-k, ranked as ``_logprob_dicts``
-    says. Works through the rows in chunks to bound scratch memory on long prompts.
-    """
-    if logits.dim() != 2 or logits.shape[0] != len(next_token_ids):
-        raise ValueError(
-            f"logits {tuple(logits.shape)} do not match {len(next_token_ids)} next tokens"
-        )
-    chunk = max(1, _PROMPT_LOGPROBS_CHUNK_ELEMENTS // max(1, logits.shape[1]))
-    targets = torch.tensor(next_token_ids, dtype=torch.long, device=logits.device)
-    result: list[dict[int, Logprob]] = []
-    for start in range(0, logits.shape[0], chunk):
-        rows = logits[start : start + chunk].float().log_softmax(dim=-1)
-        ids = targets[start : start + chunk]
-        result += _logprob_dicts(rows, ids, [k] * rows.shape[0])
-    return result
-
-
-def _take_rows(tensor: torch.Tensor, index: list[int]) -> torch.Tensor:
-    """``tensor[index]`` without the copy when the index is every row in order."""
-    if index == list(range(tensor.shape[0])):
-        return tensor
-    return tensor[index]
+    if not row_index:
+        return logits
+    blocked_logits = logits.clone()
+    device = logits.device
+    blocked_logits.index_put_((to_device(row_index, device), to_device(token_index, device)),
+                              blocked_logits.new_full((), float("-inf")))
+    return blocked_logits
 
 
 def _same_device(generator_device: torch.device, device: torch.device) -> bool:

@@ -10,7 +10,18 @@ budget and blocks last, after taking any cached prefix.
 
 Speculative decoding needs no phase either: a request's drafts (`Request.spec_token_ids`)
 are tokens past `num_tokens` that a step computes with its last one, so a decode asks for
-1 + K tokens; the budget may cut the drafts short. They count as computed only once accepted.
+1 + K tokens; the budget may cut the drafts short. They count as computed only once accepted
+(`commit_accepted`, after the step).
+
+With async scheduling a step is scheduled while the one before still runs: a request whose
+last token is still being sampled (`Request.num_pending_tokens`) is given that token to
+compute, as if known; the step is fed the sample on the device. Counts move when a step is
+scheduled (`num_computed_tokens`, pending tokens), not when it ends, so the next schedule
+sees them at once. A request whose pending tokens will end it by max_tokens is not given
+more; one that stops on its pending token (eos, a stop string) has computed one step for
+nothing, whose output the engine drops. Speculative decoding and KV transfer run with
+synchronous steps (config.py: the next schedule needs the accepted drafts, and the KV
+connector's admissions and leases are decided on a finished step).
 
 A request that cannot get its blocks while it is the only one holding any will never get
 them: it ends with an error at once (`SchedulerOutput.failed`) instead of preempting itself
@@ -57,13 +68,18 @@ class ScheduledRequest:
     def __post_init__(self) -> None:
         self.start_pos = self.request.num_computed_tokens
         known = self.num_new_tokens - len(self.draft_token_ids)
-        self.completes = self.start_pos + known == self.request.num_tokens
+        self.completes = self.start_pos + known == self.request.num_tokens_with_pending
+
+    @property
+    def num_known_tokens(self) -> int:
+        """The new tokens that are not drafts (known, or pending under async scheduling)."""
+        return self.num_new_tokens - len(self.draft_token_ids)
 
     @property
     def token_ids(self) -> list[int]:
-        """The tokens this step computes: known ones, then the drafts."""
-        known = self.num_new_tokens - len(self.draft_token_ids)
-        r = self.request
+        """The tokens this step computes, known ones then the drafts (a pending token, not
+        known yet, is missing: `LLMEngine._plan` puts PENDING_TOKEN in its place)."""
+        r, known = self.request, self.num_known_tokens
         return r.all_token_ids[self.start_pos:self.start_pos + known] + self.draft_token_ids
 
 
@@ -125,7 +141,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            known = self._capped(request.num_tokens - request.num_computed_tokens)
+            known = self._capped(request.num_tokens_with_pending - request.num_computed_tokens)
+            if known <= 0 or request.length_reached_with_pending:
+                i += 1  # nothing to compute until its pending token is known, or ever
+                continue
             num_new = min(known + len(request.spec_token_ids), budget)
             drafts = request.spec_token_ids[:max(0, num_new - known)]
             new_blocks = self._allocate(request, num_new)
@@ -149,6 +168,8 @@ class Scheduler:
         while (self.waiting and budget > 0 and not out.num_preempted
                and len(self.running) + loading < self.config.max_num_seqs):
             request = self.waiting[0]
+            if request.num_pending_tokens:
+                break  # preempted while its last token was sampled: back once it is known
             if request.remote_prefill is not None:  # its prompt's KV comes from elsewhere
                 if not self.connector.start_load(request):
                     break  # it waits for blocks
@@ -184,13 +205,17 @@ class Scheduler:
             budget -= num_new
         if self.connector is not None:
             out.kv_ops = self.connector.take_ops()
+        for item in out.scheduled:
+            # Drafts count once accepted (`commit_accepted`).
+            item.request.num_computed_tokens += item.num_known_tokens
+            item.request.num_pending_tokens += item.completes
         return out
 
     def _allocate(self, request: Request, num_new: int, cached: list[int] = (),
                   num_cached: int = 0) -> list[int] | None:
         end = max(request.num_computed_tokens, num_cached) + num_new
         lookahead = 0
-        if self.lookahead_tokens and end >= request.num_tokens:
+        if self.lookahead_tokens and end >= request.num_tokens_with_pending:
             lookahead = max(0, min(self.lookahead_tokens, self.max_model_len - end))
         return self.kv.allocate(request, num_new + lookahead, cached)
 
@@ -215,14 +240,11 @@ class Scheduler:
         self.num_preemptions_total += 1
 
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Count the computed tokens and register newly full blocks for prefix caching.
-
-        Sampled tokens are appended by the engine before `finish` is decided.
-        """
+        """Register the blocks the step filled for prefix caching (requests still running:
+        a preempted one holds no blocks, a finished one is gone)."""
         for item in out.scheduled:
-            # Drafts count once accepted (`commit_accepted`).
-            item.request.num_computed_tokens += item.num_new_tokens - len(item.draft_token_ids)
-            self.kv.cache_full_blocks(item.request)
+            if item.request.status == RequestStatus.RUNNING:
+                self.kv.cache_full_blocks(item.request)
 
     def commit_accepted(self, request: Request) -> None:
         """After a verification step appended the accepted drafts and one more token: every

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from cpserve.engine.scheduler import ScheduledRequest
+from cpserve.engine.transfer import to_device
 from cpserve.request import Request
 
 # (request's scheduled item, offset of the first row among its rows, those rows' logits)
@@ -60,12 +61,17 @@ class StepLogits:
                 self._sample_rows.extend(range(row + n - num_sample_rows(item), row + n))
             row += n
         self.num_rows = row
+        # Every row is sampled, in order (decodes): the step's logits are the sample logits.
+        self._samples_are_all_rows = self._sample_rows == list(range(row))
         # [sampled rows, vocab]: each sampled item's rows in turn (`num_sample_rows`).
         self.sample_logits: torch.Tensor | None = None
         self.failures: dict[Request, str] = {}  # requests to fail after the step, and why
 
     def __call__(self, first: int, logits: torch.Tensor) -> None:
         end = first + logits.shape[0]
+        if self._samples_are_all_rows and first == 0 and end == self.num_rows:
+            self.sample_logits = logits  # no copy of [rows, vocab]
+            return
         for item, start, n in self.spans:
             lo, hi = max(start, first), min(start + n, end)
             if lo < hi and item.request not in self.failures:
@@ -76,5 +82,7 @@ class StepLogits:
         if wanted:
             if self.sample_logits is None:
                 self.sample_logits = logits.new_empty(len(self._sample_rows), self.vocab_size)
-            index = [j for j, _ in wanted]
-            self.sample_logits[index] = logits[[r for _, r in wanted]]
+            device = logits.device
+            self.sample_logits.index_copy_(
+                0, to_device([j for j, _ in wanted], device),
+                logits.index_select(0, to_device([r for _, r in wanted], device)))

@@ -6,15 +6,18 @@ MLA caches one vector per token and layer, shared by all heads:
     kr = RoPE(x W_KR)                rope key, qk_rope_head_dim channels     ─┘ [c, kr]
     head h:  k_h = [c W_UK_h, kr]    v_h = c W_UV_h            (W_UK, W_UV: rows of kv_b_proj)
 
-Attention never expands the keys. The key up-projection is absorbed into the query, the value
-up-projection applied after attention, so every score and every value is read from the cache:
+Decodes and short steps never expand the keys. The key up-projection is absorbed into the
+query, the value up-projection applied after attention, so every score and every value is read
+from the cache:
 
     q_h . k_h = (q_nope_h W_UK_h^T) . c + q_rope_h . kr      ->  query [q_nope_h W_UK_h^T, q_rope_h]
     out_h     = (sum_t p_t c_t) W_UV_h^T                      ->  attention over values = c
 
 so the layer calls `ctx.attention(q [T, H_local, L + R], k [T, 1, L + R], v=None, v_dim=L)`,
-where the values are the first L channels of the keys. The same path serves prefill (exact,
-more FLOPs than expanding K/V) and decode.
+where the values are the first L channels of the keys. The same path serves decode and short
+steps. Steps of MLA_EXPANDED_MIN_TOKENS new tokens or more take the expanded form instead
+(cpserve/attention/forms.py): fewer FLOPs per score, head dims the library ops take; their
+cached prefix too is read expanded (MLA_EXPANDED_PREFIX), except under DCP.
 
 Tensor parallel splits heads (q, kv_b_proj, o_proj) and experts' intermediate dims; the latent
 projection is replicated, so every TP rank computes the same latent. Under DCP the ranks of a
@@ -56,11 +59,23 @@ LATENT_NORM_EPS = 1e-6
 # Tuning constant: steps with at least this many new tokens attend to them in the expanded
 # form (benchmarks/bench_moe.py measures the crossover and prints it). The environment
 # variable overrides it (tests use it to put short prompts through the expanded path).
-MLA_EXPANDED_MIN_TOKENS = 1024
+MLA_EXPANDED_MIN_TOKENS = 2048  # one H200, 2026-12-01 (RESULTS.md, run 6)
+
+
+# Whether those steps also read their cached prefix expanded (gathered, up-projected, library
+# attention: cpserve/attention/latent_prefix.py) rather than absorbed in the paged kernel.
+# False, or CPSERVE_MLA_EXPANDED_PREFIX=0, selects the absorbed prefix (benchmarks/
+# bench_mla_prefix.py runs both in one process). DCP always reads it absorbed (sharded.py).
+MLA_EXPANDED_PREFIX = True
 
 
 def expanded_min_tokens() -> int:
     return int(os.environ.get("CPSERVE_MLA_EXPANDED_MIN_TOKENS", MLA_EXPANDED_MIN_TOKENS))
+
+
+def expanded_prefix() -> bool:
+    value = os.environ.get("CPSERVE_MLA_EXPANDED_PREFIX")
+    return MLA_EXPANDED_PREFIX if value is None else value not in ("0", "false", "")
 
 
 def step_new_tokens(ctx: AttentionContext) -> int:
@@ -169,7 +184,7 @@ class MLAAttention(nn.Module):
         key = torch.cat([latent.unsqueeze(1), k_rope], -1)  # [T, 1, L + R]: what is cached
         if not ctx.metadata.rep_decode_only and step_new_tokens(ctx) >= expanded_min_tokens():
             forms = LatentForms(self.kv_b_proj.weight, self.num_heads, self.nope,
-                                self.v_head_dim, latent_dim)
+                                self.v_head_dim, latent_dim, expand_prefix=expanded_prefix())
             out = ctx.attention(self.layer, torch.cat([q_nope, q_rope], -1), key, None,
                                 self.scale, v_dim=latent_dim, forms=forms)  # [T, H, v]
         else:

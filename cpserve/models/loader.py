@@ -147,8 +147,9 @@ def build_model(config: ModelConfig, groups: ParallelGroups, device: torch.devic
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=gen)
+            else:  # drawn in bf16 whatever the dtype: an fp32 run holds the same values
+                param.copy_(torch.empty(param.shape, dtype=torch.bfloat16, device=param.device)
+                            .normal_(0.0, 0.02, generator=gen))
     if quant is not None:
         finish_fp8_layers(model, quant, device, True, groups.tp_group)
     return model.eval()

@@ -12,6 +12,11 @@
 
 These are the references of the FP8 kernels (quantize_groups, block_scaled_mm_reference,
 rowwise_scaled_mm_reference), and the CPU path's dequantization.
+
+Rounding rule: every scale and every scaled value is an IEEE fp32 division (`divide`), on
+every device, as the Triton kernels compute it (`tl.math.div_rn`). PyTorch on CUDA computes a
+tensor divided by a Python number as x * (1 / d), which is one ulp off now and then (the H200
+run of 2026-12-01: scales one ulp apart); the CPU divides.
 """
 
 from __future__ import annotations
@@ -22,6 +27,21 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
 # A scale for an all-zero group: any positive value gives zeros; this one keeps x / scale finite.
 MIN_SCALE = 1e-12
+
+
+def divide(x: torch.Tensor, d: float | torch.Tensor) -> torch.Tensor:
+    """x / d in fp32, correctly rounded on CPU and CUDA alike: a number divisor becomes a
+    0-dim tensor on x's device (no host copy: safe in CUDA graphs), so CUDA divides too."""
+    x = x.float()
+    if not isinstance(d, torch.Tensor):
+        d = x.new_full((), d)
+    return x / d.float()
+
+
+def scale_for(amax: torch.Tensor) -> torch.Tensor:
+    """The scale mapping a group's largest magnitude to 448: amax / 448 (IEEE), at least
+    MIN_SCALE."""
+    return divide(amax, FP8_MAX).clamp(min=MIN_SCALE)
 
 
 def to_fp8(scaled: torch.Tensor) -> torch.Tensor:
@@ -51,8 +71,8 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]
 
 def quantize_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One scale for the whole tensor: (fp8 weight, scale [])."""
-    scale = (weight.abs().amax().float() / FP8_MAX).clamp(min=MIN_SCALE)
-    return to_fp8(weight.float() / scale), scale
+    scale = scale_for(weight.abs().amax())
+    return to_fp8(divide(weight, scale)), scale
 
 
 def quantize_channels(weight: torch.Tensor,
@@ -61,8 +81,8 @@ def quantize_channels(weight: torch.Tensor,
     largest magnitudes, if they come from elsewhere (the whole row of a sharded weight)."""
     if amax is None:
         amax = weight.abs().amax(dim=1, keepdim=True)
-    scale = (amax.float() / FP8_MAX).clamp(min=MIN_SCALE)
-    return to_fp8(weight.float() / scale), scale
+    scale = scale_for(amax)
+    return to_fp8(divide(weight, scale)), scale
 
 
 def quantize_blocks(weight: torch.Tensor,
@@ -74,8 +94,8 @@ def quantize_blocks(weight: torch.Tensor,
                          device=weight.device)
     padded[:rows, :cols] = weight.float()
     blocks = padded.view(padded.shape[0] // bn, bn, padded.shape[1] // bk, bk)
-    scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=MIN_SCALE)
-    q = to_fp8(weight.float() / expand_block_scale(scale, (rows, cols), block))
+    scale = scale_for(blocks.abs().amax(dim=(1, 3)))
+    q = to_fp8(divide(weight, expand_block_scale(scale, (rows, cols), block)))
     return q, scale
 
 
@@ -86,9 +106,9 @@ def quantize_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Te
     groups = -(-cols // group)
     padded = torch.zeros(rows, groups * group, dtype=torch.float32, device=x.device)
     padded[:, :cols] = x.float()
-    scale = (padded.view(rows, groups, group).abs().amax(-1) / FP8_MAX).clamp(min=MIN_SCALE)
+    scale = scale_for(padded.view(rows, groups, group).abs().amax(-1))
     full = scale.repeat_interleave(group, 1)[:, :cols]
-    return to_fp8(x.float() / full), scale
+    return to_fp8(divide(x, full)), scale
 
 
 def block_scaled_mm_reference(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,

@@ -32,7 +32,7 @@ from safetensors import safe_open
 
 from cpserve.config import CacheConfig, ConfigError
 from cpserve.kv.spec import KVCacheSpec
-from cpserve.quantization.fp8 import FP8, FP8_MAX, to_fp8
+from cpserve.quantization.fp8 import FP8, FP8_MAX, divide, to_fp8
 
 HEADROOM = 2.0
 WARMUP_TOKENS = 256
@@ -51,7 +51,7 @@ def with_cache_dtype(spec: KVCacheSpec, cache: CacheConfig) -> KVCacheSpec:
 
 def fake_quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
     """`x` as the FP8 cache gives it back: e4m3(x / scale) * scale, in x's dtype."""
-    return (to_fp8(x.float() / scale).float() * scale).to(x.dtype)
+    return (to_fp8(divide(x, scale)).float() * scale).to(x.dtype)
 
 
 def scale_from_amax(amax: float) -> float:

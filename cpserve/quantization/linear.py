@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from cpserve.config import ConfigError
 from cpserve.quantization.fp8 import (
     block_scaled_mm_reference,
+    divide,
     quantize_groups,
     rowwise_scaled_mm_reference,
     to_fp8,
@@ -105,7 +106,7 @@ class Fp8LinearMethod:
             if input_scale is None:  # dynamic: one scale per token
                 xq, x_scale = self.kernels.quantize_groups(rows, k)
             else:
-                xq = to_fp8(rows.float() / input_scale)
+                xq = to_fp8(divide(rows, input_scale))
                 x_scale = input_scale.reshape(1, 1).expand(rows.shape[0], 1)
             y = self.kernels.rowwise_mm(xq, x_scale, layer.weight, layer.weight_scale, x.dtype)
         if bias is not None:

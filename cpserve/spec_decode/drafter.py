@@ -1,6 +1,6 @@
 """Who proposes the drafts, after each step, on the driver: the engine's one hook.
 
-    LLMEngine._postprocess  ->  drafter.propose(scheduler_output)
+    LLMEngine._finish  ->  drafter.propose(scheduler_output)
         NgramDrafter: prompt lookup over each request's tokens, on the host (ngram.py)
         MTPDrafter:   every rank runs the checkpoint's MTP module over the step's tokens
                       (a second, small forward pass), the driver gets the drafts back

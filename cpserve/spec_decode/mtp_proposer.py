@@ -42,15 +42,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from cpserve.attention.context import AttentionContext
-from cpserve.attention.metadata import PlannedSeq, StepTokens, build_step_tokens
+from cpserve.attention.metadata import PlannedSeq, StepAttentionMetadata, decode_metadata
 from cpserve.distributed.groups import all_reduce
 from cpserve.engine.cuda_graphs import DecodeGraphs, graphs_enabled
+from cpserve.engine.transfer import to_device
 from cpserve.models.deepseek_mtp import DeepseekMTP
 from cpserve.models.loader import build_model
 from cpserve.models.rope import StepPositions
 
 if TYPE_CHECKING:
     from cpserve.engine.model_runner import ModelRunner, PreparedStep
+    from cpserve.engine.step_inputs import StepInputs
 
 
 class DraftGraphs(DecodeGraphs):
@@ -60,10 +62,11 @@ class DraftGraphs(DecodeGraphs):
         super().__init__(runner, runner.config.model.hidden_size, runner.config.model.dtype)
         self.proposer = proposer
 
-    def _forward(self, rows: int, ctx: AttentionContext, variant: int) -> torch.Tensor:
-        embeds = self.runner.model.model.embed_tokens(self.token_ids[:rows])
+    def _model(self, token_ids: torch.Tensor, meta: StepAttentionMetadata,
+               ctx: AttentionContext, variant: int) -> torch.Tensor:
+        embeds = self.runner.model.model.embed_tokens(token_ids)
         module = self.proposer.mtp.module_for(variant)
-        return module(StepPositions(self.positions[:rows]), embeds, self.hidden[:rows], ctx)
+        return module(StepPositions(meta.rep_pos), embeds, self.hidden[:token_ids.shape[0]], ctx)
 
 
 class MTPProposer:
@@ -94,19 +97,26 @@ class MTPProposer:
         """Drafts per request of the last step (empty where none are wanted)."""
         prepared, hidden = self._step
         self._step = None
-        runner, plan, seqs, step = self.runner, prepared.plan, prepared.seqs, prepared.tokens
+        runner, plan, inputs = self.runner, prepared.plan, prepared.inputs
+        seqs = inputs.seqs
         following = torch.tensor([t for e in entries for t in e[0]], dtype=torch.long)
         lengths = torch.tensor([len(e[0]) for e in entries])
         first = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        rows = first[step.seq] + torch.minimum(step.offset, lengths[step.seq] - 1)
-        out = self._run(0, following[rows], step, hidden, prepared.ctx,
-                        graphed=prepared.ctx is None)
+        rows = first[inputs.local_seq] + torch.minimum(inputs.local_offset,
+                                                       lengths[inputs.local_seq] - 1)
+        token_ids = to_device(following[rows], runner.device)
+        if prepared.ctx is None:  # the main step replayed a graph: so does the module
+            vectors = inputs.decode_vectors.clone()
+            vectors[0] = token_ids
+            out = self.graphs.run(vectors, inputs.metadata.rep_queries_per_seq, hidden, 0)
+        else:
+            out = self._eager(0, token_ids, inputs.positions, hidden, prepared.ctx)
 
         wanted = [i for i, e in enumerate(entries) if e[2] > 0]
         drafts: list[list[int]] = [[] for _ in entries]
         if not wanted:
             return drafts
-        h = self._rows_everywhere(out, step, seqs, [(i, entries[i][1]) for i in wanted])
+        h = self._rows_everywhere(out, inputs, seqs, [(i, entries[i][1]) for i in wanted])
         tokens = self._argmax(0, h)
         positions = [plan.requests[i].start + entries[i][1] + 1 for i in wanted]
         for k in range(1, max(entries[i][2] for i in wanted) + 1):
@@ -118,14 +128,9 @@ class MTPProposer:
             wanted = [wanted[j] for j in going]
             positions = [positions[j] for j in going]
             h, tokens = h[going], tokens[going]
-            tables = [runner.block_tables[plan.requests[i].request_id] for i in wanted]
-            width = max(len(t) for t in tables)
-            block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-            seqs_k = [PlannedSeq(p, 1, False) for p in positions]
-            chain = build_step_tokens(seqs_k, block_tables, runner.layout, runner.groups)
-            graphs = self.graphs
-            h = self._run(k, tokens.to(torch.long).cpu(), chain, h,
-                          graphed=graphs is not None and graphs.can_run(seqs_k, width))
+            h = self._chain_step(k, tokens, positions,
+                                 [runner.rows.row(plan.requests[i].request_id) for i in wanted],
+                                 h)
             tokens = self._argmax(k, h)
             positions = [p + 1 for p in positions]
         return drafts
@@ -136,34 +141,40 @@ class MTPProposer:
             self._graphs = DraftGraphs(self.runner, self)
         return self._graphs
 
-    def _run(self, draft_index: int, token_ids: torch.Tensor, step: StepTokens,
-             previous_hidden: torch.Tensor, ctx: AttentionContext | None = None,
-             graphed: bool = False) -> torch.Tensor:
-        from cpserve.engine.model_runner import _to_device
-
+    def _chain_step(self, draft_index: int, tokens: torch.Tensor, positions: list[int],
+                    table_rows: list[int], previous_hidden: torch.Tensor) -> torch.Tensor:
+        """One decode step of the module: request j's token at positions[j], over its row of
+        the runner's persistent tables, its KV written first."""
         runner = self.runner
-        if graphed and self.graphs is not None:
-            return self.graphs.run(token_ids, step.positions, step.metadata, previous_hidden,
-                                   draft_index % self.mtp.num_modules)
-        if ctx is None:  # a chain step, or a main step that replayed a graph
-            exchange = runner.config.parallel.kv_exchange
-            ctx = AttentionContext(_to_device(step.metadata, runner.device), runner.kv_caches,
-                                   runner.groups, runner.backend, exchange,
-                                   plans=runner.backend.plan_step(step.metadata, exchange))
-        embeds = runner.model.model.embed_tokens(token_ids.to(runner.device))
-        positions = StepPositions(step.positions.to(runner.device))
-        return self.mtp.module_for(draft_index)(positions, embeds, previous_hidden, ctx)
+        host = torch.tensor([positions, table_rows], dtype=torch.long)
+        vectors = torch.cat([tokens.to(torch.long).view(1, -1),
+                             to_device(host, runner.device)])
+        graphs = self.graphs
+        variant = draft_index % self.mtp.num_modules
+        if graphs is not None and len(positions) <= graphs.buckets[-1]:
+            return graphs.run(vectors, 1, previous_hidden, variant)
+        meta = decode_metadata(runner.rows.table, vectors[1], runner.layout,
+                               runner.groups.cp_rank, seq=vectors[2])
+        ctx = AttentionContext(meta, runner.kv_caches, runner.groups, runner.backend,
+                               runner.config.parallel.kv_exchange)
+        return self._eager(draft_index, vectors[0], meta.rep_pos, previous_hidden, ctx)
+
+    def _eager(self, draft_index: int, token_ids: torch.Tensor, positions: torch.Tensor,
+               previous_hidden: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        embeds = self.runner.model.model.embed_tokens(token_ids)
+        return self.mtp.module_for(draft_index)(StepPositions(positions), embeds,
+                                                previous_hidden, ctx)
 
     def _argmax(self, draft_index: int, hidden: torch.Tensor) -> torch.Tensor:
         # Every TP rank gets the whole vocabulary's logits (the head gathers them).
         return self.mtp.module_for(draft_index).compute_logits(hidden).argmax(dim=-1)
 
-    def _rows_everywhere(self, out: torch.Tensor, step: StepTokens, seqs: list[PlannedSeq],
+    def _rows_everywhere(self, out: torch.Tensor, inputs: StepInputs, seqs: list[PlannedSeq],
                          wanted: list[tuple[int, int]]) -> torch.Tensor:
         """Rows (request index, offset) of `out`, on every rank. Replicated requests have
         them on every rank; a split one on one PCP rank each, so zero-filled rows summed
         over the PCP group assemble them (replicated ones filled by PCP rank 0 alone)."""
-        key = step.seq * (1 << 32) + step.offset
+        key = inputs.local_seq * (1 << 32) + inputs.local_offset
         wanted_key = torch.tensor([i * (1 << 32) + o for i, o in wanted])
         order = torch.argsort(key)
         pos = torch.searchsorted(key[order], wanted_key).clamp(max=max(len(key) - 1, 0))

@@ -18,6 +18,11 @@ The plan holds, already on the device:
   triton   the other rows, their sequence and length, and tiles for the kernel's tiled mode.
 Rows that see nothing on this shard (length 0: a shard holding none of a short prefix, PCP
 padding rows) are in neither: they return out 0 and lse -inf.
+
+MLA's prefix read expanded (`build_latent_prefix_plan`, run by attention/latent_prefix.py)
+groups rows the same way, but gathers each group's latents in pieces of a bounded workspace
+(one gather work per piece); the other rows get a plan of their own for the Triton kernel,
+which reads them absorbed.
 """
 
 from __future__ import annotations
@@ -101,9 +106,10 @@ def build_prefix_plan(query_seq: torch.Tensor, query_kv_len: torch.Tensor, num_s
     return PrefixPlan(n, library_part, triton_part)
 
 
-def _library_part(seq: torch.Tensor, lens: torch.Tensor, device: torch.device,
-                  capacity: int | None) -> tuple[LibraryPart | None, torch.Tensor]:
-    """Groups of rows with one (sequence, length), big enough for the library path."""
+def _group_rows(seq: torch.Tensor, lens: torch.Tensor, capacity: int | None):
+    """Groups of rows with one (sequence, length), big enough for the library path: the rows
+    in library groups (bool [n]), those rows group by group, and per chosen group its row
+    count, sequence and length."""
     span = int(lens.max()) + 1
     key = torch.where(lens > 0, seq * span + lens, torch.full_like(seq, -1))
     groups, group_of_row, counts = torch.unique(key, return_inverse=True, return_counts=True)
@@ -112,11 +118,17 @@ def _library_part(seq: torch.Tensor, lens: torch.Tensor, device: torch.device,
     if capacity is not None:  # the first groups, while the workspace holds them
         chosen &= torch.cumsum(torch.where(chosen, group_len, 0), 0) <= capacity
     in_library = chosen[group_of_row]
-    if not bool(in_library.any()):
-        return None, in_library
     rows = torch.nonzero(in_library).squeeze(1)
     rows = rows[torch.argsort(group_of_row[rows], stable=True)]
-    counts, group_seq, group_len = counts[chosen], group_seq[chosen], group_len[chosen]
+    return in_library, rows, counts[chosen], group_seq[chosen], group_len[chosen]
+
+
+def _library_part(seq: torch.Tensor, lens: torch.Tensor, device: torch.device,
+                  capacity: int | None) -> tuple[LibraryPart | None, torch.Tensor]:
+    """The library groups, their prefixes gathered into one buffer."""
+    in_library, rows, counts, group_seq, group_len = _group_rows(seq, lens, capacity)
+    if not bool(in_library.any()):
+        return None, in_library
     cu_q = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
     cu_k = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(group_len, 0)])
     pieces = tuple((int(cu_q[g]), int(cu_q[g + 1]), int(cu_k[g]), int(cu_k[g + 1]))
@@ -129,14 +141,72 @@ def _library_part(seq: torch.Tensor, lens: torch.Tensor, device: torch.device,
 
 
 def _gather_work(group_seq: torch.Tensor, group_len: torch.Tensor, cu_k: torch.Tensor,
-                 device: torch.device) -> GatherWork:
-    """Items of at most GATHER_BLOCK_TOKENS tokens: group g's local tokens [0, len_g) go to
-    gathered rows [cu_k[g], cu_k[g + 1])."""
+                 device: torch.device, group_start: torch.Tensor | None = None) -> GatherWork:
+    """Items of at most GATHER_BLOCK_TOKENS tokens: group g's local tokens
+    [start_g, start_g + len_g) (start 0 unless `group_start`) go to gathered rows
+    [cu_k[g], cu_k[g + 1])."""
     block = GATHER_BLOCK_TOKENS
+    start = torch.zeros_like(group_len) if group_start is None else group_start
     per_group = -(-group_len // block)
     group = torch.repeat_interleave(torch.arange(group_len.numel()), per_group)
     index = torch.arange(int(per_group.sum())) - (torch.cumsum(per_group, 0) - per_group)[group]
-    src = index * block
-    items = torch.stack([group_seq[group], src, cu_k[group] + src,
-                         torch.clamp(group_len[group] - src, max=block)]).int()
+    offset = index * block
+    items = torch.stack([group_seq[group], start[group] + offset, cu_k[group] + offset,
+                         torch.clamp(group_len[group] - offset, max=block)]).int()
     return GatherWork(_to(device, items), int(cu_k[-1]), block)
+
+
+# MLA's prefix read expanded (cpserve/attention/forms.py) ------------------------------------
+@dataclass(frozen=True)
+class LatentGroup:
+    """Permuted query rows [q_lo, q_hi), one sequence's prefix: its latents in pieces of at
+    most the workspace's tokens, each gathered, expanded and attended in turn (LSE-merged)."""
+
+    q_lo: int
+    q_hi: int
+    pieces: tuple[GatherWork, ...]
+
+
+@dataclass(frozen=True)
+class LatentPrefixPlan:
+    num_queries: int
+    rows: torch.Tensor | None  # device: the groups' rows, group by group; None: all, in order
+    groups: tuple[LatentGroup, ...]
+    # The other rows (decodes, small groups), read absorbed by the paged kernel: their
+    # indices (None: every row) and their plan (library=False).
+    absorbed_rows: torch.Tensor | None
+    absorbed: PrefixPlan | None
+
+
+def build_latent_prefix_plan(query_seq: torch.Tensor, query_kv_len: torch.Tensor,
+                             num_seqs: int, device: torch.device, *, piece_tokens: int,
+                             tile_queries: int) -> LatentPrefixPlan:
+    """Host tensors in, as `build_prefix_plan`. Groups of at least MIN_LIBRARY_QUERIES rows
+    read their prefix expanded, `piece_tokens` cached tokens at a time (a bounded workspace:
+    a 32k prefix expanded at once would be tokens x heads x (192 + 128) x 2 bytes, 335 MB
+    for DeepSeek-V2-Lite, per call); the rest go to the Triton kernel absorbed."""
+    seq, lens = query_seq.cpu().long(), query_kv_len.cpu().long()
+    n = seq.numel()
+    groups: list[LatentGroup] = []
+    in_library = torch.zeros(n, dtype=torch.bool)
+    rows = None
+    if n and int(lens.max()) > 0:
+        in_library, order, counts, group_seq, group_len = _group_rows(seq, lens, None)
+        cu_q = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).tolist()
+        for g, (s, length) in enumerate(zip(group_seq.tolist(), group_len.tolist())):
+            starts = list(range(0, length, piece_tokens))
+            sizes = torch.tensor([min(piece_tokens, length - a) for a in starts])
+            pieces = tuple(
+                _gather_work(torch.tensor([s]), sizes[i:i + 1], torch.tensor([0, int(sizes[i])]),
+                             device, group_start=torch.tensor([a]))
+                for i, a in enumerate(starts))
+            groups.append(LatentGroup(cu_q[g], cu_q[g + 1], pieces))
+        if groups and not _is_all_rows(order, n):
+            rows = _to(device, order)
+    rest = torch.nonzero(~in_library).squeeze(1)
+    absorbed_rows = absorbed = None
+    if rest.numel() and int(lens[rest].max()) > 0:
+        absorbed = build_prefix_plan(seq[rest], lens[rest], num_seqs, device, library=False,
+                                     tile_queries=tile_queries)
+        absorbed_rows = None if _is_all_rows(rest, n) else _to(device, rest)
+    return LatentPrefixPlan(n, rows, tuple(groups), absorbed_rows, absorbed)

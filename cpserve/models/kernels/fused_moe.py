@@ -46,16 +46,17 @@ class MoEKernelConfig:
     num_stages: int
 
 
-# Tuning constants, measured by benchmarks/bench_moe.py (which prints the best candidates).
-SORTED_CONFIG = MoEKernelConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
+# Tuning constants, measured by benchmarks/bench_moe.py (which prints the best candidates);
+# these are its decisions on one H200 on 2026-12-01 (benchmarks/RESULTS.md, run 6).
+SORTED_CONFIG = MoEKernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 # Sorted with few pairs per expert (decode batches): each expert's run is padded to block_m.
-SORTED_SMALL_CONFIG = MoEKernelConfig(block_m=16, block_n=64, block_k=128, num_warps=4,
+SORTED_SMALL_CONFIG = MoEKernelConfig(block_m=32, block_n=64, block_k=128, num_warps=4,
                                       num_stages=3)
 SORTED_SMALL_MAX_PAIRS_PER_EXPERT = 8
 # By expert: block_m is the pair count rounded up to a power of two (at least 16).
 BY_EXPERT_CONFIG = MoEKernelConfig(block_m=16, block_n=64, block_k=128, num_warps=4,
                                    num_stages=3)
-BY_EXPERT_MAX_PAIRS = 64  # more pairs than this: sorted
+BY_EXPERT_MAX_PAIRS = 128  # more pairs than this: sorted
 
 
 @triton.jit

@@ -12,6 +12,15 @@ of the step's scales. A tile narrower than bn reads the same weight-scale row fo
 columns; the scales are gathered per column, so any BLOCK_N works.
 
 Contract: `cpserve.quantization.fp8.block_scaled_mm_reference` (dequantize both, fp32 matmul).
+
+Precision on Hopper: an FP8 tensor-core dot accumulates with about 14 bits (DeepSeek-V3
+report, section 3.3.2), not fp32. Each bk = 128 step is its own dot, promoted into the fp32
+accumulator with its scales: DeepSeek's recipe (promotion every 128 elements of K). fp32
+outputs then differ from the reference by ~2^-11 of their largest magnitude (the H200 run of
+2026-12-01: 4e-4 to 5e-4), where the interpreter and the CPU agree to summation order.
+TUNING["max_num_imprecise_acc"] = 32 promotes after every k32 instruction instead (Triton's
+sm90 default, None, lets the whole 128-wide dot accumulate imprecisely); benchmarks/
+profile_fp8.py measures what it buys and costs.
 """
 
 from __future__ import annotations
@@ -22,10 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
+TUNING = {"max_num_imprecise_acc": None}
+
 
 @triton.jit
 def _block_mm_step(kb, acc, a_rows, b_cols, a_scales, b_scales, ks, row_ok, col_ok, K,
-                   BK: tl.constexpr):
+                   BK: tl.constexpr, IMPRECISE_ACC: tl.constexpr):
     """acc += one bk-wide slice of K: an FP8 dot, rescaled by the outer product of scales."""
     k = kb * BK + ks
     k_ok = k < K
@@ -33,14 +44,15 @@ def _block_mm_step(kb, acc, a_rows, b_cols, a_scales, b_scales, ks, row_ok, col_
     b_tile = tl.load(b_cols + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
     sa = tl.load(a_scales + kb, mask=row_ok, other=0.0)
     sb = tl.load(b_scales + kb, mask=col_ok, other=0.0)
-    return acc + tl.dot(a_tile, b_tile) * (sa[:, None] * sb[None, :])
+    return acc + tl.dot(a_tile, b_tile, max_num_imprecise_acc=IMPRECISE_ACC) * (
+        sa[:, None] * sb[None, :])
 
 
 @triton.jit
 def _block_mm_kernel(a, a_scale, b, b_scale, c, M, N, K, K_BLOCKS, stride_am, stride_asm,
                      stride_bn, stride_bsn, stride_cm, SCALE_ROWS: tl.constexpr,
                      BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     INTERPRET: tl.constexpr):
+                     IMPRECISE_ACC: tl.constexpr, INTERPRET: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -56,12 +68,12 @@ def _block_mm_kernel(a, a_scale, b, b_scale, c, M, N, K, K_BLOCKS, stride_am, st
         kb = 0
         while kb < K_BLOCKS:
             acc = _block_mm_step(kb, acc, a_rows, b_cols, a_scales, b_scales, ks, row_ok,
-                                 col_ok, K, BK)
+                                 col_ok, K, BK, IMPRECISE_ACC)
             kb += 1
     else:
         for kb in range(0, K_BLOCKS):
             acc = _block_mm_step(kb, acc, a_rows, b_cols, a_scales, b_scales, ks, row_ok,
-                                 col_ok, K, BK)
+                                 col_ok, K, BK, IMPRECISE_ACC)
     out = c + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
     tl.store(out, acc.to(c.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -95,6 +107,7 @@ def block_scaled_mm_triton(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tens
     _block_mm_kernel[grid](a, a_scale, b, b_scale, out, m, n, k, triton.cdiv(k, block[1]),
                            a.stride(0), a_scale.stride(0),
                            b.stride(0), b_scale.stride(0), out.stride(0), SCALE_ROWS=block[0],
-                           BK=block[1], BLOCK_M=block_m, BLOCK_N=block_n, INTERPRET=INTERPRETING,
+                           BK=block[1], BLOCK_M=block_m, BLOCK_N=block_n,
+                           IMPRECISE_ACC=TUNING["max_num_imprecise_acc"], INTERPRET=INTERPRETING,
                            num_warps=warps, num_stages=stages)
     return out
