@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_session.sh PHASE [PHASE ...]
 # Phases: env, kernels, parity, chunk, serving-quick, serving, throughput, host-profile, moe,
 #         mla-prefix, mla-prefix-tests, fp8, fp8-kernels, profile-fp8 (PROFILE_FP8_BUDGET
-#         seconds, default 60), spec, spec-serving, pd, profile
+#         seconds, default 60), spec, spec-serving, pd, profile, profile-traces
 # `env spec pd` (issues 13 and 14) fits in 420 s: spec = GPU tests (60 s) + bench_spec_decode
 # --budget-s 120 (130 s), pd = GPU tests (60 s) + bench_disagg --budget-s 150 (160 s).
 set -u
@@ -34,6 +34,9 @@ for phase in "$@"; do
          | tee "$OUT/serving.log" | tail -40 ;;
     profile) mkdir -p "$OUT/profile"; timeout 290 python3 benchmarks/profile_steps.py \
          --out-dir "$OUT/profile" 2>&1 | tee "$OUT/profile/profile-steps.log" | tail -30 ;;
+    profile-traces) mkdir -p "$OUT/profile"; timeout 100 python3 benchmarks/profile_steps.py \
+         --traces-only --out-dir "$OUT/profile" 2>&1 | tee "$OUT/profile/profile-steps.log" \
+         | grep -v "USDT\|^\[transformers\]" | tail -20 ;;
     throughput) timeout 590 python3 benchmarks/bench_serving.py --runs throughput --out-dir "$OUT" \
          2>&1 | tee "$OUT/throughput.log" | tail -30 ;;
     host-profile) timeout 300 python3 benchmarks/profile_host.py --no-py-spy --out "$OUT/host" \

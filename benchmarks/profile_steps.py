@@ -3,6 +3,7 @@ workloads, a torch.profiler trace of a batch-64 decode step and of a mixed step,
 sampler's passes on a real vocabulary. One bounded run (about 3 minutes on one H200).
 
     timeout 290 python benchmarks/profile_steps.py --out-dir $OUT
+    timeout 100 python benchmarks/profile_steps.py --traces-only --out-dir $OUT  # traces alone
     python benchmarks/profile_steps.py --smoke --out-dir /tmp/p       # tiny model on CPU
 
 Model: the Llama-3.1-8B shape, random bf16 weights made on the GPU (`load_format="dummy"`),
@@ -229,6 +230,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out-dir", required=False, default="/tmp/cpserve-profile-steps")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--traces-only", action="store_true",
+                    help="the default engine's two traces alone (about a minute on one H200)")
     ap.add_argument("--engine-worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.engine_worker:
@@ -249,6 +252,8 @@ def main() -> None:
                  workloads=list(WORKLOADS), traces=[False, True]),
             dict(label="sync", flags=dict(flags, async_scheduling=False),
                  workloads=["64x1k"], traces=[False])]
+    if args.traces_only:  # where a step's time goes, without the throughput runs
+        jobs = [dict(jobs[0], workloads=[])]
     report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"), engines=[],
                   errors=[])
