@@ -105,12 +105,16 @@ class MTPProposer:
         rows = first[inputs.local_seq] + torch.minimum(inputs.local_offset,
                                                        lengths[inputs.local_seq] - 1)
         token_ids = to_device(following[rows], runner.device)
-        if prepared.ctx is None:  # the main step replayed a graph: so does the module
-            vectors = inputs.decode_vectors.clone()
+        ctx = prepared.ctx
+        if ctx is None and self.graphs is not None:  # the main step replayed a graph: so
+            vectors = inputs.decode_vectors.clone()   # does the module, over the same rows
             vectors[0] = token_ids
             out = self.graphs.run(vectors, inputs.metadata.rep_queries_per_seq, hidden, 0)
         else:
-            out = self._eager(0, token_ids, inputs.positions, hidden, prepared.ctx)
+            if ctx is None:  # a paged-only step: its metadata needs no plans
+                ctx = AttentionContext(inputs.metadata, runner.kv_caches, runner.groups,
+                                       runner.backend, runner.config.parallel.kv_exchange)
+            out = self._eager(0, token_ids, inputs.positions, hidden, ctx)
 
         wanted = [i for i, e in enumerate(entries) if e[2] > 0]
         drafts: list[list[int]] = [[] for _ in entries]
