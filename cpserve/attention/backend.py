@@ -146,6 +146,23 @@ def _copy_slots(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) 
     flat.index_copy_(0, slots, values)
 
 
+def _cached_rows(cache: torch.Tensor, block_tables: torch.Tensor, query_seq: torch.Tensor,
+                 query_kv_len: torch.Tensor):
+    """Per sequence with cached tokens to read: its query rows, the (block, offset) index of
+    its first max-visible-length cached tokens, and which of them each row sees."""
+    block_size = cache.shape[1]
+    for seq in torch.unique(query_seq).tolist():
+        rows = torch.nonzero(query_seq == seq).squeeze(1)
+        lengths = query_kv_len[rows]
+        max_len = int(lengths.max())
+        if max_len == 0:
+            continue
+        positions = torch.arange(max_len, device=cache.device)
+        blocks = block_tables[seq, positions // block_size]
+        visible = positions.unsqueeze(0) < lengths.unsqueeze(1)
+        yield rows, (blocks, positions % block_size), visible
+
+
 def _loaded(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Cache contents as values: FP8 times its scale, in fp32."""
     return x.float() * scale if x.dtype == FP8 else x
@@ -175,17 +192,9 @@ class TorchReferenceBackend:
             v_cache, v_scale = k_cache[..., :v_dim], k_scale
         out = q.new_zeros(*q.shape[:2], v_cache.shape[-1])
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-        block_size = k_cache.shape[1]
-        for seq in torch.unique(query_seq).tolist():
-            rows = torch.nonzero(query_seq == seq).squeeze(1)
-            lengths = query_kv_len[rows]
-            max_len = int(lengths.max())
-            if max_len == 0:
-                continue
-            blocks = block_tables[seq, : -(-max_len // block_size)]
-            k = _loaded(k_cache[blocks].flatten(0, 1)[:max_len], k_scale)
-            v = _loaded(v_cache[blocks].flatten(0, 1)[:max_len], v_scale)
-            visible = torch.arange(max_len, device=q.device).unsqueeze(0) < lengths.unsqueeze(1)
+        for rows, tokens, visible in _cached_rows(k_cache, block_tables, query_seq, query_kv_len):
+            k = _loaded(k_cache[tokens], k_scale)
+            v = _loaded(v_cache[tokens], v_scale)
             out[rows], lse[rows] = _attend(q[rows], k, v, visible, scale)
         return out, lse
 
@@ -193,17 +202,9 @@ class TorchReferenceBackend:
                                 forms, k_scale=1.0, plan=None):
         out = q.new_zeros(*q.shape[:2], forms.output_dim(0))
         lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-        block_size = k_cache.shape[1]
-        for seq in torch.unique(query_seq).tolist():
-            rows = torch.nonzero(query_seq == seq).squeeze(1)
-            lengths = query_kv_len[rows]
-            max_len = int(lengths.max())
-            if max_len == 0:
-                continue
-            blocks = block_tables[seq, : -(-max_len // block_size)]
-            latent = _loaded(k_cache[blocks].flatten(0, 1)[:max_len], k_scale).to(q.dtype)
+        for rows, tokens, visible in _cached_rows(k_cache, block_tables, query_seq, query_kv_len):
+            latent = _loaded(k_cache[tokens], k_scale).to(q.dtype)
             keys, values = forms.new_kv(latent, None, None)
-            visible = torch.arange(max_len, device=q.device).unsqueeze(0) < lengths.unsqueeze(1)
             out[rows], lse[rows] = _attend(q[rows], keys, values, visible, scale)
         return out, lse
 
