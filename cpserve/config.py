@@ -379,6 +379,10 @@ def check_engine_config(cfg: EngineConfig) -> None:
                 "--no-enable-chunked-prefill forbids: set one or the other")
     if par.kv_exchange not in ("allgather", "ring"):
         raise ConfigError(f"kv_exchange={par.kv_exchange!r} must be 'allgather' or 'ring'")
+    split = par.pcp_min_split_tokens
+    if isinstance(split, bool) or not isinstance(split, int) or split < 0:
+        raise ConfigError(f"pcp_min_split_tokens={split!r} must be an integer >= 0 "
+                          "(--pcp-min-split-tokens)")
     if cache.block_size % par.interleave:
         raise ConfigError(f"cp_kv_cache_interleave_size={par.interleave} must divide "
                           f"block_size={cache.block_size}")

@@ -20,6 +20,7 @@ LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 4, 1), (2, 1, 2), (2, 2, 1), (2, 2, 2), (4,
 BLOCK_SIZE = 4
 # Shorter than the number of shards, around a block, several blocks, long enough to split.
 PROMPT_LENGTHS = [1, 3, 7, 19, 45, 70]
+MIN_SPLIT = 40  # --pcp-min-split-tokens of one case: 45 and 70 split, the others replicated
 NEW_TOKENS = 12
 # fp32; collectives only change the order of summation.
 LOGPROB_TOL = 1e-4
@@ -55,13 +56,30 @@ def pool(request):
 def _cases(pool: WorkerPool):
     """(interleave, exchange, max_num_batched_tokens): every value of each setting, and every
     pair of values of any two settings (a pairwise design: 4 runs instead of 8). Chunked
-    runs schedule asynchronously (`test_same_tokens_as_one_process`)."""
+    runs schedule asynchronously (`test_same_tokens_as_one_process`); the last PCP case
+    splits only chunks of at least MIN_SPLIT tokens, the shorter prompts run unsplit."""
     chunked, whole = 16, 8192
     if pool.parallel.pcp == 1:  # no PCP exchange happens
         return [(1, "allgather", whole), (1, "allgather", chunked),
                 (BLOCK_SIZE, "allgather", whole), (BLOCK_SIZE, "allgather", chunked)]
     return [(1, "allgather", whole), (1, "ring", chunked),
             (BLOCK_SIZE, "allgather", chunked), (BLOCK_SIZE, "ring", whole)]
+
+
+def _count_split_requests(llm: LLM) -> list[int]:
+    """The new-token counts of the requests the driver's steps split over the PCP ranks (every
+    rank decides from the same config), filled in as the engine runs."""
+    runner, split = llm.engine.executor.runner, []
+    is_split = runner._is_split
+
+    def recording(request):
+        if is_split(request):
+            split.append(len(request.token_ids))
+            return True
+        return False
+
+    runner._is_split = recording
+    return split
 
 
 def _llm(pool: WorkerPool, **overrides) -> LLM:
@@ -78,9 +96,17 @@ def test_same_tokens_as_one_process(pool, reference):
         # rank while chunks and PCP splits run beside them.
         overlap = max_batched < 8192
         case += f" async_scheduling={overlap}"
+        min_split = MIN_SPLIT if (pool.parallel.pcp > 1 and exchange == "ring"
+                                  and max_batched == 8192) else 0
+        case += f" pcp_min_split_tokens={min_split}"
         with _llm(pool, cp_kv_cache_interleave_size=interleave, pcp_kv_exchange=exchange,
-                  max_num_batched_tokens=max_batched, async_scheduling=overlap) as llm:
+                  max_num_batched_tokens=max_batched, async_scheduling=overlap,
+                  pcp_min_split_tokens=min_split) as llm:
+            if min_split:
+                splits = _count_split_requests(llm)
             results = _generate(llm)
+        if min_split:  # the threshold decided which prefills were split
+            assert sorted(splits) == [n for n in PROMPT_LENGTHS if n >= MIN_SPLIT], case
         for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(results, reference):
             assert tokens == ref_tokens, case
             assert torch.allclose(torch.tensor(logprobs), torch.tensor(ref_logprobs),

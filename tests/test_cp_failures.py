@@ -22,6 +22,8 @@ from tests.checkpoints import make_checkpoint
      "cp_kv_cache_interleave_size=3 must divide block_size=16"),
     (dict(prefill_context_parallel_size=0), "prefill_context_parallel_size=0 must be a positive"),
     (dict(pcp_kv_exchange="carrier-pigeon"), "kv_exchange='carrier-pigeon'"),
+    (dict(pcp_min_split_tokens=-1), r"pcp_min_split_tokens=-1 must be an integer >= 0 "
+     r"\(--pcp-min-split-tokens\)"),
 ])
 def test_invalid_layouts_are_refused_at_start_up(kwargs, message):
     with pytest.raises(ConfigError, match=message):

@@ -62,6 +62,7 @@ class EngineArgs:
     decode_context_parallel_size: int = 1
     cp_kv_cache_interleave_size: int = 1
     pcp_kv_exchange: str = "allgather"
+    pcp_min_split_tokens: int = 0  # shorter prefill chunks run on every PCP rank, unsplit
     enable_expert_parallel: bool = False
     enforce_eager: bool = False
     load_format: str = "auto"
@@ -120,6 +121,7 @@ class EngineArgs:
                 decode_context_parallel_size=self.decode_context_parallel_size,
                 cp_kv_cache_interleave_size=self.cp_kv_cache_interleave_size,
                 kv_exchange=self.pcp_kv_exchange,
+                pcp_min_split_tokens=self.pcp_min_split_tokens,
                 enable_expert_parallel=self.enable_expert_parallel,
             ),
             cache=CacheConfig(
@@ -268,6 +270,9 @@ class EngineArgs:
         g.add_argument("-dcp", "--decode-context-parallel-size", type=int, default=1)
         g.add_argument("--cp-kv-cache-interleave-size", type=int, default=1)
         g.add_argument("--pcp-kv-exchange", default="allgather", choices=["allgather", "ring"])
+        g.add_argument("--pcp-min-split-tokens", type=int, default=0,
+                       help="a request's prefill chunk shorter than this runs on every PCP rank "
+                            "instead of being split over them (0: split whenever it can be)")
         g.add_argument("-ep", "--enable-expert-parallel", action="store_true",
                        help="MoE models: partition the routed experts over the tp * pcp ranks "
                             "(whole experts per rank) instead of slicing every expert over TP")
