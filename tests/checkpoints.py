@@ -130,6 +130,21 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[tupl
     return results
 
 
+def greedy_with_logprobs(llm, lengths: list[int], new_tokens: int
+                         ) -> list[tuple[list[int], list[float]]]:
+    """The engine's greedy tokens and their logprobs for `random_prompts(lengths)`, after which
+    the engine's KV bookkeeping must be intact (what the layout tests compare)."""
+    from cpserve import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, logprobs=0)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(lengths)]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    llm.engine.check_integrity()
+    return [(o.outputs[0].token_ids,
+             [o.outputs[0].logprobs[i][t].logprob for i, t in enumerate(o.outputs[0].token_ids)])
+            for o in outputs]
+
+
 def random_prompts(lengths: list[int], vocab: int = 1024, seed: int = 1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(6, vocab, (n,), generator=g).tolist() for n in lengths]

@@ -13,7 +13,7 @@ from cpserve import LLM, SamplingParams
 from cpserve.config import ParallelConfig
 from cpserve.distributed.worker_pool import WorkerPool
 from cpserve.engine.worker import start_worker_pool
-from tests.checkpoints import random_prompts
+from tests.checkpoints import greedy_with_logprobs, random_prompts
 from tests.kv_placement import assert_each_rank_holds_its_shard
 
 LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 4, 1), (2, 1, 2), (2, 2, 1), (2, 2, 2), (4, 1, 2), (4, 1, 4)]
@@ -29,15 +29,7 @@ COMMON = dict(block_size=BLOCK_SIZE, num_kv_blocks=512, max_model_len=256,
 
 
 def _generate(llm: LLM) -> list[tuple[list[int], list[float]]]:
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
-    prompts = [{"prompt_token_ids": p} for p in random_prompts(PROMPT_LENGTHS)]
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    llm.engine.check_integrity()
-    results = []
-    for out in outputs:
-        c = out.outputs[0]
-        results.append((c.token_ids, [c.logprobs[i][t].logprob for i, t in enumerate(c.token_ids)]))
-    return results
+    return greedy_with_logprobs(llm, PROMPT_LENGTHS, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,13 @@ import os
 import pytest
 import torch
 
-from cpserve import LLM, SamplingParams
+from cpserve import LLM
 from cpserve.config import ParallelConfig
 from cpserve.distributed.worker_pool import WorkerPool
 from cpserve.engine.worker import start_worker_pool
 from tests.checkpoints import (
     add_mtp_modules,
+    greedy_with_logprobs,
     make_deepseek_checkpoint,
     make_successor_checkpoint,
     random_prompts,
@@ -46,13 +47,7 @@ def checkpoint(tmp_path_factory):
 
 
 def _generate(llm: LLM) -> list[tuple[list[int], list[float]]]:
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
-    prompts = [{"prompt_token_ids": p} for p in random_prompts(PROMPT_LENGTHS)]
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    llm.engine.check_integrity()
-    return [(o.outputs[0].token_ids,
-             [o.outputs[0].logprobs[i][t].logprob for i, t in enumerate(o.outputs[0].token_ids)])
-            for o in outputs]
+    return greedy_with_logprobs(llm, PROMPT_LENGTHS, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ import os
 import pytest
 import torch
 
-from cpserve import LLM, SamplingParams
+from cpserve import LLM
 from cpserve.config import ParallelConfig
 from cpserve.engine.worker import start_worker_pool
-from tests.checkpoints import random_prompts
+from tests.checkpoints import greedy_with_logprobs
 from tests.fp8_checkpoints import make_fp8_pair
 
 # tp 2 with dcp 2 (the one KV head's copies become shards), pcp 2, and all three.
@@ -54,13 +54,7 @@ def checkpoints(tmp_path_factory):
 
 
 def _generate(llm: LLM) -> list[tuple[list[int], list[float]]]:
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
-    prompts = [{"prompt_token_ids": p} for p in random_prompts(PROMPT_LENGTHS)]
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    llm.engine.check_integrity()
-    return [(o.outputs[0].token_ids,
-             [o.outputs[0].logprobs[i][t].logprob for i, t in enumerate(o.outputs[0].token_ids)])
-            for o in outputs]
+    return greedy_with_logprobs(llm, PROMPT_LENGTHS, NEW_TOKENS)
 
 
 @contextlib.contextmanager

@@ -14,12 +14,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpserve import LLM, SamplingParams
+from cpserve import LLM
 from cpserve.config import ParallelConfig
 from cpserve.distributed.worker_pool import WorkerPool
 from cpserve.engine.worker import start_worker_pool
 from cpserve.models.moe import MoE
-from tests.checkpoints import make_checkpoint, make_deepseek_checkpoint, random_prompts
+from tests.checkpoints import (
+    greedy_with_logprobs,
+    make_checkpoint,
+    make_deepseek_checkpoint,
+)
 
 LAYOUTS = [(2, 1, 1), (1, 2, 1), (2, 2, 1), (4, 1, 2)]
 # (checkpoint, expert parallel); Qwen2-MoE has a gated shared expert, DeepSeek-V3 grouped
@@ -45,13 +49,7 @@ def checkpoints(tmp_path_factory):
 
 
 def _generate(llm: LLM) -> list[tuple[list[int], list[float]]]:
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
-    prompts = [{"prompt_token_ids": p} for p in random_prompts(PROMPT_LENGTHS)]
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    llm.engine.check_integrity()
-    return [(o.outputs[0].token_ids,
-             [o.outputs[0].logprobs[i][t].logprob for i, t in enumerate(o.outputs[0].token_ids)])
-            for o in outputs]
+    return greedy_with_logprobs(llm, PROMPT_LENGTHS, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
