@@ -38,14 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-LLAMA_31_8B = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
-    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5,
-    rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 8192},
-    bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False, torch_dtype="bfloat16")
+from serving_model import LLAMA_31_8B  # noqa: E402 - after the path set-up
 
 FULL = dict(prefill=[8192, 32768, 65536, 131072],
             decode_pcp1=[(8192, 1), (32768, 1), (131072, 1), (8192, 8), (32768, 8)],
