@@ -108,60 +108,89 @@ def bench_ngram(contexts=(8192, 32768, 131072), reps: int = 200) -> list[dict]:
 
 
 # verification steps (one engine per model) --------------------------------------------------
-def step_times(llm, context: int, batch: int, steps: int = STEPS,
-               warmup: int = WARMUP) -> dict:
-    """Median ms of decode steps, verification steps and (MTP) drafting rounds of `batch`
-    requests at `context` tokens, driving the engine's executor with hand-made plans (the
-    cache holds random values: speed only). Steps keep their position, so the context stays
-    at `context` (a verification step's slots are written again, as after a rejection)."""
-    from cpserve.distributed.plan import PlannedRequest, StepPlan
+class BenchSteps:
+    """Hand-made decode, verification and (MTP) drafting plans of `batch` requests at
+    `context` tokens, run through the engine's executor (the cache holds random values: speed
+    only). Steps keep their position, so the context stays at `context` (a verification
+    step's slots are written again, as after a rejection). Blocks come from the engine's pool
+    and go back on `close`, so no cached prefix is overwritten."""
 
-    executor, spec, pool = llm.engine.executor, llm.engine.config.speculative, llm.engine.kv.pool
-    blocks = llm.engine.kv.layout.num_blocks_for(context + 2 * spec.num_speculative_tokens + 2)
-    if blocks * batch > pool.num_free:
-        raise RuntimeError(f"{batch} x {context} tokens need {blocks * batch} blocks, the "
-                           f"cache has {pool.num_free} free")
-    rids = [f"bench-{batch}-{i}" for i in range(batch)]
-    # Taken from the engine's pool (and given back), so no cached prefix is overwritten.
-    tables = {r: pool.allocate(blocks) for r in rids}
-    k = spec.num_speculative_tokens
-    device = llm.engine.device
+    def __init__(self, llm, context: int, batch: int) -> None:
+        self.executor, self.context = llm.engine.executor, context
+        self.device = llm.engine.device
+        spec, self.pool = llm.engine.config.speculative, llm.engine.kv.pool
+        self.k, self.is_mtp = spec.num_speculative_tokens, spec.is_mtp
+        blocks = llm.engine.kv.layout.num_blocks_for(context + 2 * self.k + 2)
+        if blocks * batch > self.pool.num_free:
+            raise RuntimeError(f"{batch} x {context} tokens need {blocks * batch} blocks, the "
+                               f"cache has {self.pool.num_free} free")
+        self.rids = [f"bench-{batch}-{i}" for i in range(batch)]
+        self.tables = {r: self.pool.allocate(blocks) for r in self.rids}
+        self.started = False
 
-    def sync():
-        if device.type == "cuda":
+    def decode(self):
+        from cpserve.distributed.plan import PlannedRequest, StepPlan
+
+        first, self.started = not self.started, True
+        return StepPlan([PlannedRequest(r, [11], self.context, self.tables[r] if first else [],
+                                        first, 1) for r in self.rids])
+
+    def verify(self):
+        from cpserve.distributed.plan import PlannedRequest, StepPlan
+
+        assert self.started, "a decode step first: it brings the block tables"
+        return StepPlan([PlannedRequest(r, [11] + [12] * self.k, self.context, [], False,
+                                        1 + self.k, self.k) for r in self.rids])
+
+    def draft(self):
+        """The drafting round after a verification step whose drafts were all accepted."""
+        from cpserve.distributed.plan import StepPlan
+
+        return StepPlan(draft=[[[12] * (1 + self.k), self.k, self.k] for _ in self.rids])
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed(plan_of, after=None) -> float:
+    def run(self, kind: str) -> None:
+        """One step: "decode", "verify", or "verify+draft"."""
+        self.executor.execute(self.decode() if kind == "decode" else self.verify())
+        if kind == "verify+draft":
+            self.executor.draft(self.draft())
+
+    def timed(self, kind: str, steps: int, warmup: int) -> float:
+        """Median ms of `steps` steps of `kind` after `warmup`, each from idle to idle."""
         times = []
-        for i in range(warmup + steps):
-            plan = plan_of(i)
-            sync()
+        for _ in range(warmup + steps):
+            self.sync()
             start = time.perf_counter()
-            executor.execute(plan)
-            if after is not None:
-                after()
-            sync()
+            self.run(kind)
+            self.sync()
             times.append(time.perf_counter() - start)
         return statistics.median(times[warmup:]) * 1e3
 
-    def decode(i):
-        return StepPlan([PlannedRequest(r, [11], context, tables[r] if i == 0 else [], i == 0, 1)
-                         for r in rids])
+    def close(self) -> None:
+        from cpserve.distributed.plan import StepPlan
 
-    def verify(i):
-        return StepPlan([PlannedRequest(r, [11] + [12] * k, context, [], False, 1 + k, k)
-                         for r in rids])
+        self.executor.execute(StepPlan(freed_request_ids=self.rids))
+        for r in self.rids:
+            self.pool.release(self.tables[r])
 
-    result = dict(batch=batch, context=context, decode_ms=timed(decode))
-    result["verify_ms"] = timed(verify)
-    if spec.is_mtp:
-        entries = [[[12] * (1 + k), k, k] for _ in rids]  # all accepted: a full chain
-        result["verify_and_draft_ms"] = timed(
-            verify, lambda: executor.draft(StepPlan(draft=entries)))
-        result["draft_ms"] = result["verify_and_draft_ms"] - result["verify_ms"]
-    executor.execute(StepPlan(freed_request_ids=rids))
-    for r in rids:
-        pool.release(tables[r])
+
+def step_times(llm, context: int, batch: int, steps: int = STEPS,
+               warmup: int = WARMUP) -> dict:
+    """Median ms of decode steps, verification steps and (MTP) drafting rounds of `batch`
+    requests at `context` tokens (`BenchSteps`)."""
+    bench = BenchSteps(llm, context, batch)
+    try:
+        result = dict(batch=batch, context=context,
+                      decode_ms=bench.timed("decode", steps, warmup))
+        result["verify_ms"] = bench.timed("verify", steps, warmup)
+        if bench.is_mtp:
+            result["verify_and_draft_ms"] = bench.timed("verify+draft", steps, warmup)
+            result["draft_ms"] = result["verify_and_draft_ms"] - result["verify_ms"]
+    finally:
+        bench.close()
     step_ms = result.get("verify_and_draft_ms", result["verify_ms"])
     result["ratio"] = result["verify_ms"] / result["decode_ms"]
     result["step_ratio"] = step_ms / result["decode_ms"]

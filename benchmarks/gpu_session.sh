@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_session.sh PHASE [PHASE ...]
 # Phases: env, kernels, parity, chunk, serving-quick, serving, throughput, host-profile, moe,
 #         mla-prefix, mla-prefix-tests, fp8, fp8-kernels, profile-fp8 (PROFILE_FP8_BUDGET
-#         seconds, default 60), spec, spec-serving, pd, profile, profile-traces
+#         seconds, default 60), spec, profile-spec, spec-serving, pd, profile, profile-traces
 # `env spec pd` (issues 13 and 14) fits in 420 s: spec = GPU tests (60 s) + bench_spec_decode
 # --budget-s 120 (130 s), pd = GPU tests (60 s) + bench_disagg --budget-s 150 (160 s).
 set -u
@@ -58,6 +58,8 @@ for phase in "$@"; do
          tests/test_spec_kernels.py 2>&1 | tee "$OUT/spec-tests.log" | tail -25
          timeout 130 python3 benchmarks/bench_spec_decode.py --budget-s 120 --out-dir "$OUT" 2>&1 \
          | tee "$OUT/spec-decode.log" | grep -v "^\[transformers\]" | tail -30 ;;
+    profile-spec) timeout 300 python3 benchmarks/profile_spec_decode.py --out-dir "$OUT" 2>&1 \
+         | grep -v "USDT\|^\[transformers\]" | tee "$OUT/profile-spec-decode.log" | tail -80 ;;
     spec-serving) timeout 400 python3 benchmarks/bench_serving.py --runs spec-ngram-32k,spec-mtp-32k \
          --no-hf --out-dir "$OUT" 2>&1 | tee "$OUT/spec-serving.log" | tail -20 ;;
     pd) mkdir -p "$OUT/pd"; timeout 60 python3 -m pytest -q -p no:cacheprovider \

@@ -100,6 +100,19 @@ def test_no_tokens():
     assert out.shape == (0, x.shape[1])
 
 
+@pytest.mark.parametrize("block_m", [1, 16])
+def test_align_pairs_places_pairs_as_the_stable_sort_does(block_m, monkeypatch):
+    """Few pairs are placed by running counts, many by a sort: the same placement."""
+    from cpserve.models.kernels import fused_moe as module
+
+    g = torch.Generator().manual_seed(4)
+    flat = torch.randint(-1, 8, (300,), generator=g).int().to(DEVICE)
+    counted = align_pairs(flat, 8, block_m)
+    monkeypatch.setattr(module, "ONE_HOT_MAX_PAIRS", 0)
+    sorted_ = align_pairs(flat, 8, block_m)
+    assert all(torch.equal(a, b) for a, b in zip(counted, sorted_))
+
+
 @pytest.mark.parametrize("block_m", [1, 4, 16])
 def test_align_pairs_puts_each_pair_once_in_a_block_of_its_expert(block_m):
     g = torch.Generator().manual_seed(3)

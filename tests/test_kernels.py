@@ -215,8 +215,28 @@ def test_paged_attention_mla_shapes(dtype, heads, num_queries, tiled, splits, mo
     monkeypatch.setitem(paged_module.TUNING, "min_split_tokens", 4)
     monkeypatch.setitem(paged_module.TUNING, "max_splits", splits)
     monkeypatch.setitem(paged_module.TUNING, "wide_block_n", 16)
+    monkeypatch.setitem(paged_module.TUNING, "wide_tiled_block_n", 16)
     case = mla_paged_case(heads + splits, dtype, heads, num_queries)
     got = paged_attention_triton(*case, MLA_SCALE, v_dim=MLA_DV, tiled=tiled)
+    assert_attention_close(got, REF.paged_attention(*case, MLA_SCALE, v_dim=MLA_DV), dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_paged_attention_mla_verification_mode(dtype, monkeypatch):
+    """A verification step of V2-Lite's shape (16 heads, 576/512): 2 requests x 5 rows of
+    growing lengths (padding rows of length 0), tiles of 2 queries x 16 heads, split-K."""
+    monkeypatch.setitem(paged_module.TUNING, "wide_verify_block_n", 16)
+    monkeypatch.setitem(paged_module.TUNING, "wide_verify_target_programs_per_sm", 64)
+    monkeypatch.setitem(paged_module.TUNING, "min_split_tokens", 4)
+    monkeypatch.setitem(paged_module.TUNING, "max_splits", 2)
+    gen = torch.Generator().manual_seed(21)
+    k_cache = rand(4, 16, 1, MLA_DK, dtype=dtype, gen=gen)
+    tables = torch.randperm(4, generator=gen).view(2, 2).to(DEVICE)
+    seq = torch.arange(2).repeat_interleave(5).to(DEVICE)
+    lengths = torch.tensor([20, 21, 22, 23, 24, 3, 4, 5, 0, 0]).to(DEVICE)
+    q = rand(10, 16, MLA_DK, dtype=dtype, gen=gen)
+    case = (q, k_cache, None, tables, seq, lengths)
+    got = paged_attention_triton(*case, MLA_SCALE, v_dim=MLA_DV, queries_per_seq=5)
     assert_attention_close(got, REF.paged_attention(*case, MLA_SCALE, v_dim=MLA_DV), dtype)
 
 

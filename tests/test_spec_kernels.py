@@ -41,10 +41,12 @@ DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 def test_verification_mode_matches_reference(group, latent, splits, dtype, monkeypatch):
     """Three sequences of q = 5 rows each: lengths growing by one row to the next (a
     verification step), a padding row of length 0, and a sequence with nothing cached."""
-    monkeypatch.setitem(paged_module.TUNING, "target_programs_per_sm", 0 if splits == 1 else 64)
+    # Verification's own knobs (TUNING "verify_*"): several blocks and splits a sequence.
+    monkeypatch.setitem(paged_module.TUNING, "verify_target_programs_per_sm",
+                        0 if splits == 1 else 64)
     monkeypatch.setitem(paged_module.TUNING, "min_split_tokens", 4)
     monkeypatch.setitem(paged_module.TUNING, "max_splits", splits)
-    monkeypatch.setitem(paged_module.TUNING, "block_n", 16)
+    monkeypatch.setitem(paged_module.TUNING, "verify_block_n", 16)
     gen = torch.Generator().manual_seed(group * 10 + splits)
     q_rows, page, blocks, width, kv_heads = 5, 4, 24, 5, 1 if latent else 2
     dk, dv = (40, 24) if latent else (32, 32)

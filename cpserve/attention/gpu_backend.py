@@ -61,7 +61,12 @@ from cpserve.attention.kernels.library_ops import (
     probe_ops,
 )
 from cpserve.attention.kernels.merge import merge_two_triton
-from cpserve.attention.kernels.paged import tile_queries, wants_tiles
+from cpserve.attention.kernels.paged import (
+    tile_queries,
+    uniform_tiles,
+    verification_queries,
+    wants_tiles,
+)
 from cpserve.attention.kernels.prefix_plan import (
     LibraryPart,
     PrefixPlan,
@@ -318,10 +323,16 @@ class GPUBackend:
             self.fallbacks.add(f"paged: head dims {q.shape[-1]}/{dv}")
             return self.reference.paged_attention(q, k_cache, v_cache, block_tables, query_seq,
                                                   query_kv_len, scale, v_dim, k_scale, v_scale)
-        if plan is None and queries_per_seq > 1:  # a verification step: tiles from shapes
+        if plan is None and queries_per_seq > 1:  # a verification step: tiles from shapes,
+            size = verification_queries(queries_per_seq, q.shape[1] // k_cache.shape[2], dv)
+            by_size = self._plans.get((query_kv_len,), dict)  # made on the device once a step
+            if size not in by_size:
+                by_size[size] = uniform_tiles(query_kv_len, queries_per_seq, size)
+            tiles = by_size[size]
             return paged_attention_triton(q, k_cache, v_cache, block_tables, query_seq,
-                                          query_kv_len, scale, v_dim, k_scale=k_scale,
-                                          v_scale=v_scale, queries_per_seq=queries_per_seq)
+                                          query_kv_len, scale, v_dim, tiles=tiles,
+                                          k_scale=k_scale, v_scale=v_scale,
+                                          queries_per_seq=queries_per_seq)
         if plan is None and wants_tiles(q.shape[0], block_tables.shape[0]):
             shape = AttentionShape(q.shape[1], k_cache.shape[2], q.shape[-1], dv, q.dtype,
                                    values_in_keys=v_cache is None, kv_dtype=k_cache.dtype)

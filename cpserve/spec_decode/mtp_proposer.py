@@ -45,7 +45,7 @@ from cpserve.attention.context import AttentionContext
 from cpserve.attention.metadata import PlannedSeq, StepAttentionMetadata, decode_metadata
 from cpserve.distributed.groups import all_reduce
 from cpserve.engine.cuda_graphs import DecodeGraphs, graphs_enabled
-from cpserve.engine.transfer import to_device
+from cpserve.engine.transfer import take_rows, to_device
 from cpserve.models.deepseek_mtp import DeepseekMTP
 from cpserve.models.loader import build_model
 from cpserve.models.rope import StepPositions
@@ -123,20 +123,27 @@ class MTPProposer:
         h = self._rows_everywhere(out, inputs, seqs, [(i, entries[i][1]) for i in wanted])
         tokens = self._argmax(0, h)
         positions = [plan.requests[i].start + entries[i][1] + 1 for i in wanted]
-        for k in range(1, max(entries[i][2] for i in wanted) + 1):
-            for j, i in enumerate(wanted):
-                drafts[i].append(int(tokens[j]))
+        # The chain stays on the device: each draft feeds the next step's inputs there, and
+        # the host reads all of them once at the end (a read per draft would wait for the
+        # device each time, leaving it idle while the next step is prepared).
+        chain = [(wanted, tokens)]
+        for k in range(1, max(entries[i][2] for i in wanted)):
             going = [j for j, i in enumerate(wanted) if entries[i][2] > k]
             if not going:
                 break
             wanted = [wanted[j] for j in going]
             positions = [positions[j] for j in going]
-            h, tokens = h[going], tokens[going]
+            h, tokens = take_rows(h, going), take_rows(tokens, going)
             h = self._chain_step(k, tokens, positions,
                                  [runner.rows.row(plan.requests[i].request_id) for i in wanted],
                                  h)
             tokens = self._argmax(k, h)
             positions = [p + 1 for p in positions]
+            chain.append((wanted, tokens))
+        values = iter(torch.cat([t for _, t in chain]).tolist())
+        for requests, _ in chain:
+            for i in requests:
+                drafts[i].append(next(values))
         return drafts
 
     @property

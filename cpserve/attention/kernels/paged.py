@@ -59,7 +59,9 @@ from cpserve.attention.kernels.scores import MAX_TILE_DIM, chunked_scores, dk_ch
 LOG2E = 1.4426950408889634
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Tuning knobs, read at every call (a benchmark may set them).
+# Tuning knobs, read at every call (a benchmark may set them). A call's mode picks its prefix
+# ("" decode, "tiled_", "verify_"; with wide heads "wide_", "wide_tiled_", "wide_verify_"); a
+# knob its mode does not set is the unprefixed one.
 TUNING = {
     "block_n": 64,  # KV tokens per inner step
     "rows_per_tile": 64,  # BLOCK_Q * BLOCK_G in tiled mode
@@ -72,15 +74,30 @@ TUNING = {
     # program, so latent attention's 512-wide values split query heads across programs.
     "acc_budget": 16384,
     # Head dims over 256 (latent attention, DK 576 / DV 512): own settings, since their
-    # [rows, DV] accumulator and V tile are 2-4x those of a 128-wide head.
+    # [rows, DV] accumulator and V tile are 2-4x those of a 128-wide head. Decode: 4 warps
+    # read 8 x 32k latent tokens in 131 us against 175 us with 8 (H200, run 7).
     "wide_block_n": 32,
-    "wide_num_warps": 8,
+    "wide_num_warps": 4,
     "wide_num_stages": 2,
+    "wide_tiled_block_n": 32,
+    "wide_tiled_num_warps": 8,
+    "wide_tiled_num_stages": 2,
     # Tiled mode (many queries of a sequence: a chunk over its prefix when the library path
     # is off, or too short for it), tuned apart from decode: its tiles are compute-bound.
     "tiled_block_n": 64,
     "tiled_num_warps": 4,
     "tiled_num_stages": 3,
+    # Verification steps of speculative decoding (1 + K rows a sequence, `queries_per_seq`):
+    # memory-bound like decode, with 2-8x its rows a program, tuned apart from both
+    # (benchmarks/profile_spec_decode.py --paged-sweep, run 7): 8 x 32k x 5 rows of the 8B
+    # shape in 310 us against 555 us with decode's settings (decode: 302 us for 1 row).
+    "verify_block_n": 128,
+    "verify_num_warps": 4,
+    "verify_num_stages": 3,
+    "verify_target_programs_per_sm": 8,
+    "wide_verify_block_n": 32,
+    "wide_verify_num_warps": 4,
+    "wide_verify_num_stages": 2,
 }
 # A measured setting can be handed to every process of a run (benchmarks do).
 TUNING.update(json.loads(os.environ.get("CPSERVE_PAGED_TUNING", "{}")))
@@ -203,10 +220,13 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNTS[index]
 
 
-def num_splits_for(num_programs: int, max_len_bound: int, device: torch.device) -> int:
-    """Split-K factor from shapes alone: enough programs to fill the GPU, no split shorter
-    than `min_split_tokens` of the longest possible context."""
-    wanted = TUNING["target_programs_per_sm"] * _sm_count(device)
+def num_splits_for(num_programs: int, max_len_bound: int, device: torch.device,
+                   programs_per_sm: int | None = None) -> int:
+    """Split-K factor from shapes alone: enough programs to fill the GPU (about
+    `programs_per_sm` each, default TUNING's), no split shorter than `min_split_tokens` of the
+    longest possible context."""
+    per_sm = TUNING["target_programs_per_sm"] if programs_per_sm is None else programs_per_sm
+    wanted = per_sm * _sm_count(device)
     if num_programs >= wanted:
         return 1
     by_length = max(1, max_len_bound // TUNING["min_split_tokens"])
@@ -233,10 +253,11 @@ def wants_tiles(num_queries: int, num_seqs: int) -> bool:
     return num_queries > max(2 * num_seqs, 64)
 
 
-def tile_queries(group: int, v_dim: int) -> int:
+def tile_queries(group: int, v_dim: int, acc_budget: int | None = None) -> int:
     """Queries of one tile: `rows_per_tile` rows of BLOCK_G heads each, within the
     accumulator budget (wider values, fewer rows)."""
-    rows_cap = max(16, TUNING["acc_budget"] // triton.next_power_of_2(v_dim))
+    budget = TUNING["acc_budget"] if acc_budget is None else acc_budget
+    rows_cap = max(16, budget // triton.next_power_of_2(v_dim))
     return max(1, min(TUNING["rows_per_tile"], rows_cap) // triton.next_power_of_2(group))
 
 
@@ -291,6 +312,22 @@ def uniform_tiles(query_kv_len: torch.Tensor, queries_per_seq: int, queries: int
                       queries)
 
 
+def verification_queries(queries_per_seq: int, group: int, v_dim: int) -> int:
+    """Queries a tile of a verification step (`queries_per_seq` rows a sequence)."""
+    prefix = "wide_verify_" if v_dim > MAX_TILE_DIM else "verify_"
+    budget = TUNING.get(prefix + "acc_budget", TUNING["acc_budget"])
+    return min(triton.next_power_of_2(queries_per_seq), tile_queries(group, v_dim, budget))
+
+
+def verification_tiles(query_kv_len: torch.Tensor, queries_per_seq: int, group: int,
+                       v_dim: int) -> PagedTiles:
+    """The tiles `paged_attention_triton` makes for a verification step, on the device from
+    shapes. A caller with many layers over the same lengths makes them once and passes them
+    as `tiles` with `queries_per_seq`."""
+    return uniform_tiles(query_kv_len, queries_per_seq,
+                         verification_queries(queries_per_seq, group, v_dim))
+
+
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None,
                            block_tables: torch.Tensor, query_seq: torch.Tensor,
                            query_kv_len: torch.Tensor, scale: float, v_dim: int | None = None,
@@ -300,7 +337,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """Same contract as `TorchReferenceBackend.paged_attention`.
 
     `tiles` given: tiled mode over them. `queries_per_seq > 1`: the rows are runs of exactly
-    that many per sequence, tiled by `uniform_tiles` on the device. Otherwise `tiled=None`
+    that many per sequence (a verification step, its own tuning), tiled on the device by
+    `verification_tiles` unless `tiles` brings them. Otherwise `tiled=None`
     picks the mode from shapes: decode mode (no host synchronisation) unless the queries are
     many per sequence (`wants_tiles`), when tiles of consecutive rows share each K/V load;
     tiles planned here cost a host synchronisation.
@@ -319,16 +357,24 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q = q.contiguous()
     block_tables, query_seq = block_tables.contiguous(), query_seq.contiguous()
     query_kv_len = query_kv_len.contiguous()
-    if tiles is None and queries_per_seq > 1 and tiled is not False:
-        tiles = uniform_tiles(query_kv_len, queries_per_seq,
-                              min(triton.next_power_of_2(queries_per_seq), tile_queries(group, dv)))
+    wide = max(dk, dv) > MAX_TILE_DIM
+    verify = queries_per_seq > 1 and tiled is not False
+    prefix = ("wide_" if wide else "") + ("verify_" if verify else "")
+
+    def knob(name: str) -> int:
+        return TUNING.get(prefix + name, TUNING[name])
+
+    if verify and tiles is None:
+        tiles = verification_tiles(query_kv_len, queries_per_seq, group, dv)
     if tiles is None and (wants_tiles(num_queries, block_tables.shape[0]) if tiled is None
                           else tiled):
         tiles = plan_tiles_now(query_seq, query_kv_len, tile_queries(group, dv))
     tiled = tiles is not None
+    if tiled and not verify:
+        prefix = "wide_tiled_" if wide else "tiled_"
     block_g = triton.next_power_of_2(group)
     block_dv = triton.next_power_of_2(dv)
-    rows_cap = max(16, TUNING["acc_budget"] // block_dv)
+    rows_cap = max(16, knob("acc_budget") // block_dv)
     if tiled:
         block_q, num_tiles = tiles.queries, tiles.num_tiles
         first, rows, tile_lens = tiles.first, tiles.rows, tiles.tile_lens
@@ -341,14 +387,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     head_parts = triton.cdiv(group, heads_per_part)
     heads_per_part = max(heads_per_part, 16 // block_q)
     chunk_dk, num_dk_chunks = dk_chunking(dk)
-    wide = max(dk, dv) > MAX_TILE_DIM
-    prefix = "wide_" if wide else "tiled_" if tiled else ""
-
-    def knob(name: str) -> int:
-        return TUNING[prefix + name]
-
     splits = num_splits_for(num_tiles * num_kv_heads * head_parts, block_tables.shape[1] * page,
-                            q.device)
+                            q.device, knob("target_programs_per_sm"))
     if splits > 1:
         part_out = torch.empty(num_queries, num_heads, splits, dv, dtype=torch.float32,
                                device=q.device)
