@@ -25,7 +25,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
 MTP = {"method": "deepseek_mtp", "num_speculative_tokens": 3}
-COMMON = dict(dtype="float32", num_kv_blocks=1024, max_model_len=1024, block_size=16,
+# max_model_len within the 512 positions of the tiny DeepSeek checkpoints (config.py refuses
+# more).
+COMMON = dict(dtype="float32", num_kv_blocks=1024, max_model_len=512, block_size=16,
               max_num_batched_tokens=128, max_num_seqs=8)
 # Repeating prompts (n-gram drafts from the first step), chunked ones, and a batch of 8.
 PROMPTS = [p + p for p in random_prompts([30, 200, 9, 60, 17, 90, 3, 45])]

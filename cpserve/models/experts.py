@@ -11,7 +11,7 @@
     fused_experts      Triton grouped GEMMs (kernels/fused_moe.py): gate/up with SiLU-and-multiply
                        in one kernel, down with the routing weight in its epilogue
 
-`experts_auto` picks `CUDA_EXPERTS` on CUDA in half precision, the reference elsewhere.
+`experts_auto` picks `CUDA_EXPERTS` on CUDA (fused_experts in fp32), the reference elsewhere.
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 
 
 def experts_auto(x, w13, w2, weights, ids) -> torch.Tensor:
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+    # fp32 on CUDA too (IEEE dot products): the reference reads routing back to the host,
+    # which a CUDA graph cannot capture.
+    if x.is_cuda:
         if CUDA_EXPERTS == "grouped_mm" and x.dtype == torch.bfloat16:
             return experts_grouped(x, w13, w2, weights, ids)
         return fused_experts(x, w13, w2, weights, ids)
