@@ -38,9 +38,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_deepseek import TINY as DEEPSEEK_TINY  # noqa: E402
 from bench_deepseek import V2_LITE  # noqa: E402
+from job_process import run_job  # noqa: E402
 from serving_model import LLAMA_31_8B, TINY, write_model_dir  # noqa: E402
 
 K = 4
@@ -240,23 +239,6 @@ def targets(rows: list[dict], ngram: list[dict]) -> list[dict]:
     return checks
 
 
-def _in_subprocess(job: dict, timeout: float) -> tuple[list, str | None]:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(job, f)
-    out_file = f.name + ".out"
-    def rows_so_far() -> list:
-        return json.loads(Path(out_file).read_text()) if os.path.exists(out_file) else []
-
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--verify-worker", f.name, out_file],
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return rows_so_far(), f"timed out after {timeout:.0f} s"
-    if proc.returncode != 0:
-        return rows_so_far(), f"exit status {proc.returncode}"
-    return rows_so_far(), None
-
-
 # Seconds a section needs at least to be worth starting (engine start-up included).
 SECTION_NEEDS_S = {"ngram-8b": 45, "mtp-v2lite": 45, "ngram": 10}
 
@@ -315,7 +297,8 @@ def main(argv: list[str] | None = None) -> Path | None:
                    context=64 if args.smoke else CONTEXT, batches=list(BATCHES),
                    steps=3 if args.smoke else STEPS, warmup=1 if args.smoke else WARMUP)
         result, error = ((verify_worker(job), None) if args.smoke
-                         else _in_subprocess(job, min(GROUP_TIMEOUT_S, left)))
+                         else run_job(__file__, "--verify-worker", job,
+                                      min(GROUP_TIMEOUT_S, left), default=[]))
         report["verify"] += result
         if error:
             report["errors"].append(dict(model=name, error=error))

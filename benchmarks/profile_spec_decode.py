@@ -24,7 +24,6 @@ import argparse
 import functools
 import json
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_spec_decode import CONTEXT, MODELS, SMOKE_MODELS, BenchSteps, K, engine_flags  # noqa: E402
+from job_process import run_job  # noqa: E402
 from serving_model import write_model_dir  # noqa: E402
 
 BATCHES = (1, 8)
@@ -222,20 +222,6 @@ def paged_alone(device: str, smoke: bool, sweep: bool, families: list[str],
     return rows
 
 
-def _in_subprocess(job: dict, timeout: float) -> tuple[list, str | None]:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(job, f)
-    out_file = Path(f.name + ".out")
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--engine-worker", f.name,
-                               str(out_file)], timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return [], f"timed out after {timeout:.0f} s"
-    if proc.returncode != 0 or not out_file.exists():
-        return [], f"exit status {proc.returncode}"
-    return json.loads(out_file.read_text()), None
-
-
 def report_lines(report: dict) -> list[str]:
     lines = [f"profile_spec_decode: {report['device']}, torch {report['torch']}, "
              f"{report['date']}, K = {K}, context {report['context']}"]
@@ -290,7 +276,7 @@ def main() -> None:
         job = dict(name=name, model_dir=str(model_dir), flags=flags, context=context,
                    device=device)
         rows, error = ((engine_worker(job), None) if args.smoke
-                       else _in_subprocess(job, ENGINE_TIMEOUT_S))
+                       else run_job(__file__, "--engine-worker", job, ENGINE_TIMEOUT_S, []))
         report["steps"] += rows
         if error:
             report["errors"].append(f"{name}: {error}")

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from job_process import run_job  # noqa: E402
 from serving_model import LLAMA_31_8B, TINY, write_model_dir  # noqa: E402
 
 MAX_MODEL_LEN = 32768 + 1024
@@ -183,20 +182,6 @@ def sampler_timings(device: str, vocab: int) -> dict:
     return result
 
 
-def _in_subprocess(job: dict, timeout: float) -> tuple[dict | None, str | None]:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(job, f)
-    out_file = f.name + ".out"
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--engine-worker", f.name, out_file],
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {timeout:.0f} s"
-    if proc.returncode != 0 or not os.path.exists(out_file):
-        return None, f"exit status {proc.returncode}"
-    return json.loads(Path(out_file).read_text()), None
-
-
 def decisions(report: dict) -> list[str]:
     by_engine = {e["engine"]: e for e in report["engines"] if e}
     lines = []
@@ -262,7 +247,8 @@ def main() -> None:
         if args.smoke:
             result, error = engine_worker(job), None
         else:
-            result, error = _in_subprocess(job, ENGINE_TIMEOUT_S[job["label"]])
+            result, error = run_job(__file__, "--engine-worker", job,
+                                    ENGINE_TIMEOUT_S[job["label"]])
         report["engines"].append(result)
         if error:
             report["errors"].append(dict(engine=job["label"], error=error))
