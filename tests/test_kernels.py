@@ -210,7 +210,10 @@ def mla_paged_case(seed, dtype, heads, num_queries, page=16, width=4):
     (16, 5, True, 2),  # chunk over a cached prefix: 2 queries x 16 heads per tile
     (64, 2, False, 2),  # V3 at TP 2: heads cut into parts of 32 (accumulator budget)
 ])
-def test_paged_attention_mla_shapes(dtype, heads, num_queries, tiled, splits, monkeypatch):
+@pytest.mark.parametrize("latent_blocks", [False, True])
+def test_paged_attention_mla_shapes(dtype, heads, num_queries, tiled, splits, latent_blocks,
+                                    monkeypatch):
+    monkeypatch.setitem(paged_module.TUNING, "latent_blocks", latent_blocks)
     monkeypatch.setitem(paged_module.TUNING, "target_programs_per_sm", 0 if splits == 1 else 64)
     monkeypatch.setitem(paged_module.TUNING, "min_split_tokens", 4)
     monkeypatch.setitem(paged_module.TUNING, "max_splits", splits)
@@ -222,9 +225,12 @@ def test_paged_attention_mla_shapes(dtype, heads, num_queries, tiled, splits, mo
 
 
 @pytest.mark.parametrize("dtype", LOW)
-def test_paged_attention_mla_verification_mode(dtype, monkeypatch):
+@pytest.mark.parametrize("latent_blocks", [False, True])
+def test_paged_attention_mla_verification_mode(dtype, latent_blocks, monkeypatch):
     """A verification step of V2-Lite's shape (16 heads, 576/512): 2 requests x 5 rows of
-    growing lengths (padding rows of length 0), tiles of 2 queries x 16 heads, split-K."""
+    growing lengths (padding rows of length 0), tiles of 2 queries x 16 heads, split-K; with
+    the key blocks read in 64-wide chunks or once for scores and values (latent blocks)."""
+    monkeypatch.setitem(paged_module.TUNING, "latent_blocks", latent_blocks)
     monkeypatch.setitem(paged_module.TUNING, "wide_verify_block_n", 16)
     monkeypatch.setitem(paged_module.TUNING, "wide_verify_target_programs_per_sm", 64)
     monkeypatch.setitem(paged_module.TUNING, "min_split_tokens", 4)

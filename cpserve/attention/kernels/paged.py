@@ -98,23 +98,34 @@ TUNING = {
     "wide_verify_block_n": 32,
     "wide_verify_num_warps": 4,
     "wide_verify_num_stages": 2,
+    # Latent attention's blocks read once for scores and values (the query in registers)
+    # instead of in 64-wide chunks for the scores and again for the values.
+    "latent_blocks": False,
 }
 # A measured setting can be handed to every process of a run (benchmarks do).
 TUNING.update(json.loads(os.environ.get("CPSERVE_PAGED_TUNING", "{}")))
 
 
 @triton.jit
-def _paged_step(start, hi, lens, qv, q_rows, row_ok, m_i, l_i, acc, table, k_cache, v_cache,
-                kv_head, dv, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, scale_log2, PAGE: tl.constexpr,
-                DK: tl.constexpr, DV: tl.constexpr, CHUNK_DK: tl.constexpr,
-                NUM_DK_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+def _paged_step(start, hi, lens, qv, q_pe, q_rows, row_ok, m_i, l_i, acc, table, k_cache,
+                v_cache, kv_head, dv, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, scale_log2,
+                PAGE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, CHUNK_DK: tl.constexpr,
+                NUM_DK_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                LATENT: tl.constexpr, PE: tl.constexpr):
     """One block of BLOCK_N context tokens: online-softmax update of (m, l, acc)."""
     offs = start + tl.arange(0, BLOCK_N)
     valid = offs < hi
     block = tl.load(table + offs // PAGE, mask=valid, other=0).to(tl.int64)
     in_page = offs % PAGE
     k_cols = k_cache + block * sk_b + in_page * sk_s + kv_head * sk_h
-    if NUM_DK_CHUNKS == 1:  # the query tile stays in registers across blocks
+    if LATENT:  # values = the first DV key channels: one [BLOCK_N, DV] load serves both dots
+        kl = tl.load(k_cols[:, None] + dv[None, :], mask=valid[:, None],
+                     other=0.0).to(qv.dtype)
+        pe = DV + tl.arange(0, PE)
+        kp = tl.load(k_cols[None, :] + pe[:, None], mask=valid[None, :],
+                     other=0.0).to(qv.dtype)
+        s = dot(qv, tl.trans(kl), IEEE) + dot(q_pe, kp, IEEE)
+    elif NUM_DK_CHUNKS == 1:  # the query tile stays in registers across blocks
         dk = tl.arange(0, CHUNK_DK)
         kt = tl.load(k_cols[None, :] + dk[:, None], mask=valid[None, :] & (dk[:, None] < DK),
                      other=0.0).to(q_rows.dtype.element_ty)
@@ -127,9 +138,12 @@ def _paged_step(start, hi, lens, qv, q_rows, row_ok, m_i, l_i, acc, table, k_cac
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    vt = tl.load(v_cache + block[:, None] * sv_b + in_page[:, None] * sv_s
-                 + kv_head * sv_h + dv[None, :],
-                 mask=valid[:, None] & (dv[None, :] < DV), other=0.0).to(q_rows.dtype.element_ty)
+    if LATENT:
+        vt = kl
+    else:
+        vt = tl.load(v_cache + block[:, None] * sv_b + in_page[:, None] * sv_s
+                     + kv_head * sv_h + dv[None, :], mask=valid[:, None] & (dv[None, :] < DV),
+                     other=0.0).to(q_rows.dtype.element_ty)
     pv = dot(p.to(vt.dtype), vt, IEEE)
     return m_new, l_i, acc * alpha[:, None] + pv
 
@@ -143,7 +157,8 @@ def _paged_kernel(q, k_cache, v_cache, block_tables, query_seq, kv_len, tile_fir
                   BLOCK_Q: tl.constexpr, PAGE: tl.constexpr, DK: tl.constexpr,
                   DV: tl.constexpr, CHUNK_DK: tl.constexpr, NUM_DK_CHUNKS: tl.constexpr,
                   BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, TILED: tl.constexpr,
-                  SPLIT: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
+                  SPLIT: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+                  LATENT: tl.constexpr, PE: tl.constexpr):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1) // HEAD_PARTS
     head_part = tl.program_id(1) % HEAD_PARTS
@@ -169,7 +184,12 @@ def _paged_kernel(q, k_cache, v_cache, block_tables, query_seq, kv_len, tile_fir
 
     dv = tl.arange(0, BLOCK_DV)
     q_rows = q + query * sq_n + head * sq_h
-    if NUM_DK_CHUNKS == 1:
+    q_pe = 0.0
+    if LATENT:  # the query's latent and rope parts stay in registers across blocks
+        qv = tl.load(q_rows[:, None] + dv[None, :], mask=row_ok[:, None], other=0.0)
+        pe = DV + tl.arange(0, PE)
+        q_pe = tl.load(q_rows[:, None] + pe[None, :], mask=row_ok[:, None], other=0.0)
+    elif NUM_DK_CHUNKS == 1:
         dk = tl.arange(0, CHUNK_DK)
         qv = tl.load(q_rows[:, None] + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < DK),
                      other=0.0)
@@ -182,17 +202,17 @@ def _paged_kernel(q, k_cache, v_cache, block_tables, query_seq, kv_len, tile_fir
     if INTERPRET:  # Triton's interpreter cannot take tensors as range() bounds
         start = lo
         while start < hi:
-            m_i, l_i, acc = _paged_step(start, hi, lens, qv, q_rows, row_ok, m_i, l_i, acc,
-                                        table, k_cache, v_cache, kv_head, dv, sk_b, sk_s, sk_h,
-                                        sv_b, sv_s, sv_h, scale_log2, PAGE, DK, DV, CHUNK_DK,
-                                        NUM_DK_CHUNKS, BLOCK_N, IEEE)
+            m_i, l_i, acc = _paged_step(start, hi, lens, qv, q_pe, q_rows, row_ok, m_i, l_i,
+                                        acc, table, k_cache, v_cache, kv_head, dv, sk_b, sk_s,
+                                        sk_h, sv_b, sv_s, sv_h, scale_log2, PAGE, DK, DV,
+                                        CHUNK_DK, NUM_DK_CHUNKS, BLOCK_N, IEEE, LATENT, PE)
             start += BLOCK_N
     else:
         for start in range(lo, hi, BLOCK_N):
-            m_i, l_i, acc = _paged_step(start, hi, lens, qv, q_rows, row_ok, m_i, l_i, acc,
-                                        table, k_cache, v_cache, kv_head, dv, sk_b, sk_s, sk_h,
-                                        sv_b, sv_s, sv_h, scale_log2, PAGE, DK, DV, CHUNK_DK,
-                                        NUM_DK_CHUNKS, BLOCK_N, IEEE)
+            m_i, l_i, acc = _paged_step(start, hi, lens, qv, q_pe, q_rows, row_ok, m_i, l_i,
+                                        acc, table, k_cache, v_cache, kv_head, dv, sk_b, sk_s,
+                                        sk_h, sv_b, sv_s, sv_h, scale_log2, PAGE, DK, DV,
+                                        CHUNK_DK, NUM_DK_CHUNKS, BLOCK_N, IEEE, LATENT, PE)
 
     seen = l_i > 0
     result = acc / tl.where(seen, l_i, 1.0)[:, None] * v_scale
@@ -344,6 +364,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     tiles planned here cost a host synchronisation.
     """
     num_queries, num_heads, dk = q.shape
+    values_in_keys = v_cache is None
     if v_cache is None:  # latent attention: the values are key channels
         v_cache, v_scale = k_cache[..., :v_dim], k_scale
     dv = v_cache.shape[-1]
@@ -387,6 +408,10 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     head_parts = triton.cdiv(group, heads_per_part)
     heads_per_part = max(heads_per_part, 16 // block_q)
     chunk_dk, num_dk_chunks = dk_chunking(dk)
+    # Latent blocks: values are the first DV key channels and the rest (rope) a power of two,
+    # so each block is read once for both products, the query held across blocks.
+    latent = (wide and values_in_keys and bool(knob("latent_blocks")) and dv == block_dv
+              and dk - dv >= 16 and triton.next_power_of_2(dk - dv) == dk - dv)
     splits = num_splits_for(num_tiles * num_kv_heads * head_parts, block_tables.shape[1] * page,
                             q.device, knob("target_programs_per_sm"))
     if splits > 1:
@@ -407,7 +432,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         G=group, BLOCK_G=heads_per_part, HEAD_PARTS=head_parts, BLOCK_Q=block_q, PAGE=page,
         DK=dk, DV=dv, CHUNK_DK=chunk_dk, NUM_DK_CHUNKS=num_dk_chunks, BLOCK_DV=block_dv,
         BLOCK_N=knob("block_n"), TILED=tiled, SPLIT=splits > 1,
-        IEEE=q.dtype == torch.float32, INTERPRET=INTERPRETING, num_warps=knob("num_warps"),
+        IEEE=q.dtype == torch.float32, INTERPRET=INTERPRETING, LATENT=latent,
+        PE=dk - dv if latent else 16, num_warps=knob("num_warps"),
         num_stages=knob("num_stages"))
     if splits > 1:
         _merge_kernel[(num_queries * num_heads,)](
