@@ -213,7 +213,8 @@ def mla_paged_case(seed, dtype, heads, num_queries, page=16, width=4):
 @pytest.mark.parametrize("latent_blocks", [False, True])
 def test_paged_attention_mla_shapes(dtype, heads, num_queries, tiled, splits, latent_blocks,
                                     monkeypatch):
-    monkeypatch.setitem(paged_module.TUNING, "latent_blocks", latent_blocks)
+    for mode in ("", "wide_"):  # decode's own setting, and the others'
+        monkeypatch.setitem(paged_module.TUNING, f"{mode}latent_blocks", latent_blocks)
     monkeypatch.setitem(paged_module.TUNING, "target_programs_per_sm", 0 if splits == 1 else 64)
     monkeypatch.setitem(paged_module.TUNING, "min_split_tokens", 4)
     monkeypatch.setitem(paged_module.TUNING, "max_splits", splits)

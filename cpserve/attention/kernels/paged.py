@@ -99,8 +99,11 @@ TUNING = {
     "wide_verify_num_warps": 4,
     "wide_verify_num_stages": 2,
     # Latent attention's blocks read once for scores and values (the query in registers)
-    # instead of in 64-wide chunks for the scores and again for the values.
+    # instead of in 64-wide chunks for the scores and again for the values: decode 8 x 32k
+    # 132 -> 117 us, 1 x 32k 48.7 -> 44.0 us; verification no faster (402 -> 422 us), so it
+    # keeps the chunks (run 7's third sweep).
     "latent_blocks": False,
+    "wide_latent_blocks": True,
 }
 # A measured setting can be handed to every process of a run (benchmarks do).
 TUNING.update(json.loads(os.environ.get("CPSERVE_PAGED_TUNING", "{}")))
