@@ -2,6 +2,7 @@
 job's limit, never the whole run, and each engine starts on a clean GPU.
 
     result, error = run_job(__file__, "--engine-worker", job, timeout_s, default=[])
+    answer_job(args.engine_worker, engine_worker)     # in the worker process: the other side
 
 runs `python <script> <flag> JOB.json OUT.json`; the script's worker reads the job from the
 first file and writes its result (JSON) to the second, possibly several times as it goes.
@@ -36,3 +37,10 @@ def run_job(script: str, flag: str, job: dict, timeout_s: float, default=None):
     if not out_file.exists():
         return default, "the worker wrote no result"
     return written(), None
+
+
+def answer_job(paths: list[str], worker) -> None:
+    """The worker side of `run_job`: the job from paths[0], `worker(job)`'s result to
+    paths[1]."""
+    job = json.loads(Path(paths[0]).read_text())
+    Path(paths[1]).write_text(json.dumps(worker(job)))

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_spec_decode import CONTEXT, MODELS, SMOKE_MODELS, BenchSteps, K, engine_flags  # noqa: E402
-from job_process import run_job  # noqa: E402
+from job_process import answer_job, run_job  # noqa: E402
 from serving_model import write_model_dir  # noqa: E402
 
 BATCHES = (1, 8)
@@ -212,7 +212,8 @@ def paged_alone(device: str, smoke: bool, sweep: bool, families: list[str],
                     row["kv_tb_s"] = kv_bytes / row["us"] / 1e6
                 except Exception as e:  # a candidate past the GPU's resources
                     row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                    torch.cuda.synchronize() if device == "cuda" else None
+                    if device == "cuda":
+                        torch.cuda.synchronize()
                 finally:
                     paged.TUNING.clear()
                     paged.TUNING.update(saved)
@@ -254,8 +255,7 @@ def main() -> None:
     ap.add_argument("--engine-worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.engine_worker:
-        job = json.loads(Path(args.engine_worker[0]).read_text())
-        Path(args.engine_worker[1]).write_text(json.dumps(engine_worker(job)))
+        answer_job(args.engine_worker, engine_worker)
         return
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

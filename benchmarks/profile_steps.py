@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from job_process import run_job  # noqa: E402
+from job_process import answer_job, run_job  # noqa: E402
 from serving_model import LLAMA_31_8B, TINY, write_model_dir  # noqa: E402
 
 MAX_MODEL_LEN = 32768 + 1024
@@ -220,8 +220,7 @@ def main() -> None:
     ap.add_argument("--engine-worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.engine_worker:
-        job = json.loads(Path(args.engine_worker[0]).read_text())
-        Path(args.engine_worker[1]).write_text(json.dumps(engine_worker(job)))
+        answer_job(args.engine_worker, engine_worker)
         return
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

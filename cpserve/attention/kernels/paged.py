@@ -109,6 +109,11 @@ TUNING = {
 TUNING.update(json.loads(os.environ.get("CPSERVE_PAGED_TUNING", "{}")))
 
 
+def _knob(prefix: str, name: str) -> int:
+    """The knob `name` of the mode whose prefix is `prefix` (else the unprefixed one)."""
+    return TUNING.get(prefix + name, TUNING[name])
+
+
 @triton.jit
 def _paged_step(start, hi, lens, qv, q_pe, q_rows, row_ok, m_i, l_i, acc, table, k_cache,
                 v_cache, kv_head, dv, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, scale_log2,
@@ -338,7 +343,7 @@ def uniform_tiles(query_kv_len: torch.Tensor, queries_per_seq: int, queries: int
 def verification_queries(queries_per_seq: int, group: int, v_dim: int) -> int:
     """Queries a tile of a verification step (`queries_per_seq` rows a sequence)."""
     prefix = "wide_verify_" if v_dim > MAX_TILE_DIM else "verify_"
-    budget = TUNING.get(prefix + "acc_budget", TUNING["acc_budget"])
+    budget = _knob(prefix, "acc_budget")
     return min(triton.next_power_of_2(queries_per_seq), tile_queries(group, v_dim, budget))
 
 
@@ -386,7 +391,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     prefix = ("wide_" if wide else "") + ("verify_" if verify else "")
 
     def knob(name: str) -> int:
-        return TUNING.get(prefix + name, TUNING[name])
+        return _knob(prefix, name)
 
     if verify and tiles is None:
         tiles = verification_tiles(query_kv_len, queries_per_seq, group, dv)
